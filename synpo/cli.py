@@ -1,0 +1,46 @@
+"""The ``synpo`` command line: ``synpo train``, ``synpo bench ...``, ``synpo pairs ...``.
+
+Each command group lives in its own module and exposes ``add_parser(subparsers)``; its parser sets
+``func`` to a callable taking the parsed namespace and returning an exit code. A group whose module
+cannot be imported (an optional dependency missing) is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, help) for each command group, in the order `synpo --help` lists them.
+COMMAND_GROUPS = (
+    ("synpo.train_cli", "train a model with SynPO (or DPO/SimPO/IPO/CPO/ORPO)"),
+    ("synpo.bench_cli", "run the kernel and trainer benchmarks"),
+    ("synpo.pairs.cli", "build preference pairs: clips, candidates, score, select"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synpo", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name, _help in COMMAND_GROUPS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that group is not part of this install yet
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""synpo-kernels: fused GPU/CPU kernels for SynPO and related preference losses.
+
+Public API (see README): ``token_logprobs``, ``sequence_logprobs``, ``synpo_loss``,
+``preference_loss`` and their modules. ``HAS_CPP_EXT`` / ``HAS_CUDA_KERNELS`` say which compiled
+kernels are in use (the package imports and works without them, on a PyTorch fallback).
+"""
+
+from synpo_kernels._ext import EXT_IMPORT_ERROR, HAS_CPP_EXT, HAS_CUDA_KERNELS
+from synpo_kernels.ops.sequence import (
+    PreferenceLoss,
+    SynPOLoss,
+    preference_loss,
+    row_stats,
+    sequence_logprobs,
+    synpo_loss,
+)
+from synpo_kernels.ops.token_logprobs import TokenLogprobs, token_logprobs
+from synpo_kernels.reference import IGNORE_INDEX, PREFERENCE_LOSSES, RowStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EXT_IMPORT_ERROR",
+    "HAS_CPP_EXT",
+    "HAS_CUDA_KERNELS",
+    "IGNORE_INDEX",
+    "PREFERENCE_LOSSES",
+    "PreferenceLoss",
+    "RowStats",
+    "SynPOLoss",
+    "TokenLogprobs",
+    "preference_loss",
+    "row_stats",
+    "sequence_logprobs",
+    "synpo_loss",
+    "token_logprobs",
+]

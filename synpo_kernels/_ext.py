@@ -1,0 +1,37 @@
+"""Loading of the compiled extension ``synpo_kernels._C``, with an explicit fallback flag.
+
+The extension is optional: a source checkout without a build, or a wheel built on a machine without
+a C++ toolchain, still imports. ``HAS_CPP_EXT`` says whether the compiled kernels are in use;
+``HAS_CUDA_KERNELS`` whether the build included the CUDA kernels; ``EXT_IMPORT_ERROR`` why not.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+HAS_CPP_EXT = False
+HAS_CUDA_KERNELS = False
+EXT_IMPORT_ERROR: str | None = None
+_C = None
+
+if os.environ.get("SYNPO_DISABLE_CPP_EXT", "0") == "1":
+    EXT_IMPORT_ERROR = "disabled by SYNPO_DISABLE_CPP_EXT=1"
+else:
+    try:
+        import torch  # noqa: F401  (the extension links against libtorch; load it first)
+
+        from synpo_kernels import _C  # type: ignore[attr-defined,no-redef]
+
+        HAS_CPP_EXT = True
+        HAS_CUDA_KERNELS = bool(_C.built_with_cuda())
+    except ImportError as exc:  # not built, or built against another torch
+        EXT_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+        if os.environ.get("SYNPO_REQUIRE_CPP_EXT", "0") == "1":
+            raise
+        warnings.warn(
+            "synpo_kernels._C is not available; using the pure-PyTorch fallback for the token op "
+            f"({EXT_IMPORT_ERROR}). Build it with `pip install --no-build-isolation .`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,67 @@
+"""Argument checks shared by the public ops: clear ValueError/TypeError naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_floating(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating tensor (float32, bfloat16, float16, float64), got {tensor.dtype}"
+        )
+
+
+def check_labels(name: str, labels: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {labels.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, tensor in items[1:]:
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{name}: on device {tensor.device}, but {first_name} is on {first.device}"
+            )
+
+
+def check_label_range(
+    name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int
+) -> None:
+    """Labels must be ``ignore_index`` or in ``[0, vocab_size)``.
+
+    One fused reduction and one host sync; the kernels never read out of bounds regardless.
+    """
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"{name}: value {value} is outside [0, {vocab_size}) and is not ignore_index ({ignore_index})"
+        )
+
+
+def check_pairs(name: str, rows: int) -> None:
+    if rows % 2 != 0 or rows == 0:
+        raise ValueError(
+            f"{name}: a preference batch needs an even, non-zero number of rows "
+            f"([chosen; rejected]), got {rows}"
+        )
+
+
+def check_nonempty_rows(name: str, counts: torch.Tensor) -> None:
+    """Every row of a length-normalized loss needs at least one response token."""
+    empty = counts == 0
+    if bool(empty.any()):
+        rows = torch.nonzero(empty).flatten().tolist()[:8]
+        raise ValueError(
+            f"{name}: row(s) {rows} have no response tokens (every label is ignore_index after the "
+            "shift), so their length-normalized log-prob is undefined"
+        )

@@ -1,0 +1,1 @@
+"""One op per module: kernel -> launcher -> autograd -> public function -> nn.Module."""

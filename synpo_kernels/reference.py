@@ -1,0 +1,341 @@
+"""Pure-PyTorch reference semantics for every op in synpo_kernels.
+
+These functions *define* the ops: the fused kernels are tested against them, and the benchmarks use
+them as the naive baseline. They favour clarity over speed: full logits, full log-softmax, float64 by
+default. Nothing here is on a hot path.
+
+Conventions (Hugging Face):
+- ``labels`` are aligned with ``input_ids``; ``ignore_index`` (-100) marks prompt, video/image tokens
+  and padding. With ``shift=True`` the logits at position ``t`` score the label at ``t + 1``; the
+  per-token outputs are reported at the *label's* position (entry 0 is always 0 when shifting).
+- A preference batch is ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]`` along dim 0.
+
+Per-row statistics: every loss in the preference family is a small function of, per row,
+``sum_logp = sum_t logp_t``, ``sum_p = sum_t p_t`` and ``count = n`` (response tokens), optionally with
+reference-model sequence log-probs. That is what lets the fused kernels write per-token gradients as
+``a_row + b_row * p_t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX",
+    "RowStats",
+    "shift_labels",
+    "token_logprobs_ref",
+    "row_stats_ref",
+    "row_stats_from_token_logprobs",
+    "sequence_logprobs_ref",
+    "synpo_loss_from_stats",
+    "dpo_loss_from_stats",
+    "ipo_loss_from_stats",
+    "simpo_loss_from_stats",
+    "cpo_loss_from_stats",
+    "orpo_loss_from_stats",
+    "PREFERENCE_LOSSES",
+    "preference_loss_ref",
+    "synpo_loss_ref",
+    "linear_logits_ref",
+    "synpo_token_grad_ref",
+    "response_mask",
+]
+
+
+@dataclass
+class RowStats:
+    """Per-row sufficient statistics of a batch of sequences (shape ``(rows,)`` each)."""
+
+    sum_logp: torch.Tensor  # sum over response tokens of log p(y_t)
+    sum_p: torch.Tensor  # sum over response tokens of p(y_t)
+    count: torch.Tensor  # number of response tokens (float, for arithmetic)
+
+    @property
+    def mean_logp(self) -> torch.Tensor:
+        return self.sum_logp / self.count
+
+    @property
+    def mean_p(self) -> torch.Tensor:
+        return self.sum_p / self.count
+
+    def split_pairs(self) -> tuple[RowStats, RowStats]:
+        """Split ``[chosen; rejected]`` rows into (chosen, rejected)."""
+        half = self.sum_logp.shape[0] // 2
+        chosen = RowStats(self.sum_logp[:half], self.sum_p[:half], self.count[:half])
+        rejected = RowStats(self.sum_logp[half:], self.sum_p[half:], self.count[half:])
+        return chosen, rejected
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Labels aligned with the logits that score them: ``out[..., t] = labels[..., t + 1]``.
+
+    The last position scores nothing and gets ``ignore_index``.
+    """
+    out = torch.full_like(labels, ignore_index)
+    out[..., :-1] = labels[..., 1:]
+    return out
+
+
+def token_logprobs_ref(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Log-probability of each label, shape of ``labels``, 0 where ignored (and at t=0 when shifting).
+
+    Computed in ``dtype`` (float64 by default) from the upcast logits.
+    """
+    aligned = shift_labels(labels, ignore_index) if shift else labels
+    valid = aligned != ignore_index
+    logp_all = logits.to(dtype).log_softmax(dim=-1)
+    gathered = logp_all.gather(-1, torch.where(valid, aligned, 0).long().unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, gathered, torch.zeros((), dtype=dtype, device=logits.device))
+    if shift:
+        # Report at the label's position: the logits at t-1 score labels[t].
+        out = torch.zeros_like(logp)
+        out[..., 1:] = logp[..., :-1]
+        return out
+    return logp
+
+
+def response_mask(
+    labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, shift: bool = True
+) -> torch.Tensor:
+    """Positions (label-aligned) whose token is scored: not ignored, and not t=0 when shifting."""
+    mask = labels != ignore_index
+    if shift:
+        mask = mask.clone()
+        mask[..., 0] = False  # the first label has no logits scoring it
+    return mask
+
+
+def row_stats_from_token_logprobs(
+    token_logp: torch.Tensor, mask: torch.Tensor
+) -> RowStats:
+    """Per-row statistics from per-token log-probs ``(rows, T)`` and a response mask ``(rows, T)``."""
+    token_logp = token_logp.reshape(token_logp.shape[0], -1)
+    mask = mask.reshape(mask.shape[0], -1)
+    zero = torch.zeros((), dtype=token_logp.dtype, device=token_logp.device)
+    sum_logp = torch.where(mask, token_logp, zero).sum(-1)
+    sum_p = torch.where(mask, token_logp.exp(), zero).sum(-1)
+    count = mask.sum(-1).to(token_logp.dtype)
+    return RowStats(sum_logp, sum_p, count)
+
+
+def row_stats_ref(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> RowStats:
+    """Per-row (sum logp, sum p, count) of ``(rows, T, V)`` logits against ``(rows, T)`` labels."""
+    token_logp = token_logprobs_ref(logits, labels, ignore_index=ignore_index, shift=shift, dtype=dtype)
+    return row_stats_from_token_logprobs(token_logp, response_mask(labels, ignore_index, shift))
+
+
+def sequence_logprobs_ref(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    average: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Per-row mean (``average=True``) or sum of response-token log-probs, shape ``labels.shape[:-1]``.
+
+    A row with no response tokens has an undefined mean: NaN here (the fused ops raise instead).
+    """
+    lead = labels.shape[:-1]
+    stats = row_stats_ref(
+        logits.reshape(-1, *logits.shape[-2:]),
+        labels.reshape(-1, labels.shape[-1]),
+        ignore_index=ignore_index,
+        shift=shift,
+        dtype=dtype,
+    )
+    out = stats.mean_logp if average else stats.sum_logp
+    return out.reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# The preference-loss family. Each takes per-row statistics of a [chosen; rejected] batch and
+# returns the per-pair losses (B,); the batch loss is their mean.
+# ---------------------------------------------------------------------------------------------
+
+
+def synpo_loss_from_stats(
+    stats: RowStats, *, alpha: float = 30.0, beta: float = 0.2
+) -> torch.Tensor:
+    """SynPO: ``-sigmoid(alpha * (exp(m_w) - exp(m_l))) - beta * P(y_w)`` per pair."""
+    chosen, rejected = stats.split_pairs()
+    g_w = chosen.mean_logp.exp()
+    g_l = rejected.mean_logp.exp()
+    return -torch.sigmoid(alpha * (g_w - g_l)) - beta * chosen.mean_p
+
+
+def _policy_ref_margin(
+    stats: RowStats, ref_logps: torch.Tensor, average: bool
+) -> torch.Tensor:
+    chosen, rejected = stats.split_pairs()
+    half = chosen.sum_logp.shape[0]
+    ref = ref_logps.to(stats.sum_logp.dtype)
+    pi_w = chosen.mean_logp if average else chosen.sum_logp
+    pi_l = rejected.mean_logp if average else rejected.sum_logp
+    return (pi_w - ref[:half]) - (pi_l - ref[half:])
+
+
+def dpo_loss_from_stats(
+    stats: RowStats,
+    *,
+    ref_logps: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    average: bool = False,
+) -> torch.Tensor:
+    """DPO (sigmoid) on summed log-probs against reference-model log-probs ``ref_logps`` (2B,).
+
+    ``ref_logps`` must be on the same scale as the policy side: sums when ``average=False``
+    (the DPO paper and the upstream baseline), per-token means when ``average=True``.
+    """
+    h = _policy_ref_margin(stats, ref_logps, average)
+    return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def ipo_loss_from_stats(
+    stats: RowStats, *, ref_logps: torch.Tensor, tau: float = 0.1, average: bool = True
+) -> torch.Tensor:
+    """IPO: ``(h - 1/(2 tau))^2`` with ``h`` the policy/reference log-ratio margin.
+
+    Length-normalized log-probs by default (as TRL does); ``average=False`` uses sums (the paper).
+    """
+    h = _policy_ref_margin(stats, ref_logps, average)
+    return (h - 1.0 / (2.0 * tau)) ** 2
+
+
+def simpo_loss_from_stats(
+    stats: RowStats, *, beta: float = 2.0, gamma: float = 0.5
+) -> torch.Tensor:
+    """SimPO: ``-logsigmoid(beta * (m_w - m_l) - gamma)`` on length-normalized log-probs."""
+    chosen, rejected = stats.split_pairs()
+    return -F.logsigmoid(beta * (chosen.mean_logp - rejected.mean_logp) - gamma)
+
+
+def cpo_loss_from_stats(
+    stats: RowStats, *, beta: float = 0.1, nll_weight: float = 1.0, average: bool = False
+) -> torch.Tensor:
+    """CPO: ``-logsigmoid(beta * (s_w - s_l)) + nll_weight * NLL(y_w)``.
+
+    ``s`` is the summed log-prob (the paper; ``average=True`` uses means). NLL is the chosen row's
+    per-token mean negative log-likelihood.
+    """
+    chosen, rejected = stats.split_pairs()
+    s_w = chosen.mean_logp if average else chosen.sum_logp
+    s_l = rejected.mean_logp if average else rejected.sum_logp
+    return -F.logsigmoid(beta * (s_w - s_l)) - nll_weight * chosen.mean_logp
+
+
+def _log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    # log(p / (1 - p)) with log p = mean_logp <= 0; log1p(-exp(x)) is exact for x near 0 as well.
+    return mean_logp - torch.log1p(-torch.exp(mean_logp))
+
+
+def orpo_loss_from_stats(stats: RowStats, *, lam: float = 0.1) -> torch.Tensor:
+    """ORPO: ``NLL(y_w) - lam * logsigmoid(log odds(m_w) - log odds(m_l))``, m = mean log-prob."""
+    chosen, rejected = stats.split_pairs()
+    ratio = _log_odds(chosen.mean_logp) - _log_odds(rejected.mean_logp)
+    return -chosen.mean_logp - lam * F.logsigmoid(ratio)
+
+
+PREFERENCE_LOSSES = {
+    "synpo": synpo_loss_from_stats,
+    "dpo": dpo_loss_from_stats,
+    "ipo": ipo_loss_from_stats,
+    "simpo": simpo_loss_from_stats,
+    "cpo": cpo_loss_from_stats,
+    "orpo": orpo_loss_from_stats,
+}
+"""Name -> per-pair loss of per-row statistics. Losses needing ``ref_logps`` take it as a keyword."""
+
+
+def preference_loss_ref(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "synpo",
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    dtype: torch.dtype = torch.float64,
+    **loss_kwargs,
+) -> torch.Tensor:
+    """Mean over pairs of a preference loss on ``(2B, T, V)`` logits, computed in ``dtype``."""
+    if loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"loss: unknown preference loss {loss!r}; one of {sorted(PREFERENCE_LOSSES)}")
+    stats = row_stats_ref(logits, labels, ignore_index=ignore_index, shift=shift, dtype=dtype)
+    return PREFERENCE_LOSSES[loss](stats, **loss_kwargs).mean()
+
+
+def synpo_loss_ref(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 30.0,
+    beta: float = 0.2,
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The SynPO loss of ../shared/SPEC.md section 1 on ``(2B, T, V)`` logits ([chosen; rejected])."""
+    return preference_loss_ref(
+        logits, labels, loss="synpo", ignore_index=ignore_index, shift=shift, dtype=dtype,
+        alpha=alpha, beta=beta,
+    )
+
+
+def linear_logits_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``hidden @ weight.T (+ bias)`` in ``dtype``: the logits the fused linear ops never materialize."""
+    logits = hidden.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return logits
+
+
+def synpo_token_grad_ref(
+    stats: RowStats,
+    token_p: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    alpha: float = 30.0,
+    beta: float = 0.2,
+) -> torch.Tensor:
+    """Closed-form ``dL/dlogp_t`` of SynPO (SPEC section 1), for checking the autograd-derived one.
+
+    ``token_p`` is ``(2B, T)`` per-token probabilities and ``mask`` the response mask. Returns
+    ``(2B, T)``, 0 outside the mask.
+    """
+    chosen, rejected = stats.split_pairs()
+    half = chosen.count.shape[0]
+    g_w, g_l = chosen.mean_logp.exp(), rejected.mean_logp.exp()
+    s = torch.sigmoid(alpha * (g_w - g_l))
+    ds = alpha * s * (1 - s)
+    grad_w = (-ds * g_w / chosen.count)[:, None] - beta * token_p[:half] / chosen.count[:, None]
+    grad_l = (ds * g_l / rejected.count)[:, None].expand_as(token_p[half:])
+    grad = torch.cat([grad_w, grad_l]) / half
+    return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+

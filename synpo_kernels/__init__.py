@@ -6,6 +6,18 @@ kernels are in use (the package imports and works without them, on a PyTorch fal
 """
 
 from synpo_kernels._ext import EXT_IMPORT_ERROR, HAS_CPP_EXT, HAS_CUDA_KERNELS
+from synpo_kernels.losses import PreferenceStats
+from synpo_kernels.ops.fused_linear_preference import (
+    FusedLinearPreferenceLoss,
+    FusedLinearSynPOLoss,
+    fused_linear_preference_loss,
+    fused_linear_synpo_loss,
+)
+from synpo_kernels.ops.fused_linear_token_logprobs import (
+    FusedLinearTokenLogprobs,
+    fused_linear_sequence_logprobs,
+    fused_linear_token_logprobs,
+)
 from synpo_kernels.ops.sequence import (
     PreferenceLoss,
     SynPOLoss,
@@ -25,10 +37,18 @@ __all__ = [
     "HAS_CUDA_KERNELS",
     "IGNORE_INDEX",
     "PREFERENCE_LOSSES",
+    "FusedLinearPreferenceLoss",
+    "FusedLinearSynPOLoss",
+    "FusedLinearTokenLogprobs",
     "PreferenceLoss",
+    "PreferenceStats",
     "RowStats",
     "SynPOLoss",
     "TokenLogprobs",
+    "fused_linear_preference_loss",
+    "fused_linear_sequence_logprobs",
+    "fused_linear_synpo_loss",
+    "fused_linear_token_logprobs",
     "preference_loss",
     "row_stats",
     "sequence_logprobs",

@@ -28,14 +28,10 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     first_name, first = items[0]
     for name, tensor in items[1:]:
         if tensor.device != first.device:
-            raise ValueError(
-                f"{name}: on device {tensor.device}, but {first_name} is on {first.device}"
-            )
+            raise ValueError(f"{name}: on device {tensor.device}, but {first_name} is on {first.device}")
 
 
-def check_label_range(
-    name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int
-) -> None:
+def check_label_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Labels must be ``ignore_index`` or in ``[0, vocab_size)``.
 
     One fused reduction and one host sync; the kernels never read out of bounds regardless.
@@ -65,3 +61,46 @@ def check_nonempty_rows(name: str, counts: torch.Tensor) -> None:
             f"{name}: row(s) {rows} have no response tokens (every label is ignore_index after the "
             "shift), so their length-normalized log-prob is undefined"
         )
+
+
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``hidden (..., T, D)``, ``weight (V, D)`` and optional ``bias (V,)``, same dtype and device."""
+    check_floating("hidden", hidden)
+    check_floating("weight", weight)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden: expected shape (..., T, D), got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        hint = ""
+        if weight.dim() == 1 and weight.numel() == 0:
+            hint = (
+                " (an empty 1-D tensor is what a ZeRO-3 partitioned parameter looks like outside its "
+                "module's forward: call the loss inside the module's forward or within "
+                "deepspeed.zero.GatheredParameters, backward included)"
+            )
+        raise ValueError(f"weight: expected shape (V, D), got {tuple(weight.shape)}{hint}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: shape {tuple(weight.shape)} does not match hidden's last dimension "
+            f"D={hidden.shape[-1]} (weight must be (V, D), the lm_head weight)"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight: the vocabulary dimension V is empty")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    if bias is not None:
+        check_floating("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},) = (V,), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+
+
+def check_labels_match(name: str, labels: torch.Tensor, hidden: torch.Tensor) -> None:
+    """``labels`` must have shape ``hidden.shape[:-1]``."""
+    check_labels(name, labels)
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{name}: shape {tuple(labels.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
+        )
+    check_same_device(hidden=hidden, **{name: labels})

@@ -1,0 +1,252 @@
+"""Per-row statistics -> per-pair preference loss -> per-row gradient coefficients.
+
+Every loss of the family in :data:`synpo_kernels.reference.PREFERENCE_LOSSES` is a small function of
+three statistics per row of a ``[chosen; rejected]`` batch: ``sum_logp = sum_t logp_t``,
+``sum_p = sum_t p_t`` and the token count ``n`` (plus, for DPO/IPO, a reference log-prob per row
+passed in as a tensor). Since ``d sum_logp / d logp_t = 1`` and ``d sum_p / d logp_t = p_t``, the
+gradient of the batch loss with respect to every token's log-prob is
+
+    g_t = a_row + b_row * p_t,    a_row = dL/d sum_logp,   b_row = dL/d sum_p,
+
+and the logits gradient is ``g_t * (onehot(y_t) - softmax(z_t))``. This module computes ``(a, b)``
+for a set of whole pairs by autograd through the *reference* per-pair formulas (they are written
+once, in :mod:`synpo_kernels.reference`), in float64 on tensors of a few elements per row: exact,
+and negligible next to the ``n x V`` work of the fused ops.
+
+Because the batch loss is a *mean of per-pair terms*, a chunk that holds whole pairs has everything
+it needs: the fused linear ops compute the gradients of such a chunk in the same pass as its
+forward (6 n D V FLOPs in total instead of 8 for recompute-in-backward designs).
+
+Non-tensor options (``alpha``, ``beta``, ``average`` ...) live in a small frozen, hashable
+:class:`LossSpec` (as Cut Cross-Entropy keeps its non-tensor options in one params object); per-row
+tensor options (``ref_logps``) travel next to it and are sliced along with the pairs of a chunk.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from synpo_kernels.reference import PREFERENCE_LOSSES, RowStats, _log_odds
+
+__all__ = [
+    "TENSOR_OPTIONS",
+    "LossSpec",
+    "PreferenceStats",
+    "check_tensor_options",
+    "loss_coefficients",
+    "make_loss_spec",
+    "pair_losses",
+    "preference_stats",
+    "reward_margin",
+    "select_pairs",
+]
+
+TENSOR_OPTIONS = ("ref_logps",)
+"""Loss options that are per-row tensors of shape ``(2B,)`` (``[chosen; rejected]`` like the batch)."""
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A preference loss and its non-tensor options, fully resolved (defaults filled in).
+
+    ``options`` is a sorted tuple of ``(name, value)`` so the spec is hashable and comparable.
+    """
+
+    name: str
+    options: tuple[tuple[str, float | bool], ...]
+    tensor_options: tuple[str, ...] = ()
+
+    def kwargs(self) -> dict[str, float | bool]:
+        return dict(self.options)
+
+    def option(self, name: str):
+        return self.kwargs()[name]
+
+
+def _signature_options(loss: str) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(PREFERENCE_LOSSES[loss]).parameters
+    return {k: p for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def make_loss_spec(loss: str, **options) -> tuple[LossSpec, dict[str, torch.Tensor]]:
+    """Validate ``loss`` and its options; return the spec and the tensor options.
+
+    Raises ``ValueError`` for an unknown loss or a missing required tensor option (``ref_logps`` for
+    dpo/ipo), ``TypeError`` for an unknown option or a value of the wrong type.
+    """
+    if not isinstance(loss, str) or loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"loss: unknown preference loss {loss!r}; one of {sorted(PREFERENCE_LOSSES)}")
+    accepted = _signature_options(loss)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"loss_options: unknown option(s) {unknown} for loss {loss!r}; accepted: {sorted(accepted)}"
+        )
+    scalars: dict[str, float | bool] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in accepted.items():
+        if name in TENSOR_OPTIONS:
+            if name not in options or options[name] is None:
+                raise ValueError(
+                    f"{name}: loss {loss!r} needs {name}= (a (2B,) tensor of reference log-probs)"
+                )
+            value = options[name]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+            tensors[name] = value
+            continue
+        value = options.get(name, param.default)
+        if value is inspect.Parameter.empty:
+            raise ValueError(f"{name}: loss {loss!r} needs {name}=")
+        if isinstance(param.default, bool):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        else:
+            if isinstance(value, torch.Tensor | bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: must be finite, got {value}")
+        scalars[name] = value
+    spec = LossSpec(loss, tuple(sorted(scalars.items())), tuple(sorted(tensors)))
+    return spec, tensors
+
+
+def check_tensor_options(tensors: dict[str, torch.Tensor], rows: int, device: torch.device) -> None:
+    """Per-row tensor options must be ``(2B,)`` floating tensors on the batch's device."""
+    for name, value in tensors.items():
+        if value.dim() != 1 or value.shape[0] != rows:
+            raise ValueError(
+                f"{name}: expected shape ({rows},) (one value per row of the [chosen; rejected] batch), "
+                f"got {tuple(value.shape)}"
+            )
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name}: on device {value.device}, but the batch is on {device}")
+
+
+def select_pairs(
+    tensors: dict[str, torch.Tensor], num_pairs: int, start: int, end: int
+) -> dict[str, torch.Tensor]:
+    """The per-row tensor options of pairs ``[start, end)``, in ``[chosen; rejected]`` layout."""
+    if start == 0 and end == num_pairs:
+        return tensors
+    return {k: torch.cat([v[start:end], v[num_pairs + start : num_pairs + end]]) for k, v in tensors.items()}
+
+
+def pair_losses(stats: RowStats, spec: LossSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-pair losses ``(P,)`` of a ``[chosen; rejected]`` block of ``2P`` rows (reference formulas)."""
+    return PREFERENCE_LOSSES[spec.name](stats, **spec.kwargs(), **tensors)
+
+
+def loss_coefficients(
+    sum_logp: torch.Tensor,
+    sum_p: torch.Tensor,
+    count: torch.Tensor,
+    spec: LossSpec,
+    tensors: dict[str, torch.Tensor],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the per-row coefficients ``a = dL/dsum_logp``, ``b = dL/dsum_p``.
+
+    ``L = scale * sum(pair losses)`` (``scale = 1 / total pairs`` for the batch mean). Computed in
+    float64 by autograd through :func:`pair_losses`; returned in ``sum_logp``'s dtype. The
+    per-token log-prob gradient of row ``r`` is then ``a[r] + b[r] * p_t``.
+    """
+    out_dtype = sum_logp.dtype
+    with torch.enable_grad():
+        sl = sum_logp.detach().to(torch.float64).requires_grad_(True)
+        sp = sum_p.detach().to(torch.float64).requires_grad_(True)
+        detached = {k: v.detach().to(torch.float64) for k, v in tensors.items()}
+        losses = pair_losses(RowStats(sl, sp, count.to(torch.float64)), spec, detached)
+        grad_a, grad_b = torch.autograd.grad(losses.sum() * scale, (sl, sp), allow_unused=True)
+    a = torch.zeros_like(sl) if grad_a is None else grad_a
+    b = torch.zeros_like(sp) if grad_b is None else grad_b
+    return losses.detach().to(out_dtype), a.to(out_dtype), b.to(out_dtype)
+
+
+def reward_margin(stats: RowStats, spec: LossSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-pair reward margin ``(P,)``: the chosen-minus-rejected quantity each loss pushes up.
+
+    - synpo: ``G_w - G_l`` (geometric-mean token probabilities, in (-1, 1));
+    - dpo: ``beta * ((pi_w - ref_w) - (pi_l - ref_l))`` (TRL's ``rewards/margins``);
+    - ipo: ``(pi_w - ref_w) - (pi_l - ref_l)`` (the margin that is regressed to ``1 / (2 tau)``);
+    - simpo: ``beta * (m_w - m_l)`` (length-normalized log-probs, before subtracting gamma);
+    - cpo: ``beta * (s_w - s_l)`` (summed log-probs, means with ``average=True``);
+    - orpo: ``log odds(m_w) - log odds(m_l)`` (TRL's ``log_odds_ratio``).
+
+    ``pi`` are sums or means of log-probs following the loss's ``average`` option, like the loss.
+    """
+    chosen, rejected = stats.split_pairs()
+    opts = spec.kwargs()
+    name = spec.name
+    if name == "synpo":
+        return chosen.mean_logp.exp() - rejected.mean_logp.exp()
+    if name in ("dpo", "ipo"):
+        ref = tensors["ref_logps"].to(stats.sum_logp.dtype)
+        half = chosen.sum_logp.shape[0]
+        avg = opts["average"]
+        pi_w = chosen.mean_logp if avg else chosen.sum_logp
+        pi_l = rejected.mean_logp if avg else rejected.sum_logp
+        h = (pi_w - ref[:half]) - (pi_l - ref[half:])
+        return opts["beta"] * h if name == "dpo" else h
+    if name == "simpo":
+        return opts["beta"] * (chosen.mean_logp - rejected.mean_logp)
+    if name == "cpo":
+        avg = opts["average"]
+        s_w = chosen.mean_logp if avg else chosen.sum_logp
+        s_l = rejected.mean_logp if avg else rejected.sum_logp
+        return opts["beta"] * (s_w - s_l)
+    if name == "orpo":
+        return _log_odds(chosen.mean_logp) - _log_odds(rejected.mean_logp)
+    raise ValueError(f"loss: no reward margin defined for {name!r}")
+
+
+@dataclass(frozen=True)
+class PreferenceStats:
+    """Detached per-pair statistics of a fused preference-loss call, for logging (no second pass).
+
+    All tensors have shape ``(B,)`` (one entry per pair) and the accumulation dtype (float32;
+    float64 for float64 inputs), except the counts (int64).
+
+    - ``chosen_logps`` / ``rejected_logps``: per-row *mean* response-token log-prob ``m(y)``;
+    - ``chosen_mean_prob``: arithmetic-mean token probability of the chosen row ``P(y_w)``;
+    - ``reward_margin``: see :func:`reward_margin` (defined per loss);
+    - ``chosen_count`` / ``rejected_count``: response tokens per row;
+    - ``pair_losses``: the per-pair loss (the returned loss is their mean).
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_mean_prob: torch.Tensor
+    reward_margin: torch.Tensor
+    chosen_count: torch.Tensor
+    rejected_count: torch.Tensor
+    pair_losses: torch.Tensor
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Batch means as Python floats (one host sync), e.g. for a logger."""
+        return {f"{prefix}{f.name}": float(getattr(self, f.name).double().mean()) for f in fields(self)}
+
+
+def preference_stats(
+    stats: RowStats, spec: LossSpec, tensors: dict[str, torch.Tensor], losses: torch.Tensor
+) -> PreferenceStats:
+    """Assemble :class:`PreferenceStats` from the row statistics of the whole batch."""
+    stats = RowStats(stats.sum_logp.detach(), stats.sum_p.detach(), stats.count.detach())
+    tensors = {k: v.detach() for k, v in tensors.items()}
+    chosen, rejected = stats.split_pairs()
+    return PreferenceStats(
+        chosen_logps=chosen.mean_logp,
+        rejected_logps=rejected.mean_logp,
+        chosen_mean_prob=chosen.mean_p,
+        reward_margin=reward_margin(stats, spec, tensors).detach(),
+        chosen_count=chosen.count.round().long(),
+        rejected_count=rejected.count.round().long(),
+        pair_losses=losses.detach(),
+    )

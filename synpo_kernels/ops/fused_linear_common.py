@@ -1,0 +1,290 @@
+"""Shared machinery of the fused linear ops: options, backends, token compaction, gradient buffers.
+
+Design (both fused linear ops, every device):
+
+- **Compaction.** With the Hugging Face shift, row ``t`` of ``hidden`` scores ``labels[t + 1]``.
+  Only rows whose aligned label is not ``ignore_index`` are gathered (``index_select`` per chunk)
+  and enter a GEMM; the hidden gradient is scattered back at the end. FLOPs scale with response
+  tokens ``n``, not sequence length (a video-captioning row of 2048 prompt/video tokens + 256
+  response tokens costs 256 rows of lm_head work, not 2304). Planning the chunks needs the token
+  counts on the host: one device sync per call (``nonzero``), plus one for the label range check.
+- **Chunk buffer.** Logits exist only as one ``(m, V)`` buffer in the input dtype, ``m`` chosen so
+  the buffer fits ``chunk_bytes`` (default 64 MiB on CPU, 640 MiB on CUDA). Per chunk:
+  ``logits = h_c @ W^T (+ b)`` (one GEMM, ``2 m D V``), a row pass for the fp32 log-sum-exp and
+  target log-prob, and, when gradients are due, a row pass overwriting the buffer with
+  ``g_t * (onehot - softmax)`` followed by ``grad_h_c = dlogits @ W`` and
+  ``grad_W += dlogits^T @ h_c`` (``4 m D V``).
+- **Backends.** ``torch``: the GEMMs are ``torch.mm``/``addmm`` and the row passes are the C++
+  token ops ``torch.ops.synpo_kernels.token_logprobs_fwd`` / ``token_logprobs_bwd_`` (a chunked
+  PyTorch fallback when the extension is not built); this is the CPU path, and works on any device.
+  ``triton``: the same GEMMs (cuBLAS on GPU) with the row passes as Triton kernels
+  (:mod:`.fused_linear_kernels`), the bias gradient fused into the gradient row pass. ``auto``
+  picks Triton for CUDA tensors and torch otherwise; ``impl=`` or ``SYNPO_FUSED_LINEAR_IMPL``
+  overrides it (the tests force ``triton`` on CPU under ``TRITON_INTERPRET=1``).
+- **Weight-gradient accumulation.** ``grad_W`` sums over chunks. ``"fp32"`` accumulates in a float32
+  ``(V, D)`` buffer (cuBLAS ``addmm(out_dtype=float32)`` in place where available, else a Triton
+  GEMM; upcast operands on the torch backend) and rounds once at the end; ``"native"`` accumulates
+  in the weight's dtype with ``addmm_`` (one rounding per chunk; no extra ``V x D`` buffer).
+  ``"auto"`` = fp32 when the weight is fp32/fp64 (then it *is* native) or when the fp32 buffer is at
+  most 1 GiB, native otherwise (at V=152064, D=4096 the fp32 buffer would be 2.5 GB).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from synpo_kernels.ops import fused_linear_kernels as K
+from synpo_kernels.ops.token_logprobs import accumulation_dtype, shift_and_flatten_labels
+
+__all__ = [
+    "IMPLS",
+    "FusedLinearConfig",
+    "GradBuffers",
+    "acc_weight_dtype",
+    "chunk_rows",
+    "compact_tokens",
+    "get_backend",
+    "resolve_impl",
+]
+
+IMPLS = ("auto", "torch", "triton")
+ACCUMULATIONS = ("auto", "fp32", "native")
+_ENV_IMPL = "SYNPO_FUSED_LINEAR_IMPL"
+_DEFAULT_CHUNK_BYTES_CPU = 64 << 20
+_DEFAULT_CHUNK_BYTES_CUDA = 640 << 20
+_AUTO_FP32_ACCUM_LIMIT = 1 << 30
+
+
+@dataclass(frozen=True)
+class FusedLinearConfig:
+    """Non-tensor execution options of the fused linear ops.
+
+    - ``impl``: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``; ``None``
+      reads ``SYNPO_FUSED_LINEAR_IMPL`` (default auto).
+    - ``chunk_bytes``: bound of the logits chunk buffer; ``None`` = 64 MiB on CPU, 640 MiB on CUDA.
+    - ``weight_grad_accumulation``: ``"auto"``, ``"fp32"`` or ``"native"`` (module docstring).
+    """
+
+    impl: str | None = None
+    chunk_bytes: int | None = None
+    weight_grad_accumulation: str = "auto"
+
+    def __post_init__(self):
+        if self.impl is not None and self.impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS} or None, got {self.impl!r}")
+        if self.chunk_bytes is not None and (
+            isinstance(self.chunk_bytes, bool)
+            or not isinstance(self.chunk_bytes, int)
+            or self.chunk_bytes <= 0
+        ):
+            raise ValueError(f"chunk_bytes: expected a positive int or None, got {self.chunk_bytes!r}")
+        if self.weight_grad_accumulation not in ACCUMULATIONS:
+            raise ValueError(
+                f"weight_grad_accumulation: expected one of {ACCUMULATIONS}, "
+                f"got {self.weight_grad_accumulation!r}"
+            )
+
+
+def resolve_impl(impl: str | None, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device``."""
+    if impl is None:
+        impl = os.environ.get(_ENV_IMPL, "auto") or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"{_ENV_IMPL}: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and K.triton_usable_on(device) else "torch"
+    if impl == "triton" and not K.triton_usable_on(device):
+        if not K.HAS_TRITON:
+            why = "Triton is not installed"
+        elif device.type == "cpu":
+            why = "CPU tensors need TRITON_INTERPRET=1 set before synpo_kernels is imported"
+        elif device.type == "cuda":
+            why = "TRITON_INTERPRET=1 is set, so kernels run in the interpreter (CPU tensors only)"
+        else:
+            why = f"no Triton support for device {device.type}"
+        raise ValueError(f"impl: 'triton' cannot run here: {why}")
+    return impl
+
+
+def acc_weight_dtype(weight: torch.Tensor, accumulation: str) -> torch.dtype:
+    """The dtype ``grad_W`` is accumulated in over chunks."""
+    if weight.dtype in (torch.float32, torch.float64) or accumulation == "native":
+        return weight.dtype
+    if accumulation == "fp32":
+        return torch.float32
+    return torch.float32 if weight.numel() * 4 <= _AUTO_FP32_ACCUM_LIMIT else weight.dtype
+
+
+def chunk_rows(
+    config: FusedLinearConfig, weight: torch.Tensor, backend_name: str, w_acc: torch.dtype | None
+) -> int:
+    """Rows of the logits chunk buffer under the ``chunk_bytes`` budget (at least 1)."""
+    budget = config.chunk_bytes
+    if budget is None:
+        budget = _DEFAULT_CHUNK_BYTES_CUDA if weight.device.type == "cuda" else _DEFAULT_CHUNK_BYTES_CPU
+    vocab = weight.shape[0]
+    per_row = vocab * weight.element_size()
+    if backend_name == "torch" and w_acc is not None and w_acc != weight.dtype:
+        per_row += vocab * 4  # the fp32 upcast of the chunk for the weight-gradient GEMM
+    rows = max(1, budget // per_row)
+    if weight.device.type == "cuda" and rows >= 256:
+        rows -= rows % 128  # whole GEMM tiles
+    return int(rows)
+
+
+def compact_tokens(labels: torch.Tensor, ignore_index: int, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(aligned_labels (N,), idx (n,))``: int64 labels aligned with the rows of ``hidden`` viewed
+    as ``(N, D)``, and the sorted flat indices of the rows that score a token (one host sync)."""
+    aligned = shift_and_flatten_labels(labels, ignore_index, shift)
+    idx = torch.nonzero(aligned != ignore_index).flatten()
+    return aligned, idx
+
+
+def hidden_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` as ``(N, D)`` rows with unit stride along D (a view whenever possible)."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: GEMMs + row passes over one chunk.
+# ---------------------------------------------------------------------------------------------
+
+
+class _TorchBackend:
+    name = "torch"
+
+    @staticmethod
+    def logits(h_c, weight, bias, out):
+        if bias is None:
+            torch.mm(h_c, weight.t(), out=out)
+        else:
+            torch.addmm(bias, h_c, weight.t(), out=out)
+        return out
+
+    @staticmethod
+    def row_fwd(logits, labels, ignore_index):
+        return torch.ops.synpo_kernels.token_logprobs_fwd(logits, labels, ignore_index)
+
+    @staticmethod
+    def row_grad_(logits, g, labels, lse, ignore_index, bias_acc):
+        torch.ops.synpo_kernels.token_logprobs_bwd_(logits, g, labels, lse, ignore_index)
+        if bias_acc is not None:
+            bias_acc += logits.sum(0, dtype=bias_acc.dtype)
+
+    @staticmethod
+    def wgrad_(acc, dlogits, h_c):
+        if acc.dtype == dlogits.dtype:
+            acc.addmm_(dlogits.t(), h_c)
+        else:
+            acc.addmm_(dlogits.t().to(acc.dtype), h_c.to(acc.dtype))
+
+
+_CUBLAS_FP32_ACC_OK: dict[torch.device, bool] = {}
+
+
+def _cublas_fp32_accumulate_ok(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` works in place here (once)."""
+    if device not in _CUBLAS_FP32_ACC_OK:
+        ok = False
+        if device.type == "cuda":
+            try:
+                gen = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(96, 40, device=device, generator=gen).to(torch.bfloat16)
+                b = torch.randn(96, 24, device=device, generator=gen).to(torch.bfloat16)
+                acc = torch.randn(40, 24, device=device, generator=gen)
+                expect = acc + a.float().t() @ b.float()
+                torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
+                ok = bool(torch.allclose(acc, expect, rtol=1e-3, atol=1e-3))
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _CUBLAS_FP32_ACC_OK[device] = ok
+    return _CUBLAS_FP32_ACC_OK[device]
+
+
+class _TritonBackend(_TorchBackend):
+    name = "triton"
+
+    @staticmethod
+    def row_fwd(logits, labels, ignore_index):
+        return K.row_lse(logits, labels, ignore_index)
+
+    @staticmethod
+    def row_grad_(logits, g, labels, lse, ignore_index, bias_acc):
+        K.row_grad_(logits, g, labels, lse, ignore_index, bias_acc)
+
+    @staticmethod
+    def wgrad_(acc, dlogits, h_c):
+        if acc.dtype == dlogits.dtype:
+            acc.addmm_(dlogits.t(), h_c)
+        elif _cublas_fp32_accumulate_ok(acc.device):
+            torch.addmm(acc, dlogits.t(), h_c, out_dtype=torch.float32, out=acc)
+        else:
+            K.wgrad_accumulate_(acc, dlogits, h_c)
+
+
+def get_backend(name: str):
+    return _TritonBackend if name == "triton" else _TorchBackend
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient buffers, filled chunk by chunk.
+# ---------------------------------------------------------------------------------------------
+
+
+class GradBuffers:
+    """Gradients being accumulated: compact hidden ``(n, D)``, weight ``(V, D)``, bias ``(V,)``.
+
+    The hidden gradient is stored compactly (one row per scored token, in the chunk order) and
+    scattered into a zero ``(N, D)`` tensor by :meth:`finish`; the weight gradient accumulates in
+    ``w_acc`` dtype; the bias gradient in the accumulation dtype (fp32; fp64 for fp64).
+    """
+
+    def __init__(self, n_tokens, hidden, weight, bias, need_h, need_w, need_b, w_acc):
+        dim, vocab = weight.shape[1], weight.shape[0]
+        dev = weight.device
+        self.weight = weight
+        self.h = torch.empty((n_tokens, dim), dtype=hidden.dtype, device=dev) if need_h else None
+        self.w = torch.zeros((vocab, dim), dtype=w_acc, device=dev) if need_w else None
+        acc = accumulation_dtype(weight.dtype)
+        self.b = torch.zeros((vocab,), dtype=acc, device=dev) if need_b else None
+
+    @property
+    def any(self) -> bool:
+        return self.h is not None or self.w is not None or self.b is not None
+
+    def add_chunk(self, backend, dlogits, h_c, t0, t1):
+        """Consume one chunk of logits gradients (the bias part is added by the row pass)."""
+        if self.h is not None:
+            torch.mm(dlogits, self.weight, out=self.h[t0:t1])
+        if self.w is not None:
+            backend.wgrad_(self.w, dlogits, h_c)
+
+    def finish(self, grad_output, idx, hidden_shape, hidden_dtype, weight_dtype):
+        """Scale by ``grad_output`` and return ``(grad_hidden, grad_weight, grad_bias)``.
+
+        ``grad_output`` is a 0-dim tensor (loss scaling) or ``None`` (already applied per token).
+        Each gradient is scaled in its accumulation precision and rounded once.
+        """
+        gh = gw = gb = None
+        if self.h is not None:
+            n_total = 1
+            for s in hidden_shape[:-1]:
+                n_total *= s
+            gh = self.h.new_zeros((n_total, hidden_shape[-1]))
+            src = self.h if grad_output is None else self.h * grad_output
+            gh.index_copy_(0, idx, src.to(hidden_dtype))
+            gh = gh.view(hidden_shape)
+        if self.w is not None:
+            w = self.w if grad_output is None else self.w.mul_(grad_output)
+            gw = w.to(weight_dtype)
+        if self.b is not None:
+            b = self.b if grad_output is None else self.b * grad_output
+            gb = b.to(weight_dtype)
+        self.h = self.w = self.b = None
+        return gh, gw, gb

@@ -1,0 +1,362 @@
+"""Triton kernels and launchers of the fused linear ops' GPU path (row passes over a chunk buffer).
+
+The fused linear ops (:mod:`.fused_linear_token_logprobs`, :mod:`.fused_linear_preference`) never
+hold ``n x V`` logits: they work on a bounded chunk buffer of ``m x V`` logits, produced by a cuBLAS
+GEMM (``h_c @ W^T``) in the input dtype, on which two memory-bound row passes run:
+
+1. :func:`row_lse` (``_row_lse_kernel``): per row, an online fp32 log-sum-exp over V and the target
+   logit; writes ``logp`` and ``lse`` (``m`` floats each). Reads the chunk once:
+   ``m * V * itemsize`` bytes.
+2. :func:`row_grad_` (``_row_grad_kernel``): ``d = g_t * (onehot(y_t) - exp(z - lse))`` written
+   *over* the logits buffer in the input dtype (reads and writes it once), with the bias gradient's
+   column sums reduced in registers and added with one fp32 atomic per column per program.
+
+The GEMMs around them (``dlogits @ W`` for the hidden gradient, ``dlogits^T @ h_c`` for the weight
+gradient) are cuBLAS, because on Hopper/Ampere cuBLAS is at ~95% of the bf16 peak, which a Triton
+GEMM does not reach: the GEMMs are 6 n D V FLOPs, everything else is ~8 bytes per logit
+(GEMM write 2, row_lse read 2, row_grad read 2 + write 2 in bf16), i.e. at the issue's shape
+(n=16384, V=152064) ~20 GB, ~7 ms at 3 TB/s against ~77 ms of GEMMs.
+
+3. :func:`wgrad_accumulate_` (``_wgrad_kernel``): ``acc[V, D] += dlogits^T @ h_c`` into an fp32
+   accumulator for bf16/fp16 inputs, used when cuBLAS' ``addmm(..., out_dtype=float32)`` is not
+   available in place (checked once per device; always the case on CPU, so the interpreter tests
+   exercise this kernel).
+
+Interpreter (``TRITON_INTERPRET=1``, how CI checks these kernels on CPU): bf16 arithmetic is wrong
+there, so loads are upcast right after the load (``UPCAST`` constexpr; the row kernels upcast in
+compiled mode too since all their arithmetic is fp32), and a single large-block config is used
+(~2 ms per interpreted block iteration). The launchers are registered with
+``torch.library.triton_op`` / ``wrap_triton`` so ``torch.compile`` can trace them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a Linux dependency of the package
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRET",
+    "row_grad_",
+    "row_lse",
+    "triton_usable_on",
+    "wgrad_accumulate_",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Whether the kernels were defined under the Triton interpreter (read at import, as Triton does)."""
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Triton kernels can run on CUDA devices, and on CPU tensors only under the interpreter."""
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return not INTERPRET
+    return device.type == "cpu" and INTERPRET
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_lse_kernel(
+        logits_ptr,
+        stride_row,
+        labels_ptr,
+        logp_ptr,
+        lse_ptr,
+        n_rows,
+        V,
+        ignore_index,
+        ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        # One program: BLOCK_M rows, streamed over V in BLOCK_V columns. Row max and sum of exp are
+        # kept in ACC (fp32, fp64 for fp64 logits): one exp per logit. Ignored rows are never read.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        active = row_ok & (labels != ignore_index)
+        row_base = logits_ptr + rows.to(tl.int64) * stride_row
+        m = tl.full([BLOCK_M], float("-inf"), ACC)
+        s = tl.zeros([BLOCK_M], ACC)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = active[:, None] & (cols[None, :] < V)
+            z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(tl.where(active, s, 1.0))
+        safe_labels = tl.where(active, labels, 0)
+        target = tl.load(row_base + safe_labels, mask=active, other=0.0).to(ACC)
+        tl.store(logp_ptr + rows, tl.where(active, target - lse, 0.0), mask=row_ok)
+        tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=row_ok)
+
+    @triton.jit
+    def _row_grad_kernel(
+        logits_ptr,
+        stride_row,
+        labels_ptr,
+        lse_ptr,
+        g_ptr,
+        bias_grad_ptr,
+        n_rows,
+        V,
+        rows_per_split,
+        ignore_index,
+        ACC: tl.constexpr,
+        HAS_BIAS_GRAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        # Grid (V blocks, row splits): a program owns BLOCK_V columns of rows_per_split rows, so the
+        # bias-gradient column sums stay in registers and cost one atomic per column per program.
+        pid_v = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        row_start = pid_s * rows_per_split
+        row_end = tl.minimum(row_start + rows_per_split, n_rows)
+        bias_acc = tl.zeros([BLOCK_V], ACC)
+        for r0 in range(row_start, row_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+            active = row_ok & (labels != ignore_index)
+            lse = tl.load(lse_ptr + rows, mask=active, other=0.0).to(ACC)
+            g = tl.load(g_ptr + rows, mask=active, other=0.0).to(ACC)
+            ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+            z = tl.load(ptrs, mask=active[:, None] & col_ok[None, :], other=0.0).to(ACC)
+            p = tl.exp(z - lse[:, None])
+            onehot = (cols[None, :] == labels[:, None]).to(ACC)
+            d = tl.where(active[:, None], g[:, None] * (onehot - p), 0.0)
+            tl.store(ptrs, d.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            if HAS_BIAS_GRAD:
+                bias_acc += tl.sum(d, axis=0)
+        if HAS_BIAS_GRAD:
+            tl.atomic_add(bias_grad_ptr + cols, bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=col_ok)
+
+    @triton.jit
+    def _wgrad_kernel(
+        a_ptr,
+        stride_am,
+        b_ptr,
+        stride_bm,
+        acc_ptr,
+        stride_acc,
+        M,
+        V,
+        D,
+        UPCAST: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_V: tl.constexpr,
+    ):
+        # acc[V, D] += A[M, V]^T @ B[M, D], fp32 accumulation; grouped tile order for L2 reuse.
+        pid = tl.program_id(0)
+        n_v = tl.cdiv(V, BLOCK_V)
+        n_d = tl.cdiv(D, BLOCK_D)
+        group = GROUP_V * n_d
+        first_v = (pid // group) * GROUP_V
+        size_v = tl.minimum(n_v - first_v, GROUP_V)
+        pid_v = first_v + (pid % group) % size_v
+        pid_d = (pid % group) // size_v
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        v_ok = offs_v < V
+        d_ok = offs_d < D
+        acc = tl.zeros([BLOCK_V, BLOCK_D], tl.float32)
+        for k0 in range(0, M, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < M
+            a = tl.load(
+                a_ptr + ks.to(tl.int64)[None, :] * stride_am + offs_v[:, None],
+                mask=v_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr + ks.to(tl.int64)[:, None] * stride_bm + offs_d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        c_ptrs = acc_ptr + offs_v.to(tl.int64)[:, None] * stride_acc + offs_d[None, :]
+        c_mask = v_ok[:, None] & d_ok[None, :]
+        cur = tl.load(c_ptrs, mask=c_mask, other=0.0)
+        tl.store(c_ptrs, cur + acc, mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations: one per mode (autotuning with several configs is not available in the
+# interpreter, and the row kernels are bandwidth-bound with a flat optimum).
+# ---------------------------------------------------------------------------------------------
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _lse_config(n_rows: int, vocab: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_V, num_warps)."""
+    if INTERPRET:
+        return 64, min(8192, _next_pow2(vocab)), 4
+    # Compiled: one row per program streams V in 4096-wide vectors (16 B per thread per load in
+    # bf16 at 8 warps); thousands of rows per chunk fill the GPU.
+    return 1, min(4096, _next_pow2(vocab)), 8
+
+
+def _grad_config(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_V, num_warps, row splits)."""
+    if INTERPRET:
+        return 64, min(4096, _next_pow2(vocab)), 4, 1
+    block_m, block_v, warps = 16, 1024, 8
+    n_vblocks = triton.cdiv(vocab, block_v)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(4 * sms, n_vblocks)))
+    return block_m, block_v, warps, splits
+
+
+def _wgrad_config() -> tuple[int, int, int, int, int]:
+    """(BLOCK_V, BLOCK_D, BLOCK_K, num_warps, num_stages)."""
+    if INTERPRET:
+        return 64, 64, 64, 4, 1
+    return 128, 128, 64, 8, 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, registered as torch.library triton ops.
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_lse_impl(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, vocab = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.full((n_rows,), float("nan"), dtype=acc, device=logits.device)
+    lse = torch.full((n_rows,), float("nan"), dtype=acc, device=logits.device)
+    if n_rows == 0:
+        return logp, lse
+    block_m, block_v, warps = _lse_config(n_rows, vocab)
+    grid = (triton.cdiv(n_rows, block_m),)
+    torch.library.wrap_triton(_row_lse_kernel)[grid](
+        logits, logits.stride(0), labels, logp, lse, n_rows, vocab, ignore_index,
+        ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps,
+    )  # fmt: skip
+    return logp, lse
+
+
+def _row_grad_impl(
+    logits: torch.Tensor,
+    grad_logp: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    bias_grad: torch.Tensor | None,
+    ignore_index: int,
+) -> None:
+    n_rows, vocab = logits.shape
+    if n_rows == 0:
+        return
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    block_m, block_v, warps, splits = _grad_config(n_rows, vocab, logits.device)
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
+    splits = triton.cdiv(n_rows, rows_per_split)
+    grid = (triton.cdiv(vocab, block_v), splits)
+    has_bias = bias_grad is not None
+    torch.library.wrap_triton(_row_grad_kernel)[grid](
+        logits, logits.stride(0), labels, lse, grad_logp, bias_grad if has_bias else lse,
+        n_rows, vocab, rows_per_split, ignore_index,
+        ACC=_tl_dtype(acc), HAS_BIAS_GRAD=has_bias, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps,
+    )  # fmt: skip
+
+
+def _wgrad_impl(acc: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
+    m, vocab = dlogits.shape
+    dim = hidden.shape[1]
+    if m == 0:
+        return
+    bv, bd, bk, warps, stages = _wgrad_config()
+    grid = (triton.cdiv(vocab, bv) * triton.cdiv(dim, bd),)
+    torch.library.wrap_triton(_wgrad_kernel)[grid](
+        dlogits, dlogits.stride(0), hidden, hidden.stride(0), acc, acc.stride(0), m, vocab, dim,
+        UPCAST=INTERPRET or dlogits.dtype == torch.float32, BLOCK_V=bv, BLOCK_D=bd, BLOCK_K=bk, GROUP_V=8,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+@functools.cache
+def _ops():
+    """Register the triton ops once (lazily, so importing the package never touches Triton)."""
+    lse_op = torch.library.triton_op("synpo_kernels::fused_linear_row_lse", mutates_args=())(_row_lse_impl)
+    grad_op = torch.library.triton_op(
+        "synpo_kernels::fused_linear_row_grad_", mutates_args={"logits", "bias_grad"}
+    )(_row_grad_impl)
+    wgrad_op = torch.library.triton_op("synpo_kernels::fused_linear_wgrad_", mutates_args={"acc"})(
+        _wgrad_impl
+    )
+    return lse_op, grad_op, wgrad_op
+
+
+def _check_rows(logits: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits: expected a 2-D chunk with unit stride along the vocabulary")
+
+
+def row_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """``(logp, lse)`` per row of a ``(m, V)`` chunk against aligned int64 ``labels`` ``(m,)``.
+
+    fp32 (fp64 for fp64 logits); both 0 on rows whose label is ``ignore_index``.
+    """
+    _check_rows(logits)
+    return _ops()[0](logits, labels, ignore_index)
+
+
+def row_grad_(
+    logits: torch.Tensor,
+    grad_logp: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    bias_grad: torch.Tensor | None = None,
+) -> None:
+    """Overwrite ``logits`` with ``grad_logp * (onehot - softmax)``; add column sums to ``bias_grad``.
+
+    ``bias_grad`` (``(V,)``, fp32/fp64) accumulates ``sum_rows dlogits`` in full precision (before
+    the rounding to the logits' dtype). Rows with an ignored label are set to 0.
+    """
+    _check_rows(logits)
+    _ops()[1](logits, grad_logp, labels, lse, bias_grad, ignore_index)
+
+
+def wgrad_accumulate_(acc: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """``acc += dlogits^T @ hidden`` with ``acc`` fp32 ``(V, D)``, operands in their own dtype."""
+    if acc.dtype != torch.float32 or acc.stride(1) != 1:
+        raise ValueError("acc: expected a float32 accumulator with unit stride along D")
+    _check_rows(dlogits)
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    _ops()[2](acc, dlogits, hidden)

@@ -1,0 +1,389 @@
+"""Fused lm_head -> log-probs -> per-row statistics -> preference loss, gradients in the forward.
+
+Order: kernels (Triton row passes in :mod:`.fused_linear_kernels`, C++ token ops on the torch
+backend) -> launcher (pair-chunk planning and loop) -> autograd Function -> public functions ->
+``nn.Module``s.
+
+Method. Every loss of the family (SynPO, DPO, IPO, SimPO, CPO, ORPO) is a mean over pairs of a
+small function of per-row (sum logp, sum p, count) (:mod:`synpo_kernels.losses`), so the gradient
+with respect to token ``t`` of row ``r`` is ``g_t = a_r + b_r * p_t`` and depends only on the rows of
+its own pair. The batch ``[chosen; rejected]`` is therefore cut into chunks of *whole pairs*
+(chosen rows ``p0..p1`` and their rejected partners), sized so the chunk's scored tokens times ``V``
+fit the chunk buffer. Per chunk, in the forward pass:
+
+1. ``logits = h_c @ W^T (+ b)`` into the chunk buffer (input dtype)            ``2 m D V`` FLOPs
+2. row pass: fp32 log-sum-exp and target log-prob per token                   read ``m V``
+3. per-row stats (index_add over ``m`` tokens), ``(a, b)`` by autograd through the reference
+   per-pair formulas on ``2P`` scalars (float64), ``g_t = a_r + b_r p_t``
+4. row pass: ``dlogits = g_t (onehot - softmax)`` over the buffer, bias-grad sums  read+write ``m V``
+5. ``grad_h_c = dlogits @ W``, ``grad_W += dlogits^T @ h_c``                  ``4 m D V`` FLOPs
+
+Total ``6 n D V`` FLOPs (the floor), ``n`` = scored tokens only; ~``8 n V`` bytes of chunk traffic
+in bf16 (GEMM write, two row-pass reads, one write); memory = one chunk buffer + gradients. The
+gradients are kept (hidden gradient compact, ``n x D``) and scaled by the incoming scalar
+gradient in backward. Only the gradients that are needed are computed: with a frozen lm_head
+(LoRA training, as upstream SynPO) step 5's weight GEMM is skipped (``4 n D V``); under
+``torch.no_grad()`` only steps 1-3 run (``2 n D V``).
+
+A single pair whose tokens exceed the chunk buffer is processed in sub-chunks, in two passes
+(statistics, then gradients with the logits recomputed): ``8 m D V`` for that pair only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from synpo_kernels._validation import (
+    check_label_range,
+    check_labels_match,
+    check_linear_inputs,
+    check_nonempty_rows,
+    check_pairs,
+)
+from synpo_kernels.losses import (
+    LossSpec,
+    PreferenceStats,
+    check_tensor_options,
+    loss_coefficients,
+    make_loss_spec,
+    preference_stats,
+    select_pairs,
+)
+from synpo_kernels.ops.fused_linear_common import (
+    FusedLinearConfig,
+    GradBuffers,
+    acc_weight_dtype,
+    chunk_rows,
+    compact_tokens,
+    get_backend,
+    hidden_rows,
+    resolve_impl,
+)
+from synpo_kernels.ops.token_logprobs import accumulation_dtype
+from synpo_kernels.reference import IGNORE_INDEX, RowStats
+
+__all__ = [
+    "FusedLinearPreferenceLoss",
+    "FusedLinearSynPOLoss",
+    "PreferenceStats",
+    "fused_linear_preference_loss",
+    "fused_linear_synpo_loss",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher: chunk planning over whole pairs, and the per-chunk work.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Token order and chunks of a ``[chosen; rejected]`` batch (built on the host, one sync).
+
+    ``tok_idx`` (n,): rows of ``hidden`` viewed as ``(N, D)``, grouped chunk by chunk (chosen rows of
+    the chunk's pairs, then their rejected rows). ``groups``: ``(p0, p1, t0, t1)`` per chunk.
+    """
+
+    def __init__(self, labels, ignore_index, shift, max_rows):
+        rows, seq = labels.shape
+        self.num_pairs = pairs = rows // 2
+        aligned, idx = compact_tokens(labels, ignore_index, shift)
+        row_of = torch.div(idx, seq, rounding_mode="floor")
+        counts = torch.bincount(row_of, minlength=rows).cpu()
+        check_nonempty_rows("labels", counts)
+        self.counts = counts
+        c = counts.tolist()
+        offsets = [0]
+        for x in c:
+            offsets.append(offsets[-1] + x)
+        # Greedy grouping of consecutive pairs under max_rows tokens; an oversized pair stands alone.
+        groups = []
+        p0, tokens = 0, 0
+        for i in range(pairs):
+            size = c[i] + c[pairs + i]
+            if i > p0 and tokens + size > max_rows:
+                groups.append((p0, i))
+                p0, tokens = i, 0
+            tokens += size
+        groups.append((p0, pairs))
+        pieces, self.groups, t = [], [], 0
+        for g0, g1 in groups:
+            chosen = idx[offsets[g0] : offsets[g1]]
+            rejected = idx[offsets[pairs + g0] : offsets[pairs + g1]]
+            pieces += [chosen, rejected]
+            m = chosen.shape[0] + rejected.shape[0]
+            self.groups.append((g0, g1, t, t + m))
+            t += m
+        self.tok_idx = torch.cat(pieces)
+        self.tok_labels = aligned.index_select(0, self.tok_idx)
+        self.tok_row = torch.div(self.tok_idx, seq, rounding_mode="floor")
+
+    def local_rows(self, g0, g1, t0, t1):
+        """Row of each token of the chunk within the chunk's ``[chosen; rejected]`` block."""
+        row = self.tok_row[t0:t1]
+        pairs = self.num_pairs
+        return torch.where(row < pairs, row - g0, (g1 - g0) + row - pairs - g0)
+
+    def group_counts(self, g0, g1, dtype, device):
+        c = torch.cat([self.counts[g0:g1], self.counts[self.num_pairs + g0 : self.num_pairs + g1]])
+        return c.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_index, max_rows):
+    """All chunks; returns per-row ``sum_logp``, ``sum_p`` (2B,) and per-pair losses (B,)."""
+    acc = accumulation_dtype(weight.dtype)
+    dev = weight.device
+    pairs = plan.num_pairs
+    sum_logp = torch.empty(2 * pairs, dtype=acc, device=dev)
+    sum_p = torch.empty(2 * pairs, dtype=acc, device=dev)
+    losses = torch.empty(pairs, dtype=acc, device=dev)
+    largest = max(t1 - t0 for _, _, t0, t1 in plan.groups)
+    buf = torch.empty((min(largest, max_rows), weight.shape[0]), dtype=weight.dtype, device=dev)
+    for g0, g1, t0, t1 in plan.groups:
+        n_rows = 2 * (g1 - g0)
+        local = plan.local_rows(g0, g1, t0, t1)
+        subs = [(s, min(t1, s + max_rows)) for s in range(t0, t1, max_rows)]
+        logp = torch.empty(t1 - t0, dtype=acc, device=dev)
+        lse = torch.empty(t1 - t0, dtype=acc, device=dev)
+        h_c = logits = None
+        for s0, s1 in subs:  # pass 1: statistics (one sub-chunk unless a pair exceeds the buffer)
+            h_c = hidden2d.index_select(0, plan.tok_idx[s0:s1])
+            logits = backend.logits(h_c, weight, bias, buf[: s1 - s0])
+            lp, ls = backend.row_fwd(logits, plan.tok_labels[s0:s1], ignore_index)
+            logp[s0 - t0 : s1 - t0] = lp
+            lse[s0 - t0 : s1 - t0] = ls
+        p = logp.exp()
+        s_logp = torch.zeros(n_rows, dtype=acc, device=dev).index_add_(0, local, logp)
+        s_p = torch.zeros(n_rows, dtype=acc, device=dev).index_add_(0, local, p)
+        count = plan.group_counts(g0, g1, acc, dev)
+        chunk_losses, a, b = loss_coefficients(
+            s_logp, s_p, count, spec, select_pairs(tensors, pairs, g0, g1), scale=1.0 / pairs
+        )
+        sum_logp[g0:g1], sum_logp[pairs + g0 : pairs + g1] = s_logp[: g1 - g0], s_logp[g1 - g0 :]
+        sum_p[g0:g1], sum_p[pairs + g0 : pairs + g1] = s_p[: g1 - g0], s_p[g1 - g0 :]
+        losses[g0:g1] = chunk_losses
+        if not grads.any:
+            continue
+        g = a.index_select(0, local) + b.index_select(0, local) * p
+        for s0, s1 in subs:  # pass 2: gradients (logits still in the buffer for a single sub-chunk)
+            if len(subs) > 1:
+                h_c = hidden2d.index_select(0, plan.tok_idx[s0:s1])
+                logits = backend.logits(h_c, weight, bias, buf[: s1 - s0])
+            r0, r1 = s0 - t0, s1 - t0
+            backend.row_grad_(logits, g[r0:r1], plan.tok_labels[s0:s1], lse[r0:r1], ignore_index, grads.b)
+            grads.add_chunk(backend, logits, h_c, s0, s1)
+    return sum_logp, sum_p, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+class _FusedLinearPreferenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, spec, tensors, ignore_index, shift, config, impl, grad_on):
+        backend = get_backend(impl)
+        w_acc = acc_weight_dtype(weight, config.weight_grad_accumulation)
+        max_rows = chunk_rows(config, weight, backend.name, w_acc)
+        plan = _Plan(labels, ignore_index, shift, max_rows)
+        need_h, need_w, need_b = (grad_on and x for x in ctx.needs_input_grad[:3])
+        grads = GradBuffers(
+            plan.tok_idx.shape[0], hidden, weight, bias, need_h, need_w, need_b and bias is not None, w_acc
+        )
+        sum_logp, sum_p, losses = _run(
+            backend, plan, hidden_rows(hidden), weight, bias, grads, spec, tensors, ignore_index, max_rows
+        )
+        ctx.grads = grads
+        ctx.meta = (plan.tok_idx, tuple(hidden.shape), hidden.dtype, weight.dtype)
+        count = plan.counts.to(device=weight.device, dtype=sum_logp.dtype)
+        ctx.mark_non_differentiable(sum_logp, sum_p, count, losses)
+        return losses.sum() / plan.num_pairs, sum_logp, sum_p, count, losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_unused):
+        tok_idx, hidden_shape, hidden_dtype, weight_dtype = ctx.meta
+        gh, gw, gb = ctx.grads.finish(grad_loss, tok_idx, hidden_shape, hidden_dtype, weight_dtype)
+        return gh, gw, gb, None, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _preference(hidden, weight, labels, bias, spec: LossSpec, tensors, ignore_index, shift, config):
+    check_linear_inputs(hidden, weight, bias)
+    if hidden.dim() != 3:
+        raise ValueError(
+            f"hidden: expected shape (2B, T, D) for a preference batch, got {tuple(hidden.shape)}"
+        )
+    check_labels_match("labels", labels, hidden)
+    check_pairs("hidden", hidden.shape[0])
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_tensor_options(tensors, hidden.shape[0], hidden.device)
+    check_label_range("labels", labels, weight.shape[0], ignore_index)
+    impl = resolve_impl(config.impl, hidden.device)
+    tensors = {k: v.detach() for k, v in tensors.items()}
+    loss, sum_logp, sum_p, count, losses = _FusedLinearPreferenceFunction.apply(
+        hidden, weight, bias, labels, spec, tensors, ignore_index, bool(shift), config, impl,
+        torch.is_grad_enabled(),
+    )  # fmt: skip
+    return loss, RowStats(sum_logp, sum_p, count), losses, tensors
+
+
+def fused_linear_preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "synpo",
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    return_stats: bool = False,
+    impl: str | None = None,
+    chunk_bytes: int | None = None,
+    weight_grad_accumulation: str = "auto",
+    **loss_options,
+) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
+    """Mean over pairs of a preference loss on ``hidden @ weight.T (+ bias)``, fused, 6 n D V FLOPs.
+
+    Args:
+        hidden: ``(2B, T, D)`` lm_head input of a ``[chosen_0..chosen_{B-1}, rejected_0..]`` batch.
+        weight: ``(V, D)`` lm_head weight (same dtype/device); ``bias`` optional ``(V,)``.
+        labels: ``(2B, T)`` Hugging Face labels (``ignore_index`` on prompt/video/padding).
+        loss: ``synpo`` | ``dpo`` | ``ipo`` | ``simpo`` | ``cpo`` | ``orpo``.
+        loss_options: that loss's options, as in :data:`synpo_kernels.reference.PREFERENCE_LOSSES`
+            (``alpha``/``beta`` for synpo; ``ref_logps=`` a ``(2B,)`` tensor of reference log-probs
+            for dpo/ipo, sums or means as the loss's ``average`` option says; not differentiated).
+        return_stats: also return :class:`~synpo_kernels.losses.PreferenceStats` (chosen/rejected
+            mean log-prob, chosen mean probability, reward margin, counts, per-pair losses),
+            computed in the same pass.
+        impl, chunk_bytes, weight_grad_accumulation: execution options,
+            see :class:`~synpo_kernels.ops.fused_linear_common.FusedLinearConfig`.
+
+    Returns:
+        A 0-dim float32 loss (float64 for float64 inputs), differentiable w.r.t. ``hidden``,
+        ``weight`` and ``bias``; with ``return_stats``, ``(loss, stats)``.
+
+    Raises ``ValueError`` for an odd/empty batch, a row with no response token, labels outside
+    ``[0, V)``, or mismatched shapes; ``TypeError`` for wrong dtypes or unknown loss options.
+    """
+    spec, tensors = make_loss_spec(loss, **loss_options)
+    config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
+    value, stats, losses, tensors = _preference(
+        hidden, weight, labels, bias, spec, tensors, ignore_index, shift, config
+    )
+    if return_stats:
+        return value, preference_stats(stats, spec, tensors, losses)
+    return value
+
+
+def fused_linear_synpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    alpha: float = 30.0,
+    beta: float = 0.2,
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    return_stats: bool = False,
+    impl: str | None = None,
+    chunk_bytes: int | None = None,
+    weight_grad_accumulation: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
+    """SynPO ``mean_b[-sigmoid(alpha (G_w - G_l)) - beta P(y_w)]`` on ``hidden @ weight.T (+ bias)``.
+
+    See :func:`fused_linear_preference_loss` (``loss="synpo"``); ``reward_margin`` in the stats is
+    ``G_w - G_l``.
+    """
+    return fused_linear_preference_loss(
+        hidden, weight, labels, loss="synpo", bias=bias, ignore_index=ignore_index, shift=shift,
+        return_stats=return_stats, impl=impl, chunk_bytes=chunk_bytes,
+        weight_grad_accumulation=weight_grad_accumulation, alpha=alpha, beta=beta,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class FusedLinearPreferenceLoss(nn.Module):
+    """Module form of :func:`fused_linear_preference_loss`.
+
+    ``forward(hidden, weight, labels, bias=None, **per_call_options)``: per-call options (e.g.
+    ``ref_logps=``) are merged over the constructor's. Set ``return_stats=True`` to get
+    ``(loss, PreferenceStats)``; the latest stats are also kept in ``self.last_stats`` (detached)
+    for logging.
+    """
+
+    def __init__(
+        self,
+        loss: str = "synpo",
+        ignore_index: int = IGNORE_INDEX,
+        shift: bool = True,
+        *,
+        return_stats: bool = False,
+        impl: str | None = None,
+        chunk_bytes: int | None = None,
+        weight_grad_accumulation: str = "auto",
+        **loss_options,
+    ):
+        super().__init__()
+        scalar_options = {k: v for k, v in loss_options.items() if not isinstance(v, torch.Tensor)}
+        # Validate now (tensor options such as ref_logps usually come per call).
+        probe = dict(scalar_options)
+        if loss in ("dpo", "ipo"):
+            probe.setdefault("ref_logps", torch.zeros(2))
+        make_loss_spec(loss, **probe)
+        self.loss = loss
+        self.ignore_index = ignore_index
+        self.shift = shift
+        self.return_stats = return_stats
+        self.options = loss_options
+        self.config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
+        self.last_stats: PreferenceStats | None = None
+
+    def forward(self, hidden, weight, labels, bias=None, **per_call):
+        c = self.config
+        value, stats = fused_linear_preference_loss(
+            hidden, weight, labels, loss=self.loss, bias=bias, ignore_index=self.ignore_index,
+            shift=self.shift, return_stats=True, impl=c.impl, chunk_bytes=c.chunk_bytes,
+            weight_grad_accumulation=c.weight_grad_accumulation, **{**self.options, **per_call},
+        )  # fmt: skip
+        self.last_stats = stats
+        return (value, stats) if self.return_stats else value
+
+    def extra_repr(self) -> str:
+        opts = {k: v for k, v in self.options.items() if not isinstance(v, torch.Tensor)}
+        return (
+            f"loss={self.loss!r}, ignore_index={self.ignore_index}, shift={self.shift}, {opts}, {self.config}"
+        )
+
+
+class FusedLinearSynPOLoss(FusedLinearPreferenceLoss):
+    """Module form of :func:`fused_linear_synpo_loss`: ``forward(hidden, weight, labels, bias=None)``."""
+
+    def __init__(
+        self,
+        alpha: float = 30.0,
+        beta: float = 0.2,
+        ignore_index: int = IGNORE_INDEX,
+        shift: bool = True,
+        *,
+        return_stats: bool = False,
+        impl: str | None = None,
+        chunk_bytes: int | None = None,
+        weight_grad_accumulation: str = "auto",
+    ):
+        super().__init__(
+            "synpo", ignore_index, shift, return_stats=return_stats, impl=impl, chunk_bytes=chunk_bytes,
+            weight_grad_accumulation=weight_grad_accumulation, alpha=alpha, beta=beta,
+        )  # fmt: skip

@@ -1,0 +1,248 @@
+"""Fused lm_head -> per-token log-probs: ``log softmax(hidden @ W^T + b)[y]`` without the N x V logits.
+
+Order: kernels (Triton row passes in :mod:`.fused_linear_kernels`, C++ token ops on the torch
+backend) -> launcher (the chunk loop) -> autograd Function -> public functions -> ``nn.Module``.
+
+Cost. Forward: ``2 n D V`` FLOPs (``n`` = scored tokens, compacted; see
+:mod:`.fused_linear_common`) plus one read of each chunk for the fp32 log-sum-exp. The per-token
+upstream gradient is unknown in the forward, so the backward recomputes each chunk's logits from
+``hidden`` and ``W`` (saved: only the inputs and ``n`` floats of log-sum-exp): ``6 n D V`` FLOPs,
+``8 n D V`` in total. Memory: one ``(m, V)`` chunk buffer in the input dtype (``chunk_bytes``), the
+gradients, ``O(n)`` vectors. Any per-token upstream gradient is exact, including one that differs
+per token (the case where Liger's ``reduction='none'`` once gave wrong weight gradients): every
+token's ``g_t`` scales its own logits-gradient row before both gradient GEMMs.
+
+For the preference losses (whose gradient is known in the forward), use
+:mod:`.fused_linear_preference` (6 n D V).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from synpo_kernels._validation import (
+    check_label_range,
+    check_labels_match,
+    check_linear_inputs,
+    check_nonempty_rows,
+)
+from synpo_kernels.ops.fused_linear_common import (
+    FusedLinearConfig,
+    GradBuffers,
+    acc_weight_dtype,
+    chunk_rows,
+    compact_tokens,
+    get_backend,
+    hidden_rows,
+    resolve_impl,
+)
+from synpo_kernels.ops.token_logprobs import accumulation_dtype
+from synpo_kernels.reference import IGNORE_INDEX
+
+__all__ = [
+    "FusedLinearTokenLogprobs",
+    "fused_linear_sequence_logprobs",
+    "fused_linear_token_logprobs",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher: the chunk loops of the forward and of the backward.
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunks(n: int, rows: int):
+    for t0 in range(0, n, rows):
+        yield t0, min(n, t0 + rows)
+
+
+def _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index, rows):
+    n = idx.shape[0]
+    acc = accumulation_dtype(weight.dtype)
+    logp = torch.empty(n, dtype=acc, device=weight.device)
+    lse = torch.empty(n, dtype=acc, device=weight.device)
+    if n == 0:
+        return logp, lse
+    buf = torch.empty((min(rows, n), weight.shape[0]), dtype=weight.dtype, device=weight.device)
+    for t0, t1 in _chunks(n, rows):
+        logits = backend.logits(hidden2d.index_select(0, idx[t0:t1]), weight, bias, buf[: t1 - t0])
+        lp, ls = backend.row_fwd(logits, labels_c[t0:t1], ignore_index)
+        logp[t0:t1] = lp
+        lse[t0:t1] = ls
+    return logp, lse
+
+
+def _backward_chunks(backend, grads, hidden2d, weight, bias, idx, labels_c, lse, g, ignore_index, rows):
+    n = idx.shape[0]
+    if n == 0:
+        return
+    buf = torch.empty((min(rows, n), weight.shape[0]), dtype=weight.dtype, device=weight.device)
+    for t0, t1 in _chunks(n, rows):
+        h_c = hidden2d.index_select(0, idx[t0:t1])
+        logits = backend.logits(h_c, weight, bias, buf[: t1 - t0])
+        backend.row_grad_(logits, g[t0:t1], labels_c[t0:t1], lse[t0:t1], ignore_index, grads.b)
+        grads.add_chunk(backend, logits, h_c, t0, t1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+class _FusedLinearTokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, shift, config, impl):
+        backend = get_backend(impl)
+        aligned, idx = compact_tokens(labels, ignore_index, shift)
+        labels_c = aligned.index_select(0, idx)
+        hidden2d = hidden_rows(hidden)
+        w_acc = acc_weight_dtype(weight, config.weight_grad_accumulation)
+        rows = chunk_rows(config, weight, backend.name, w_acc)
+        logp_c, lse_c = _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index, rows)
+        pos = idx + 1 if shift else idx  # row t scores (and reports at) label position t + 1
+        out = torch.zeros(labels.numel(), dtype=logp_c.dtype, device=weight.device)
+        out.index_copy_(0, pos, logp_c)
+        ctx.save_for_backward(hidden, weight, bias, idx, labels_c, lse_c)
+        ctx.meta = (ignore_index, shift, impl, rows, w_acc, tuple(hidden.shape))
+        return out.view(labels.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, idx, labels_c, lse_c = ctx.saved_tensors
+        ignore_index, shift, impl, rows, w_acc, hidden_shape = ctx.meta
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = GradBuffers(
+            idx.shape[0], hidden, weight, bias, need_h, need_w, need_b and bias is not None, w_acc
+        )
+        if not grads.any:
+            return None, None, None, None, None, None, None, None
+        pos = idx + 1 if shift else idx
+        g = grad_out.reshape(-1).index_select(0, pos).to(lse_c.dtype).contiguous()
+        _backward_chunks(
+            get_backend(impl), grads, hidden_rows(hidden), weight, bias, idx, labels_c, lse_c, g,
+            ignore_index, rows,
+        )  # fmt: skip
+        gh, gw, gb = grads.finish(None, idx, hidden_shape, hidden.dtype, weight.dtype)
+        return gh, gw, gb, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare(hidden, weight, labels, bias, ignore_index, config):
+    check_linear_inputs(hidden, weight, bias)
+    check_labels_match("labels", labels, hidden)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_label_range("labels", labels, weight.shape[0], ignore_index)
+    return resolve_impl(config.impl, hidden.device)
+
+
+def fused_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    impl: str | None = None,
+    chunk_bytes: int | None = None,
+    weight_grad_accumulation: str = "auto",
+) -> torch.Tensor:
+    """Per-token log-probs of ``labels`` under ``hidden @ weight.T (+ bias)``, never materializing
+    the ``N x V`` logits.
+
+    Args:
+        hidden: ``(..., T, D)`` float32/bfloat16/float16 (float64 too): the lm_head input.
+        weight: ``(V, D)`` lm_head weight, same dtype and device as ``hidden``.
+        labels: ``(..., T)`` integer, Hugging Face style (aligned with ``input_ids``).
+        bias: optional ``(V,)``.
+        ignore_index: label value with no target (prompt, video/image tokens, padding).
+        shift: the logits at ``t - 1`` score ``labels[..., t]`` (causal LM); ``False``: at ``t``.
+        impl, chunk_bytes, weight_grad_accumulation: execution options,
+            see :class:`~synpo_kernels.ops.fused_linear_common.FusedLinearConfig`.
+
+    Returns:
+        float32 (float64 for float64 inputs) tensor of ``labels.shape``, 0 where the label is
+        ignored (and at ``t = 0`` when shifting): the contract of :func:`synpo_kernels.token_logprobs`.
+        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` under any per-token upstream
+        gradient (the backward recomputes the logits chunk by chunk).
+    """
+    config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
+    impl_name = _prepare(hidden, weight, labels, bias, ignore_index, config)
+    return _FusedLinearTokenLogprobsFunction.apply(
+        hidden, weight, bias, labels, ignore_index, bool(shift), config, impl_name
+    )
+
+
+def fused_linear_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    shift: bool = True,
+    average: bool = True,
+    impl: str | None = None,
+    chunk_bytes: int | None = None,
+    weight_grad_accumulation: str = "auto",
+) -> torch.Tensor:
+    """Per-row mean (``average=True``) or sum of response-token log-probs, shape ``labels.shape[:-1]``.
+
+    The fused counterpart of :func:`synpo_kernels.sequence_logprobs`; typically called under
+    ``torch.no_grad()`` for DPO/IPO reference log-probs (then only the ``2 n D V`` forward runs).
+    Differentiable otherwise. A row with no response token raises ``ValueError`` when averaging.
+    """
+    token_logp = fused_linear_token_logprobs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, impl=impl,
+        chunk_bytes=chunk_bytes, weight_grad_accumulation=weight_grad_accumulation,
+    )  # fmt: skip
+    total = token_logp.sum(-1)  # ignored positions hold exact zeros
+    if not average:
+        return total
+    mask = labels != ignore_index
+    if shift:
+        mask[..., 0] = False
+    count = mask.sum(-1)
+    check_nonempty_rows("labels", count.reshape(-1))
+    return total / count.to(total.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------
+
+
+class FusedLinearTokenLogprobs(nn.Module):
+    """Module form of :func:`fused_linear_token_logprobs`: ``forward(hidden, weight, labels, bias=None)``."""
+
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        shift: bool = True,
+        *,
+        impl: str | None = None,
+        chunk_bytes: int | None = None,
+        weight_grad_accumulation: str = "auto",
+    ):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.shift = shift
+        self.config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
+
+    def forward(self, hidden, weight, labels, bias=None) -> torch.Tensor:
+        c = self.config
+        return fused_linear_token_logprobs(
+            hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, shift=self.shift,
+            impl=c.impl, chunk_bytes=c.chunk_bytes, weight_grad_accumulation=c.weight_grad_accumulation,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, shift={self.shift}, {self.config}"

@@ -27,24 +27,24 @@ IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX",
+    "PREFERENCE_LOSSES",
     "RowStats",
-    "shift_labels",
-    "token_logprobs_ref",
-    "row_stats_ref",
-    "row_stats_from_token_logprobs",
-    "sequence_logprobs_ref",
-    "synpo_loss_from_stats",
+    "cpo_loss_from_stats",
     "dpo_loss_from_stats",
     "ipo_loss_from_stats",
-    "simpo_loss_from_stats",
-    "cpo_loss_from_stats",
-    "orpo_loss_from_stats",
-    "PREFERENCE_LOSSES",
-    "preference_loss_ref",
-    "synpo_loss_ref",
     "linear_logits_ref",
-    "synpo_token_grad_ref",
+    "orpo_loss_from_stats",
+    "preference_loss_ref",
     "response_mask",
+    "row_stats_from_token_logprobs",
+    "row_stats_ref",
+    "sequence_logprobs_ref",
+    "shift_labels",
+    "simpo_loss_from_stats",
+    "synpo_loss_from_stats",
+    "synpo_loss_ref",
+    "synpo_token_grad_ref",
+    "token_logprobs_ref",
 ]
 
 
@@ -107,9 +107,7 @@ def token_logprobs_ref(
     return logp
 
 
-def response_mask(
-    labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, shift: bool = True
-) -> torch.Tensor:
+def response_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, shift: bool = True) -> torch.Tensor:
     """Positions (label-aligned) whose token is scored: not ignored, and not t=0 when shifting."""
     mask = labels != ignore_index
     if shift:
@@ -118,9 +116,7 @@ def response_mask(
     return mask
 
 
-def row_stats_from_token_logprobs(
-    token_logp: torch.Tensor, mask: torch.Tensor
-) -> RowStats:
+def row_stats_from_token_logprobs(token_logp: torch.Tensor, mask: torch.Tensor) -> RowStats:
     """Per-row statistics from per-token log-probs ``(rows, T)`` and a response mask ``(rows, T)``."""
     token_logp = token_logp.reshape(token_logp.shape[0], -1)
     mask = mask.reshape(mask.shape[0], -1)
@@ -175,9 +171,7 @@ def sequence_logprobs_ref(
 # ---------------------------------------------------------------------------------------------
 
 
-def synpo_loss_from_stats(
-    stats: RowStats, *, alpha: float = 30.0, beta: float = 0.2
-) -> torch.Tensor:
+def synpo_loss_from_stats(stats: RowStats, *, alpha: float = 30.0, beta: float = 0.2) -> torch.Tensor:
     """SynPO: ``-sigmoid(alpha * (exp(m_w) - exp(m_l))) - beta * P(y_w)`` per pair."""
     chosen, rejected = stats.split_pairs()
     g_w = chosen.mean_logp.exp()
@@ -185,9 +179,7 @@ def synpo_loss_from_stats(
     return -torch.sigmoid(alpha * (g_w - g_l)) - beta * chosen.mean_p
 
 
-def _policy_ref_margin(
-    stats: RowStats, ref_logps: torch.Tensor, average: bool
-) -> torch.Tensor:
+def _policy_ref_margin(stats: RowStats, ref_logps: torch.Tensor, average: bool) -> torch.Tensor:
     chosen, rejected = stats.split_pairs()
     half = chosen.sum_logp.shape[0]
     ref = ref_logps.to(stats.sum_logp.dtype)
@@ -224,9 +216,7 @@ def ipo_loss_from_stats(
     return (h - 1.0 / (2.0 * tau)) ** 2
 
 
-def simpo_loss_from_stats(
-    stats: RowStats, *, beta: float = 2.0, gamma: float = 0.5
-) -> torch.Tensor:
+def simpo_loss_from_stats(stats: RowStats, *, beta: float = 2.0, gamma: float = 0.5) -> torch.Tensor:
     """SimPO: ``-logsigmoid(beta * (m_w - m_l) - gamma)`` on length-normalized log-probs."""
     chosen, rejected = stats.split_pairs()
     return -F.logsigmoid(beta * (chosen.mean_logp - rejected.mean_logp) - gamma)
@@ -298,8 +288,14 @@ def synpo_loss_ref(
 ) -> torch.Tensor:
     """The SynPO loss of ../shared/SPEC.md section 1 on ``(2B, T, V)`` logits ([chosen; rejected])."""
     return preference_loss_ref(
-        logits, labels, loss="synpo", ignore_index=ignore_index, shift=shift, dtype=dtype,
-        alpha=alpha, beta=beta,
+        logits,
+        labels,
+        loss="synpo",
+        ignore_index=ignore_index,
+        shift=shift,
+        dtype=dtype,
+        alpha=alpha,
+        beta=beta,
     )
 
 
@@ -338,4 +334,3 @@ def synpo_token_grad_ref(
     grad_l = (ds * g_l / rejected.count)[:, None].expand_as(token_p[half:])
     grad = torch.cat([grad_w, grad_l]) / half
     return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-

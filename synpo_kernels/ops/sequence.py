@@ -23,12 +23,12 @@ from synpo_kernels.reference import (
 )
 
 __all__ = [
+    "PreferenceLoss",
+    "SynPOLoss",
+    "preference_loss",
     "row_stats",
     "sequence_logprobs",
-    "preference_loss",
     "synpo_loss",
-    "SynPOLoss",
-    "PreferenceLoss",
 ]
 
 
@@ -125,8 +125,13 @@ class PreferenceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, **per_call) -> torch.Tensor:
         return preference_loss(
-            logits, labels, loss=self.loss, ignore_index=self.ignore_index, shift=self.shift,
-            **self.options, **per_call,
+            logits,
+            labels,
+            loss=self.loss,
+            ignore_index=self.ignore_index,
+            shift=self.shift,
+            **self.options,
+            **per_call,
         )
 
     def extra_repr(self) -> str:
@@ -136,5 +141,7 @@ class PreferenceLoss(nn.Module):
 class SynPOLoss(PreferenceLoss):
     """Module form of :func:`synpo_loss`."""
 
-    def __init__(self, alpha: float = 30.0, beta: float = 0.2, ignore_index: int = IGNORE_INDEX, shift: bool = True):
+    def __init__(
+        self, alpha: float = 30.0, beta: float = 0.2, ignore_index: int = IGNORE_INDEX, shift: bool = True
+    ):
         super().__init__("synpo", ignore_index=ignore_index, shift=shift, alpha=alpha, beta=beta)

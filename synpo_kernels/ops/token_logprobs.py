@@ -32,7 +32,7 @@ from synpo_kernels._validation import (
 )
 from synpo_kernels.reference import IGNORE_INDEX
 
-__all__ = ["token_logprobs", "TokenLogprobs", "shift_and_flatten_labels", "accumulation_dtype"]
+__all__ = ["TokenLogprobs", "accumulation_dtype", "shift_and_flatten_labels", "token_logprobs"]
 
 _LIB = "synpo_kernels"
 _FWD_SCHEMA = "token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)"
@@ -174,9 +174,7 @@ def _backward(ctx, grad_logp, _grad_lse):
     return grad_logits, None, None
 
 
-torch.library.register_autograd(
-    f"{_LIB}::token_logprobs_fwd", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd(f"{_LIB}::token_logprobs_fwd", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +182,7 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
-def shift_and_flatten_labels(
-    labels: torch.Tensor, ignore_index: int, shift: bool
-) -> torch.Tensor:
+def shift_and_flatten_labels(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tensor:
     """Labels aligned with the logits rows that score them, flattened to int64 ``(N,)``."""
     aligned = labels.long()
     if shift:
@@ -220,10 +216,10 @@ def token_logprobs(
             the logits at ``t`` score ``labels[..., t]``.
 
     Returns:
-        float32 tensor (float64 for float64 logits) of ``labels.shape``: ``log softmax(logits[..., t-1, :])[labels[..., t]]``
-        (``t`` instead of ``t - 1`` without shift), 0 where the label is ``ignore_index`` and at
-        ``t = 0`` when shifting. Differentiable w.r.t. ``logits``; the gradient is written in one
-        pass in the logits' dtype.
+        float32 tensor (float64 for float64 logits) of ``labels.shape``:
+        ``log softmax(logits[..., t-1, :])[labels[..., t]]`` (``t`` instead of ``t - 1`` without
+        shift), 0 where the label is ``ignore_index`` and at ``t = 0`` when shifting.
+        Differentiable w.r.t. ``logits``; the gradient is written in one pass in the logits' dtype.
     """
     check_floating("logits", logits)
     check_labels("labels", labels)

@@ -1,0 +1,291 @@
+// CUDA kernels of the fused per-token log-softmax gather.
+//
+// Only CUDA headers here (no torch): the torch glue lives in token_logprobs_cuda.cpp, so this file
+// compiles with plain nvcc, and CPU-only CI compiles it as a check.
+//
+// Memory-bound design: one thread block per row. Forward reads the row once with 16-byte vector
+// loads, keeping a per-thread online (max, sum of exp) in fp32, then reduces across the block;
+// rows whose label is ignore_index exit before reading anything. Backward reads the row once and
+// writes grad = g * (onehot - exp(z - lse)) with 16-byte stores, in the logits' dtype. Bytes moved
+// for forward + backward: read 2 x N x V, write 1 x N x V (the floor for an out-of-place gradient).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "token_logprobs_cuda.h"
+
+namespace synpo {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T>
+struct VecTraits;
+template <>
+struct VecTraits<float> {
+  static constexpr int kElems = 4;  // 16 bytes
+};
+template <>
+struct VecTraits<__nv_bfloat16> {
+  static constexpr int kElems = 8;
+};
+template <>
+struct VecTraits<__half> {
+  static constexpr int kElems = 8;
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+// exp2 with the hardware approximation (2 ulp); callers pass pre-scaled (x - max) * log2(e) <= 0.
+__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
+
+struct MaxSum {
+  float max;  // running max of x * log2(e)
+  float sum;  // sum of exp2(x * log2(e) - max)
+};
+
+__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.max, b.max);
+  if (m == -INFINITY) return {m, a.sum + b.sum};  // nothing finite yet (0, or NaN to propagate)
+  return {m, a.sum * fast_exp2(a.max - m) + b.sum * fast_exp2(b.max - m)};
+}
+
+__device__ __forceinline__ MaxSum block_reduce(MaxSum v) {
+  __shared__ float s_max[kThreads / 32];
+  __shared__ float s_sum[kThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    MaxSum other{__shfl_xor_sync(0xffffffffu, v.max, offset), __shfl_xor_sync(0xffffffffu, v.sum, offset)};
+    v = combine(v, other);
+  }
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) {
+    s_max[warp] = v.max;
+    s_sum[warp] = v.sum;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int n_warps = blockDim.x / 32;
+    v = lane < n_warps ? MaxSum{s_max[lane], s_sum[lane]} : MaxSum{-INFINITY, 0.0f};
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      MaxSum other{__shfl_xor_sync(0xffffffffu, v.max, offset), __shfl_xor_sync(0xffffffffu, v.sum, offset)};
+      v = combine(v, other);
+    }
+  }
+  return v;  // valid in thread 0
+}
+
+// Adds one element (already scaled by log2 e) to a thread's running (max, sum). -inf logits
+// (masked vocabulary) contribute 0; NaN and +inf make the sum NaN, as in torch.log_softmax.
+__device__ __forceinline__ void accumulate(MaxSum& acc, float x2) {
+  if (x2 > acc.max) {
+    acc.sum = (acc.max == -INFINITY ? 0.0f : acc.sum * fast_exp2(acc.max - x2)) + 1.0f;
+    acc.max = x2;
+  } else if (x2 != -INFINITY) {
+    acc.sum += fast_exp2(x2 - acc.max);
+  }
+}
+
+template <typename T, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+    token_logprobs_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels, int64_t vocab,
+                              int64_t row_stride, int64_t ignore_index, float* __restrict__ logp,
+                              float* __restrict__ lse) {
+  const int64_t row = blockIdx.x;
+  const int64_t label = labels[row];
+  if (label == ignore_index || label < 0 || label >= vocab) {
+    if (threadIdx.x == 0) {
+      const float value = label == ignore_index ? 0.0f : NAN;  // out-of-range: NaN, never an OOB read
+      logp[row] = value;
+      lse[row] = value;
+    }
+    return;
+  }
+  const T* z = logits + row * row_stride;
+  MaxSum acc{-INFINITY, 0.0f};
+  int64_t tail_start = 0;
+  if constexpr (kVectorized) {
+    constexpr int kElems = VecTraits<T>::kElems;
+    const int64_t n_vec = vocab / kElems;
+    const uint4* zv = reinterpret_cast<const uint4*>(z);
+    for (int64_t i = threadIdx.x; i < n_vec; i += blockDim.x) {
+      const uint4 raw = __ldg(zv + i);
+      const T* elems = reinterpret_cast<const T*>(&raw);
+      float vmax = -INFINITY;
+      float x2[kElems];
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) {
+        x2[k] = to_float(elems[k]) * kLog2e;
+        vmax = fmaxf(vmax, x2[k]);  // fmaxf skips NaN; the NaN then reaches the sum below
+      }
+      const float m = fmaxf(acc.max, vmax);
+      if (m == -INFINITY) {  // all -inf so far: contributes nothing (a NaN lane still poisons)
+#pragma unroll
+        for (int k = 0; k < kElems; ++k) acc.sum += x2[k] != x2[k] ? x2[k] : 0.0f;
+        continue;
+      }
+      float s = acc.max == -INFINITY ? acc.sum : acc.sum * fast_exp2(acc.max - m);
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) s += fast_exp2(x2[k] - m);
+      acc = {m, s};
+    }
+    tail_start = n_vec * kElems;
+  }
+  for (int64_t j = tail_start + threadIdx.x; j < vocab; j += blockDim.x) {
+    accumulate(acc, to_float(z[j]) * kLog2e);
+  }
+  const MaxSum total = block_reduce(acc);
+  if (threadIdx.x == 0) {
+    const float row_lse = (total.max + __log2f(total.sum)) / kLog2e;
+    lse[row] = row_lse;
+    logp[row] = to_float(z[label]) - row_lse;
+  }
+}
+
+template <typename T, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+    token_logprobs_bwd_kernel(const float* __restrict__ grad, const T* logits, const int64_t* __restrict__ labels,
+                              const float* __restrict__ lse, int64_t vocab, int64_t row_stride,
+                              int64_t ignore_index, T* out, int64_t out_stride) {
+  // `logits` and `out` may alias (in-place variant): each element is read, then written, by the
+  // same thread, so no __restrict__ on them.
+  const int64_t row = blockIdx.x;
+  const int64_t label = labels[row];
+  const bool ignored = label == ignore_index;
+  const bool bad = !ignored && (label < 0 || label >= vocab);
+  const float g = ignored ? 0.0f : (bad ? NAN : grad[row]);
+  const float shift2 = lse[row] * kLog2e;
+  const T* z = logits + row * row_stride;
+  T* o = out + row * out_stride;
+  const bool zero_row = g == 0.0f;  // ignored rows and zero gradients: exact zeros, nothing read
+  int64_t tail_start = 0;
+  if constexpr (kVectorized) {
+    constexpr int kElems = VecTraits<T>::kElems;
+    const int64_t n_vec = vocab / kElems;
+    const uint4* zv = reinterpret_cast<const uint4*>(z);
+    uint4* ov = reinterpret_cast<uint4*>(o);
+    for (int64_t i = threadIdx.x; i < n_vec; i += blockDim.x) {
+      uint4 result;
+      T* res = reinterpret_cast<T*>(&result);
+      if (zero_row) {
+#pragma unroll
+        for (int k = 0; k < kElems; ++k) res[k] = from_float<T>(0.0f);
+      } else {
+        const uint4 raw = zv[i];
+        const T* elems = reinterpret_cast<const T*>(&raw);
+        const int64_t base = i * kElems;
+#pragma unroll
+        for (int k = 0; k < kElems; ++k) {
+          const float p = fast_exp2(fmaf(to_float(elems[k]), kLog2e, -shift2));
+          res[k] = from_float<T>(base + k == label ? g - g * p : -g * p);
+        }
+      }
+      ov[i] = result;
+    }
+    tail_start = n_vec * kElems;
+  }
+  for (int64_t j = tail_start + threadIdx.x; j < vocab; j += blockDim.x) {
+    if (zero_row) {
+      o[j] = from_float<T>(0.0f);
+    } else {
+      const float p = fast_exp2(fmaf(to_float(z[j]), kLog2e, -shift2));
+      o[j] = from_float<T>(j == label ? g - g * p : -g * p);
+    }
+  }
+}
+
+template <typename T>
+bool aligned_for_vectors(const void* ptr, int64_t row_stride, int64_t vocab) {
+  constexpr int kElems = VecTraits<T>::kElems;
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride % kElems) == 0 && vocab >= kElems;
+}
+
+int threads_for(int64_t vocab, int elems_per_thread) {
+  // Enough threads to cover the row in a few vector iterations, at least one warp.
+  int threads = 32;
+  while (threads < kThreads && static_cast<int64_t>(threads) * elems_per_thread * 4 < vocab) threads *= 2;
+  return threads;
+}
+
+template <typename T>
+cudaError_t fwd_typed(const RowsArgs& a, float* logp, float* lse) {
+  const T* logits = static_cast<const T*>(a.logits);
+  const int threads = threads_for(a.vocab, VecTraits<T>::kElems);
+  if (aligned_for_vectors<T>(a.logits, a.row_stride, a.vocab)) {
+    token_logprobs_fwd_kernel<T, true><<<a.rows, threads, 0, a.stream>>>(logits, a.labels, a.vocab, a.row_stride,
+                                                                          a.ignore_index, logp, lse);
+  } else {
+    token_logprobs_fwd_kernel<T, false><<<a.rows, threads, 0, a.stream>>>(logits, a.labels, a.vocab, a.row_stride,
+                                                                           a.ignore_index, logp, lse);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t bwd_typed(const RowsArgs& a, const float* grad, const float* lse, void* out, int64_t out_stride) {
+  const T* logits = static_cast<const T*>(a.logits);
+  T* o = static_cast<T*>(out);
+  const int threads = threads_for(a.vocab, VecTraits<T>::kElems);
+  if (aligned_for_vectors<T>(a.logits, a.row_stride, a.vocab) && aligned_for_vectors<T>(out, out_stride, a.vocab)) {
+    token_logprobs_bwd_kernel<T, true><<<a.rows, threads, 0, a.stream>>>(grad, logits, a.labels, lse, a.vocab,
+                                                                          a.row_stride, a.ignore_index, o, out_stride);
+  } else {
+    token_logprobs_bwd_kernel<T, false><<<a.rows, threads, 0, a.stream>>>(
+        grad, logits, a.labels, lse, a.vocab, a.row_stride, a.ignore_index, o, out_stride);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_token_logprobs_fwd(const RowsArgs& args, float* logp, float* lse) {
+  if (args.rows == 0) return cudaSuccess;
+  switch (args.dtype) {
+    case LogitsDtype::kFloat32:
+      return fwd_typed<float>(args, logp, lse);
+    case LogitsDtype::kBFloat16:
+      return fwd_typed<__nv_bfloat16>(args, logp, lse);
+    case LogitsDtype::kFloat16:
+      return fwd_typed<__half>(args, logp, lse);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_token_logprobs_bwd(const RowsArgs& args, const float* grad, const float* lse, void* out,
+                                      int64_t out_stride) {
+  if (args.rows == 0) return cudaSuccess;
+  switch (args.dtype) {
+    case LogitsDtype::kFloat32:
+      return bwd_typed<float>(args, grad, lse, out, out_stride);
+    case LogitsDtype::kBFloat16:
+      return bwd_typed<__nv_bfloat16>(args, grad, lse, out, out_stride);
+    case LogitsDtype::kFloat16:
+      return bwd_typed<__half>(args, grad, lse, out, out_stride);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace synpo

@@ -1,0 +1,34 @@
+"""Test configuration shared by the whole suite.
+
+TRITON_INTERPRET must be set before any @triton.jit decorator runs, so it is set here, before any
+synpo_kernels module is imported: without a CUDA device the Triton kernels run in the interpreter.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_cuda = pytest.mark.skip(
+        reason="needs a CUDA device (none here; these run in benchmarks/gpu_suite.sh)"
+    )
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,348 @@
+"""synpo pairs {clips,candidates,score,select}: the preference-pair pipeline, one stage per command.
+
+Every stage appends to its ``--out`` JSONL and skips ids already there, so re-running a command after
+an interruption continues where it stopped. See docs/pairs.md for an end-to-end walk-through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+TINY_HELP = "'tiny' builds synpo.tiny's random test model (no download; output is gibberish)"
+
+
+def add_parser(subparsers) -> None:
+    pairs = subparsers.add_parser(
+        "pairs",
+        help="build preference pairs: clips, candidates, score, select",
+        description=__doc__.splitlines()[0],
+    )
+    stages = pairs.add_subparsers(dest="pairs_command", metavar="STAGE")
+    pairs.set_defaults(func=lambda args: (pairs.print_help(), 2)[1])
+    _add_clips(stages)
+    _add_candidates(stages)
+    _add_score(stages)
+    _add_select(stages)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser, *, out_help: str, resumable: bool = True) -> None:
+    parser.add_argument("--out", required=True, help=out_help)
+    if resumable:
+        parser.add_argument(
+            "--retry-failed", action="store_true", help="redo ids whose latest record in --out failed"
+        )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _videos(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("videos", nargs="*", help="video files and/or folders (searched recursively)")
+    parser.add_argument(
+        "--manifest", help="JSONL with 'video' and optional 'id' per line, or a text file of video paths"
+    )
+
+
+def _vlm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help=f"HF vision-language model folder or hub id; {TINY_HELP}"
+    )
+    parser.add_argument(
+        "--frames-as",
+        choices=("auto", "images", "video"),
+        default="auto",
+        help="frames as one image each or as one video (auto: video if the processor has a video processor)",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--max-side", type=_positive_int, help="downscale decoded frames to this longest side"
+    )
+
+
+def _add_clips(stages) -> None:
+    parser = stages.add_parser(
+        "clips",
+        help="split videos into uniform clips and caption each (with a self-retrospective pass)",
+        description="Clip captions: N = clamp(floor(duration / clip-seconds) + 1, min-clips, max-clips) "
+        "uniform clips per video, each captioned greedily from uniform frames, then refined.",
+    )
+    _videos(parser)
+    _vlm(parser)
+    parser.add_argument("--frames-per-clip", type=_positive_int, default=8)
+    parser.add_argument("--clip-seconds", type=_positive_float, default=10.0)
+    parser.add_argument("--min-clips", type=_positive_int, default=2)
+    parser.add_argument("--max-clips", type=_positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=800)
+    parser.add_argument("--no-refine", action="store_true", help="skip the self-retrospective pass")
+    _common(parser, out_help="clip captions JSONL (appended)")
+    parser.set_defaults(func=_guarded("clips", _run_clips))
+
+
+def _add_candidates(stages) -> None:
+    parser = stages.add_parser(
+        "candidates",
+        help="sample K whole-video candidate descriptions per video, each refined",
+        description="Candidates: K sampled descriptions of clamp(round(duration * fps), min-frames, "
+        "max-frames) uniform frames, each followed by a sampled refinement pass.",
+    )
+    _videos(parser)
+    _vlm(parser)
+    parser.add_argument("--num-candidates", type=int, default=10, help="K (>= 2)")
+    parser.add_argument("--temperature", type=_positive_float, default=0.9)
+    parser.add_argument("--top-p", type=_positive_float, default=0.95)
+    parser.add_argument("--top-k", type=_non_negative_int, default=32, help="0 disables top-k")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=1024)
+    parser.add_argument("--fps", type=_positive_float, default=0.5, help="frames per second of video")
+    parser.add_argument("--min-frames", type=_positive_int, default=8)
+    parser.add_argument("--max-frames", type=_positive_int, default=16)
+    parser.add_argument(
+        "--decoding",
+        choices=("sample", "contrastive"),
+        default="sample",
+        help="contrastive: strong*logits(all frames) - weak*logits(a fraction of the frames)",
+    )
+    parser.add_argument(
+        "--cd-strong", type=float, default=1.5, help="contrastive: weight of the all-frames logits"
+    )
+    parser.add_argument("--cd-weak", type=float, default=0.5, help="contrastive: weight of the weak logits")
+    parser.add_argument(
+        "--cd-weak-fraction",
+        type=float,
+        default=1 / 3,
+        help="contrastive: share of frames in the weak context",
+    )
+    parser.add_argument("--no-refine", action="store_true", help="skip the refinement pass")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (combined with each video id)")
+    _common(parser, out_help="candidates JSONL (appended)")
+    parser.set_defaults(func=_guarded("candidates", _run_candidates))
+
+
+def _add_score(stages) -> None:
+    parser = stages.add_parser(
+        "score",
+        help="score candidates with an LLM judge (hallucination, harmony, self-consistency)",
+        description="Judge scores: 1.1 * hallucination (0-5) + harmony (0-5) + consistency (0-3).",
+    )
+    parser.add_argument("--clips", required=True, help="clip captions JSONL from 'synpo pairs clips'")
+    parser.add_argument("--candidates", required=True, help="candidates JSONL from 'synpo pairs candidates'")
+    parser.add_argument("--judge", choices=("http", "local"), required=True, help="judge back end")
+    parser.add_argument(
+        "--judge-model",
+        required=True,
+        help=f"http: the model name the endpoint serves; local: a causal LM folder or hub id ({TINY_HELP})",
+    )
+    http = parser.add_argument_group("http judge")
+    http.add_argument("--judge-url", help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
+    http.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (read, never printed); unset: no auth header",
+    )
+    http.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request")
+    http.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight at most")
+    http.add_argument("--json-mode", action="store_true", help="send response_format={'type': 'json_object'}")
+    retry = parser.add_argument_group("retries (http: timeouts, 429, 5xx, malformed answers)")
+    retry.add_argument("--max-retries", type=_non_negative_int, default=4)
+    retry.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds; doubles")
+    retry.add_argument("--backoff-max", type=float, default=30.0)
+    local = parser.add_argument_group("local judge")
+    local.add_argument(
+        "--constrained",
+        action="store_true",
+        help="pick the most likely valid answer instead of generating free text (always parseable)",
+    )
+    local.add_argument("--device", default="auto")
+    local.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--judge-max-tokens", type=_positive_int, default=256, help="answer length limit")
+    _common(parser, out_help="scores JSONL (appended)")
+    parser.set_defaults(func=_guarded("score", _run_score))
+
+
+def _add_select(stages) -> None:
+    parser = stages.add_parser(
+        "select",
+        help="pick best/worst candidates per video into the training JSONL",
+        description="Chosen = best, rejected = worst combined score; kept when the gap >= --min-score-gap.",
+    )
+    parser.add_argument("--scores", required=True, help="scores JSONL from 'synpo pairs score'")
+    parser.add_argument("--min-score-gap", type=float, default=4.0, help="upstream: 4 (scores span 0-13.5)")
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="also use videos where some judge calls failed (their scored candidates only)",
+    )
+    _common(parser, out_help="training pairs JSONL (appended)", resumable=False)
+    parser.set_defaults(func=_guarded("select", _run_select))
+
+
+def _guarded(stage: str, run):
+    """Bad arguments or inputs (ValueError, missing files) end with one clear line, not a traceback."""
+
+    def guarded(args) -> int:
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"synpo pairs {stage}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return guarded
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _items(args):
+    from synpo.pairs.io import resolve_videos
+
+    return resolve_videos(args.videos, args.manifest)
+
+
+def _captioner(args):
+    from synpo.pairs.vlm import VideoCaptioner, load_vlm
+
+    model, processor = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    return VideoCaptioner(model, processor, frames_as=args.frames_as)
+
+
+def _report(summary) -> int:
+    print(summary)
+    return 0
+
+
+def _run_clips(args) -> int:
+    from synpo.pairs.clips import ClipSettings, run_clips
+
+    _setup_logging()
+    settings = ClipSettings(
+        clip_seconds=args.clip_seconds,
+        min_clips=args.min_clips,
+        max_clips=args.max_clips,
+        frames_per_clip=args.frames_per_clip,
+        max_new_tokens=args.max_new_tokens,
+        refine=not args.no_refine,
+        max_side=args.max_side,
+    )
+    items = _items(args)
+    captioner = _captioner(args)
+    summary = run_clips(
+        items, captioner, args.out, settings, retry_failed=args.retry_failed, progress=not args.no_progress
+    )
+    return _report(summary)
+
+
+def _run_candidates(args) -> int:
+    from synpo.pairs.candidates import CandidateSettings, run_candidates
+    from synpo.pairs.vlm import Contrastive, Sampling
+
+    _setup_logging()
+    sampling = Sampling(
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+    )
+    contrastive = None
+    if args.decoding == "contrastive":
+        contrastive = Contrastive(args.cd_strong, args.cd_weak, args.cd_weak_fraction)
+    settings = CandidateSettings(
+        num_candidates=args.num_candidates,
+        sampling=sampling,
+        contrastive=contrastive,
+        refine=not args.no_refine,
+        fps=args.fps,
+        min_frames=args.min_frames,
+        max_frames=args.max_frames,
+        max_side=args.max_side,
+        seed=args.seed,
+    )
+    items = _items(args)
+    captioner = _captioner(args)
+    summary = run_candidates(
+        items, captioner, args.out, settings, retry_failed=args.retry_failed, progress=not args.no_progress
+    )
+    return _report(summary)
+
+
+def _run_score(args) -> int:
+    from synpo.pairs.judge import HTTPJudge, JudgeConfigError, LocalJudge, RetryPolicy
+    from synpo.pairs.score import run_score
+
+    _setup_logging()
+    policy = RetryPolicy(max_retries=args.max_retries, backoff=args.backoff, backoff_max=args.backoff_max)
+    if args.judge == "http":
+        if not args.judge_url:
+            raise SystemExit("synpo pairs score: --judge-url is required with --judge http")
+        backend = HTTPJudge(
+            args.judge_url,
+            args.judge_model,
+            api_key_env=args.api_key_env or None,
+            timeout=args.timeout,
+            max_tokens=args.judge_max_tokens,
+            max_concurrency=args.concurrency,
+            json_mode=args.json_mode,
+        )
+    else:
+        from synpo.pairs.vlm import load_causal_lm
+
+        model, tokenizer = load_causal_lm(args.judge_model, device=args.device, dtype=args.dtype)
+        backend = LocalJudge(
+            model,
+            tokenizer,
+            max_new_tokens=args.judge_max_tokens,
+            constrained=args.constrained,
+            label=args.judge_model,
+        )
+    try:
+        summary = run_score(
+            args.clips,
+            args.candidates,
+            args.out,
+            backend,
+            policy,
+            retry_failed=args.retry_failed,
+            progress=not args.no_progress,
+        )
+    except JudgeConfigError as exc:
+        print(f"synpo pairs score: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        backend.close()
+    return _report(summary)
+
+
+def _run_select(args) -> int:
+    from synpo.pairs.select import run_select
+
+    _setup_logging()
+    summary = run_select(
+        args.scores,
+        args.out,
+        min_score_gap=args.min_score_gap,
+        allow_partial=args.allow_partial,
+        progress=not args.no_progress,
+    )
+    return _report(summary)

@@ -1,0 +1,117 @@
+"""Stage 4: the best and the worst candidate of each video become a chosen/rejected training pair.
+
+Chosen = highest combined score (the lowest index among ties), rejected = lowest (the highest index among
+ties). The pair is kept only if ``chosen_score - rejected_score >= min_score_gap`` (upstream: 4 on the
+0-13.5 scale): a small gap is mostly judge noise.
+
+Videos whose scoring failed are left out, unless ``allow_partial``: then a failed video's successfully
+scored candidates compete (at least two are needed). Records (one per kept video) carry the trainer's
+fields and the upstream ones::
+
+    {"id", "prompt", "chosen", "rejected", "video", "chosen_score", "rejected_score", "score_gap",
+     "scores": {"chosen": {"hallucination", "harmony", "consistency"}, "rejected": {...}},
+     "chosen_index", "rejected_index",
+     "video_name", "pos_pre", "neg_pre", "pos_score", "neg_score"}
+
+``prompt`` is the plain instruction (no chat template, no image tokens): the trainer formats it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from synpo.pairs.io import STATUS_FAILED, STATUS_OK, JsonlWriter, latest_by_id, load_progress
+from synpo.pairs.runner import StageSummary
+
+DEFAULT_MIN_SCORE_GAP = 4.0
+_DIMENSIONS = ("hallucination", "harmony", "consistency")
+
+
+@dataclass(frozen=True)
+class Selection:
+    record: dict | None  # the training pair, or None
+    reason: str  # why no pair, or "kept"
+
+
+def select_pair(
+    scores_record: dict, *, min_score_gap: float = DEFAULT_MIN_SCORE_GAP, allow_partial: bool = False
+):
+    """The training pair for one video's scores record, or why there is none."""
+    if min_score_gap < 0:
+        raise ValueError(f"min_score_gap must be >= 0, got {min_score_gap}")
+    if scores_record.get("status") == STATUS_FAILED and not allow_partial:
+        return Selection(None, "scoring failed")
+    scored = [
+        c
+        for c in scores_record.get("candidates") or []
+        if isinstance(c, dict) and c.get("status") == STATUS_OK and isinstance(c.get("score"), (int, float))
+    ]
+    if len(scored) < 2:
+        return Selection(None, "fewer than 2 scored candidates")
+    chosen = max(scored, key=lambda c: (c["score"], -c["index"]))
+    rejected = min(scored, key=lambda c: (c["score"], -c["index"]))
+    gap = round(chosen["score"] - rejected["score"], 6)
+    if chosen is rejected or gap < min_score_gap:
+        return Selection(None, "score gap below min_score_gap")
+    video = scores_record.get("video")
+    record = {
+        "id": scores_record["id"],
+        "prompt": scores_record["prompt"],
+        "chosen": chosen["text"],
+        "rejected": rejected["text"],
+        "video": video,
+        "chosen_score": chosen["score"],
+        "rejected_score": rejected["score"],
+        "score_gap": gap,
+        "scores": {
+            "chosen": {k: chosen.get(k) for k in _DIMENSIONS},
+            "rejected": {k: rejected.get(k) for k in _DIMENSIONS},
+        },
+        "chosen_index": chosen["index"],
+        "rejected_index": rejected["index"],
+        # Upstream SynPO field names.
+        "video_name": Path(video).name if video else scores_record["id"],
+        "pos_pre": chosen["text"],
+        "neg_pre": rejected["text"],
+        "pos_score": chosen["score"],
+        "neg_score": rejected["score"],
+    }
+    return Selection(record, "kept")
+
+
+def run_select(
+    scores_path: str | Path,
+    output: str | Path,
+    *,
+    min_score_gap: float = DEFAULT_MIN_SCORE_GAP,
+    allow_partial: bool = False,
+    progress: bool = True,
+) -> StageSummary:
+    """Append a pair for each scored video not yet in ``output`` that passes the rules."""
+    if min_score_gap < 0:
+        raise ValueError(f"min_score_gap must be >= 0, got {min_score_gap}")
+    scores = latest_by_id(scores_path)
+    state = load_progress(output)
+    summary = StageSummary(
+        "select", str(output), truncated_lines=state.truncated_lines, bad_lines=state.bad_lines
+    )
+    dropped: dict[str, int] = {}
+    with JsonlWriter(output) as writer:
+        for record_id, record in tqdm(
+            scores.items(), desc="pairs select", unit="video", disable=not progress
+        ):
+            summary.total += 1
+            if record_id in state.done:
+                summary.skipped_done += 1
+                continue
+            selection = select_pair(record, min_score_gap=min_score_gap, allow_partial=allow_partial)
+            if selection.record is None:
+                dropped[selection.reason] = dropped.get(selection.reason, 0) + 1
+                continue
+            writer.write(selection.record)
+            summary.ok += 1
+    summary.notes.extend(f"dropped ({reason}): {count}" for reason, count in sorted(dropped.items()))
+    return summary

@@ -1,0 +1,568 @@
+"""Training configuration: typed dataclasses, YAML loading and ``--key value`` dotted overrides.
+
+Layering: dataclass defaults (the upstream SynPO recipe) <- a YAML file <- command-line overrides.
+Every key is checked: an unknown or mistyped key is an error that names it and suggests the closest
+valid one, and every value is checked against its field's type (``--train.seed 1.5`` is rejected,
+``--optim.lr 1e-4`` becomes a float). The DeepSpeed section is the one free-form mapping: it is
+DeepSpeed's own config and DeepSpeed validates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "LoraConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ReferenceConfig",
+    "TinyModelConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_override_args",
+]
+
+DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "default.yaml"
+
+# The upstream LoRA targets: attention and MLP projections of the language model.
+UPSTREAM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+LOSS_NAMES = ("synpo", "dpo", "ipo", "simpo", "cpo", "orpo")
+# Which optional loss hyper-parameters each loss accepts (None in the config = that loss's default).
+LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
+    "synpo": ("alpha", "beta"),
+    "dpo": ("beta", "label_smoothing", "average"),
+    "ipo": ("tau", "average"),
+    "simpo": ("beta", "gamma"),
+    "cpo": ("beta", "nll_weight", "average"),
+    "orpo": ("lam",),
+}
+LOSSES_WITH_REFERENCE = ("dpo", "ipo")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+@dataclass
+class TinyModelConfig:
+    """The embedded tiny model used when ``model.name_or_path`` is unset (built locally, no download)."""
+
+    arch: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    vision: bool = False  # a tiny LLaVA (CLIP tower + projector + Llama) instead of a text-only model
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # A Hub id or local directory; null trains the embedded tiny model (see ``model.tiny``).
+    name_or_path: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # Storage dtype of the weights: float32 keeps exact fp32 training; bfloat16 halves memory (LoRA).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: flash_attention_2 when the flash_attn package and a GPU are present, sdpa otherwise.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = True  # upstream freezes the vision tower and projector
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 128
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(UPSTREAM_LORA_TARGETS))
+
+
+@dataclass
+class DataConfig:
+    # JSONL of preference pairs; null uses the bundled sample (synpo/data/sample_pairs.jsonl).
+    train_file: str | None = None
+    # Directory that relative ``video``/``images``/``video_name`` paths are resolved against
+    # (default: the JSONL file's directory).
+    media_dir: str | None = None
+    # Prompt for records without one (the upstream format has none: it is a captioning prompt).
+    default_prompt: str = "Describe the video in detail."
+    system_prompt: str | None = None
+    # auto: the tokenizer's chat template when it has one, else the plain Vicuna-style template.
+    template: Literal["auto", "chat", "plain"] = "auto"
+    # Keep a pair only when chosen_score - rejected_score >= this (records without scores are kept).
+    min_score_gap: float | None = 4.0
+    max_length: int = 2560  # tokens per sequence (prompt + response), as upstream
+    max_prompt_length: int | None = None  # text prompts longer than this keep their last tokens
+    on_error: Literal["raise", "skip"] = "raise"  # a malformed line: error naming file:line, or count+skip
+    pack: bool = False  # pack each micro-batch's sequences into one row (no padding compute)
+    shuffle: bool = True
+    num_workers: int = 0
+    # Video frames: duration * fps frames, clamped to [min_frames, max_frames] (upstream: 8-16 at 0.5 fps).
+    fps: float = 0.5
+    min_frames: int = 8
+    max_frames: int = 16
+
+
+@dataclass
+class ReferenceConfig:
+    # auto: the policy with LoRA disabled when LoRA is on (upstream), else a frozen copy.
+    mode: Literal["auto", "adapter_disabled", "copy"] = "auto"
+    # A separate reference checkpoint for ``copy`` (default: a copy of the policy's initial weights).
+    name_or_path: str | None = None
+    # Compute the reference log-probs once before training and cache them (a safetensors file).
+    precompute: bool = False
+    cache_file: str | None = None  # default: <output_dir>/reference_logps.safetensors
+
+
+@dataclass
+class LossConfig:
+    name: Literal["synpo", "dpo", "ipo", "simpo", "cpo", "orpo"] = "synpo"
+    # fused: lm_head + loss in one op on the backbone's hidden states (no logits). naive: full
+    # logits, as upstream (the benchmark baseline).
+    impl: Literal["fused", "naive"] = "fused"
+    # Loss hyper-parameters; null = that loss's default. Setting one the loss does not take is an error.
+    alpha: float | None = None  # synpo (30)
+    beta: float | None = None  # synpo (0.2), dpo (0.1), simpo (2.0), cpo (0.1)
+    gamma: float | None = None  # simpo (0.5)
+    tau: float | None = None  # ipo (0.1)
+    label_smoothing: float | None = None  # dpo (0)
+    nll_weight: float | None = None  # cpo (1)
+    lam: float | None = None  # orpo (0.1)
+    average: bool | None = None  # dpo/cpo: sums (False), ipo: means (True)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    def options(self) -> dict[str, Any]:
+        """The hyper-parameters set for this loss, as keyword arguments of the loss function."""
+        return {
+            name: getattr(self, name) for name in LOSS_OPTIONS[self.name] if getattr(self, name) is not None
+        }
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name in LOSSES_WITH_REFERENCE
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: Literal["linear", "constant"] = "linear"  # after warmup: linear decay to 0, or constant
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    max_steps: int | None = None  # optimizer steps; stops early when set
+    micro_batch_size: int = 1  # preference pairs per micro-batch per rank (2x rows)
+    gradient_accumulation_steps: int = 32
+    seed: int = 42
+    # fp32, or bf16 autocast (DeepSpeed: its bf16 mode). fp16 only through DeepSpeed (loss scaling).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"  # auto: cuda when available (per local rank), else cpu
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "runs/synpo"
+    save_every: int = 100  # optimizer steps; 0 disables periodic saves
+    keep_last: int = 2
+    save_at_end: bool = True
+    # Resume: null (fresh run), "auto" (latest checkpoint in output_dir, if any) or a checkpoint path.
+    resume: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True
+    metrics_file: str = "metrics.jsonl"  # relative to output_dir
+    log_every: int = 1  # optimizer steps
+
+
+@dataclass
+class TrainerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # DeepSpeed: null (plain PyTorch), a JSON file path, or the config mapping itself. "auto" values
+    # (batch sizes, accumulation, clipping, bf16) are filled in from this config.
+    deepspeed: str | dict | None = None
+
+    def validate(self) -> TrainerConfig:
+        """Cross-field checks; raises ``ConfigError`` naming the key. Returns self."""
+        validate_config(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from mappings, with type checks.
+# ---------------------------------------------------------------------------------------------
+
+
+def _suggest(name: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {prefix + close[0]!r}?"
+    return f"; valid keys: {', '.join(prefix + c for c in sorted(candidates))}"
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class RawOverride(str):
+    """A command-line override value, still text: parsed according to the field it is assigned to
+    (so ``--checkpoint.output_dir 2024`` stays a string and ``--optim.lr 1e-4`` becomes a float)."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted (and converted) for floats."""
+    if isinstance(value, RawOverride):
+        if tp is str:
+            return str(value)
+        if value.strip().lower() in ("null", "none", "~"):
+            return _coerce(None, tp, key)
+        parsed = _parse_value(str(value))
+        takes_str = typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+        if takes_str and not isinstance(parsed, (dict, list)):
+            parsed = str(value)  # e.g. deepspeed: a path, unless written as a mapping
+        return _coerce(parsed, tp, key)
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: may not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        expected = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: must be one of {list(choices)}, got {value!r}{_suggest(str(value), choices)}"
+            )
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if value is None:
+        raise ConfigError(f"{key}: may not be null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads "1e-4" (no dot) as a string; accept any float literal for float fields.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")  # a bug in this module, not user input
+
+
+def _build(cls, mapping: Any, prefix: str):
+    if isinstance(mapping, cls):
+        return mapping
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {mapping!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key {dotted!r}{_suggest(str(key), fields, f'{prefix}.' if prefix else '')}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(mapping: dict | None) -> TrainerConfig:
+    """A validated ``TrainerConfig`` from a nested mapping (unknown keys and bad values raise)."""
+    return _build(TrainerConfig, mapping or {}, "").validate()
+
+
+def config_to_dict(config: TrainerConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(mapping: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, checking each part against the dataclass tree."""
+    parts = dotted.split(".")
+    cls = TrainerConfig
+    node = mapping
+    for depth, part in enumerate(parts):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        where = ".".join(parts[:depth])
+        if part not in fields:
+            shown = f"{where}.{part}" if where else part
+            raise ConfigError(
+                f"unknown config key {shown!r}{_suggest(part, fields, f'{where}.' if where else '')}"
+            )
+        tp = typing.get_type_hints(cls)[part]
+        last = depth == len(parts) - 1
+        if last:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"config key {'.'.join(parts[: depth + 1])!r} has no sub-keys (got {dotted!r})")
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: expected a mapping")
+        node, cls = child, tp
+
+
+def parse_override_args(tokens: list[str]) -> dict[str, Any]:
+    """``["--a.b", "1", "--c=x"]`` -> ``{"a.b": 1, "c": "x"}``; values are parsed as YAML scalars/lists."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}: overrides look like --section.key value")
+        key = token[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens) or (tokens[i + 1].startswith("--") and not _looks_numeric(tokens[i + 1])):
+                raise ConfigError(f"--{key}: missing a value")
+            raw = tokens[i + 1]
+            i += 2
+        key = key.replace("-", "_")
+        overrides[key] = RawOverride(raw)
+    return overrides
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_value(raw: str) -> Any:
+    for number in (int, float):
+        try:
+            return number(raw)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw  # a plain string that happens to contain YAML syntax
+
+
+def apply_overrides(mapping: dict, overrides: dict[str, Any]) -> dict:
+    """Apply dotted overrides to a (deep-copied) nested mapping; unknown keys raise ``ConfigError``."""
+    import copy
+
+    result = copy.deepcopy(mapping)
+    for dotted, value in overrides.items():
+        _set_dotted(result, dotted, value)
+    return result
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> TrainerConfig:
+    """Dataclass defaults <- YAML ``path`` (the bundled default.yaml when None) <- ``overrides``.
+
+    ``overrides`` is ``{"section.key": value}`` or a list of ``--section.key value`` tokens.
+    """
+    yaml_path = Path(DEFAULT_CONFIG_PATH if path is None else path)
+    mapping = _read_yaml(yaml_path)
+    deepspeed = mapping.get("deepspeed")
+    if isinstance(deepspeed, str) and not Path(deepspeed).is_absolute() and not Path(deepspeed).exists():
+        # A DeepSpeed JSON named next to the YAML file that refers to it.
+        beside = yaml_path.parent / deepspeed
+        if beside.is_file():
+            mapping["deepspeed"] = str(beside)
+    if isinstance(overrides, list):
+        overrides = parse_override_args(overrides)
+    if overrides:
+        mapping = apply_overrides(mapping, overrides)
+    return config_from_dict(mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field validation.
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive(value, key: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate_config(config: TrainerConfig) -> None:
+    loss = config.loss
+    allowed = LOSS_OPTIONS[loss.name]
+    for option in ("alpha", "beta", "gamma", "tau", "label_smoothing", "nll_weight", "lam", "average"):
+        if getattr(loss, option) is not None and option not in allowed:
+            raise ConfigError(
+                f"loss.{option}: does not apply to loss {loss.name!r} (it takes {', '.join(allowed)})"
+            )
+    if loss.label_smoothing is not None and not 0.0 <= loss.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5), got {loss.label_smoothing}")
+    for name in ("beta", "tau"):
+        _positive(getattr(loss, name), f"loss.{name}")
+    ref = loss.reference
+    if not loss.needs_reference and (ref.precompute or ref.name_or_path or ref.mode != "auto"):
+        raise ConfigError(
+            f"loss.reference: set, but loss {loss.name!r} is reference-free "
+            f"(only {', '.join(LOSSES_WITH_REFERENCE)} use one)"
+        )
+    if ref.mode == "adapter_disabled" and not config.lora.enabled:
+        raise ConfigError("loss.reference.mode: 'adapter_disabled' needs lora.enabled: true")
+    if ref.name_or_path and ref.mode == "adapter_disabled":
+        raise ConfigError("loss.reference.name_or_path: only used with mode 'copy' (or 'auto' without LoRA)")
+
+    _positive(config.lora.r, "lora.r")
+    _positive(config.lora.alpha, "lora.alpha")
+    if not 0.0 <= config.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {config.lora.dropout}")
+    if config.lora.enabled and not config.lora.target_modules:
+        raise ConfigError("lora.target_modules: empty; LoRA needs at least one module name")
+
+    data = config.data
+    _positive(data.max_length, "data.max_length")
+    if data.max_length < 2:
+        raise ConfigError(
+            f"data.max_length: must be >= 2 (a prompt token and a response token), got {data.max_length}"
+        )
+    _positive(data.max_prompt_length, "data.max_prompt_length")
+    if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length ({data.max_prompt_length}) must be < data.max_length ({data.max_length})"
+        )
+    _positive(data.fps, "data.fps")
+    _positive(data.min_frames, "data.min_frames")
+    if data.max_frames < data.min_frames:
+        raise ConfigError(
+            f"data.max_frames ({data.max_frames}) must be >= data.min_frames ({data.min_frames})"
+        )
+    _positive(data.num_workers, "data.num_workers", allow_zero=True)
+
+    optim = config.optim
+    _positive(optim.lr, "optim.lr", allow_zero=True)
+    _positive(optim.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(optim.eps, "optim.eps")
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {optim.betas}")
+    if not 0.0 <= optim.warmup_ratio <= 1.0:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1], got {optim.warmup_ratio}")
+    _positive(optim.warmup_steps, "optim.warmup_steps", allow_zero=True)
+    _positive(optim.max_grad_norm, "optim.max_grad_norm")
+
+    train = config.train
+    _positive(train.epochs, "train.epochs")
+    _positive(train.max_steps, "train.max_steps")
+    _positive(train.micro_batch_size, "train.micro_batch_size")
+    _positive(train.gradient_accumulation_steps, "train.gradient_accumulation_steps")
+    if train.seed < 0:
+        raise ConfigError(f"train.seed: must be >= 0, got {train.seed}")
+
+    ckpt = config.checkpoint
+    _positive(ckpt.save_every, "checkpoint.save_every", allow_zero=True)
+    _positive(ckpt.keep_last, "checkpoint.keep_last")
+    if not ckpt.output_dir:
+        raise ConfigError("checkpoint.output_dir: must not be empty")
+    _positive(config.logging.log_every, "logging.log_every")
+
+    if config.model.name_or_path is None and config.model.tiny.vision and data.pack:
+        raise ConfigError(
+            "data.pack: not supported for vision-language models (image features need per-row inputs)"
+        )
+    if isinstance(config.deepspeed, str) and not config.deepspeed:
+        raise ConfigError("deepspeed: empty path")

@@ -295,7 +295,7 @@ def _run_score(args) -> int:
     policy = RetryPolicy(max_retries=args.max_retries, backoff=args.backoff, backoff_max=args.backoff_max)
     if args.judge == "http":
         if not args.judge_url:
-            raise SystemExit("synpo pairs score: --judge-url is required with --judge http")
+            raise ValueError("--judge-url is required with --judge http")
         backend = HTTPJudge(
             args.judge_url,
             args.judge_model,

@@ -143,7 +143,8 @@ def _id_for(path: Path, root: Path | None) -> str:
 def resolve_videos(paths: Iterable[str | Path] = (), manifest: str | Path | None = None) -> list[VideoItem]:
     """The videos to process, from files, directories (searched recursively) and/or a manifest.
 
-    Ids: a file's stem; inside a directory, its path relative to the directory without the extension
+    Video paths are made absolute, so later stages do not depend on the working directory. Ids: a
+    file's stem; inside a directory, its path relative to the directory without the extension
     (``cooking/egg`` for ``DIR/cooking/egg.mp4``). A manifest is JSONL with ``video`` and optional ``id``
     (relative video paths are resolved against the manifest's folder) or a text file with one path per
     line. Missing files are kept (the stage records them as failed); duplicate ids are an error.
@@ -155,9 +156,9 @@ def resolve_videos(paths: Iterable[str | Path] = (), manifest: str | Path | None
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
             if not found:
                 raise ValueError(f"videos: no video files ({', '.join(VIDEO_EXTENSIONS)}) under {path}")
-            items.extend(VideoItem(_id_for(p, path), str(p)) for p in found)
+            items.extend(VideoItem(_id_for(p, path), os.path.abspath(p)) for p in found)
         else:
-            items.append(VideoItem(_id_for(path, None), str(path)))
+            items.append(VideoItem(_id_for(path, None), os.path.abspath(path)))
     if manifest is not None:
         items.extend(_read_manifest(Path(manifest)))
     if not items:
@@ -193,5 +194,5 @@ def _read_manifest(path: Path) -> list[VideoItem]:
         else:
             video_path = Path(line) if Path(line).is_absolute() else path.parent / line
             record_id = _id_for(video_path, None)
-        items.append(VideoItem(record_id, str(video_path)))
+        items.append(VideoItem(record_id, os.path.abspath(video_path)))
     return items

@@ -2,7 +2,7 @@
 
 Chosen = highest combined score (the lowest index among ties), rejected = lowest (the highest index among
 ties). The pair is kept only if ``chosen_score - rejected_score >= min_score_gap`` (upstream: 4 on the
-0-13.5 scale): a small gap is mostly judge noise.
+0-13.5 scale): a small gap is mostly judge noise. Equal scores never make a pair, even with a gap of 0.
 
 Videos whose scoring failed are left out, unless ``allow_partial``: then a failed video's successfully
 scored candidates compete (at least two are needed). Records (one per kept video) carry the trainer's
@@ -14,10 +14,13 @@ fields and the upstream ones::
      "video_name", "pos_pre", "neg_pre", "pos_score", "neg_score"}
 
 ``prompt`` is the plain instruction (no chat template, no image tokens): the trainer formats it.
+``video`` is written relative to the output file's folder (the trainer resolves relative media paths
+there), so the pairs file and the videos can move together.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +40,16 @@ class Selection:
 
 
 def select_pair(
-    scores_record: dict, *, min_score_gap: float = DEFAULT_MIN_SCORE_GAP, allow_partial: bool = False
-):
-    """The training pair for one video's scores record, or why there is none."""
+    scores_record: dict,
+    *,
+    min_score_gap: float = DEFAULT_MIN_SCORE_GAP,
+    allow_partial: bool = False,
+    media_root: str | Path | None = None,
+) -> Selection:
+    """The training pair for one video's scores record, or why there is none.
+
+    ``media_root``: write ``video`` relative to this folder (None: as in the scores record).
+    """
     if min_score_gap < 0:
         raise ValueError(f"min_score_gap must be >= 0, got {min_score_gap}")
     if scores_record.get("status") == STATUS_FAILED and not allow_partial:
@@ -54,9 +64,13 @@ def select_pair(
     chosen = max(scored, key=lambda c: (c["score"], -c["index"]))
     rejected = min(scored, key=lambda c: (c["score"], -c["index"]))
     gap = round(chosen["score"] - rejected["score"], 6)
-    if chosen is rejected or gap < min_score_gap:
+    if gap <= 0:
+        return Selection(None, "all candidates scored the same")  # no preference to learn, whatever the gap
+    if gap < min_score_gap:
         return Selection(None, "score gap below min_score_gap")
     video = scores_record.get("video")
+    if video and media_root is not None:
+        video = os.path.relpath(os.path.abspath(video), os.path.abspath(media_root))
     record = {
         "id": scores_record["id"],
         "prompt": scores_record["prompt"],
@@ -107,7 +121,12 @@ def run_select(
             if record_id in state.done:
                 summary.skipped_done += 1
                 continue
-            selection = select_pair(record, min_score_gap=min_score_gap, allow_partial=allow_partial)
+            selection = select_pair(
+                record,
+                min_score_gap=min_score_gap,
+                allow_partial=allow_partial,
+                media_root=Path(output).parent,
+            )
             if selection.record is None:
                 dropped[selection.reason] = dropped.get(selection.reason, 0) + 1
                 continue

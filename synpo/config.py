@@ -273,7 +273,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        expected = " or ".join(_type_name(a) for a in args)
+        if len(errors) == 1:
+            raise ConfigError(f"{errors[0]} (or null)")
+        expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -197,9 +197,8 @@ def build_reference(
         ref_cfg.name_or_path = ref_path
         ref_cfg.gradient_checkpointing = False
         reference = load_model(ref_cfg, device=torch.device("cpu"), seed=seed).model
+    # Frozen and in eval mode: no dropout, and gradient checkpointing (a train-mode feature) is inert.
     reference.requires_grad_(False)
-    if hasattr(reference, "gradient_checkpointing_disable"):
-        reference.gradient_checkpointing_disable()
     return reference.eval()
 
 

@@ -25,7 +25,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet)
 "${PIP[@]}" --upgrade pip
-"${PIP[@]}" "torch==2.13.0" "triton==3.7.1" setuptools wheel ninja pybind11 cmake
+"${PIP[@]}" "torch==2.13.0" "triton==3.7.1" numpy "setuptools>=77" wheel ninja pybind11 cmake
 # Build against the torch just installed (torch is not a build requirement on purpose).
 # --build-constraint cannot be combined with --no-build-isolation, so unset it for this command.
 env -u PIP_BUILD_CONSTRAINT "${PIP[@]}" --no-build-isolation --editable ".[${EXTRAS}]"

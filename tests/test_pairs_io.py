@@ -105,3 +105,20 @@ def test_run_stage_lets_bugs_through_and_keeps_finished_work(tmp_path):
     with pytest.raises(KeyError):
         run_stage("t", ["a", "boom", "b"], out, process, item_id=str, progress=False)
     assert [r["id"] for r in read_records(out)] == ["a"]
+
+
+def test_run_stage_records_out_of_memory_and_goes_on(tmp_path):
+    import torch
+
+    def process(item):
+        if item == "huge":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB\nmore detail")
+        return {"id": item}
+
+    summary = run_stage("t", ["huge", "small"], tmp_path / "o.jsonl", process, item_id=str, progress=False)
+    records = latest_by_id(tmp_path / "o.jsonl")
+    assert (summary.ok, summary.failed) == (1, 1)
+    assert (
+        records["huge"]["error"]
+        == "out of accelerator memory: CUDA out of memory. Tried to allocate 80.00 GiB"
+    )

@@ -373,6 +373,14 @@ def test_local_judge_constrained_picks_the_most_likely_answer(tiny_lm):
     assert HALLUCINATION.parse(judge.answer(MESSAGES, HALLUCINATION)) == expected
 
 
+def test_local_judge_prompt_longer_than_context_fails_without_retry(tiny_lm):
+    model, tokenizer = tiny_lm
+    judge = LocalJudge(model, tokenizer, max_new_tokens=8)
+    long_messages = [{"role": "user", "content": "word " * 5000}]
+    result = call_with_retries(judge, long_messages, HALLUCINATION, FAST_RETRY)
+    assert result.attempts == 1 and "exceeds the judge's context (4096)" in result.error
+
+
 # ---------------------------------------------------------------------------------------------------
 # The score stage over the HTTP judge
 

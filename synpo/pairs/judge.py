@@ -259,7 +259,7 @@ class HTTPJudge:
             response = self._client.post("/chat/completions", json=payload)
         except httpx.TimeoutException:
             raise JudgeCallError(f"timed out after {self.timeout:g} s", retryable=True) from None
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # connection, protocol and body-decoding errors
             message = self._redact(f"{type(exc).__name__}: {exc}")
             raise JudgeCallError(f"connection failed: {message}", retryable=True) from None
         status = response.status_code
@@ -334,6 +334,15 @@ class LocalJudge:
     @torch.inference_mode()
     def answer(self, messages: list[dict], spec: AnswerSpec) -> str:
         prompt = self._prompt_ids(messages)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        room = 16 if self.constrained else self.max_new_tokens  # a JSON answer is a few tokens
+        if limit is not None and len(prompt) + room > limit:
+            # Not retryable: the same prompt will not get shorter. The video is recorded as failed.
+            raise JudgeCallError(
+                f"prompt of {len(prompt)} tokens + {room} answer tokens exceeds "
+                f"the judge's context ({limit})",
+                retryable=False,
+            )
         if self.constrained:
             return spec.render(self._choose(prompt, spec))
         input_ids = torch.tensor([prompt], device=self._device)

@@ -40,7 +40,10 @@ class StageSummary:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        parts = [f"{self.stage}: {self.ok} ok, {self.failed} failed"]
+        if self.stage == "select":  # selection has no failures, only pairs kept or dropped (see notes)
+            parts = [f"select: {self.ok} pairs written"]
+        else:
+            parts = [f"{self.stage}: {self.ok} ok, {self.failed} failed"]
         if self.skipped_done or self.skipped_failed:
             parts.append(f"skipped {self.skipped_done} done + {self.skipped_failed} failed earlier")
         if self.truncated_lines:
@@ -60,6 +63,13 @@ def _is_record_error(exc: BaseException) -> bool:
         return True
     # Running out of accelerator memory on one long video should not end a run over thousands.
     return type(exc).__name__ == "OutOfMemoryError"
+
+
+def _release_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_stage(
@@ -106,7 +116,12 @@ def run_stage(
             except Exception as exc:
                 if not _is_record_error(exc):
                     raise
-                record = failed_record(record_id, str(exc), **failure_fields(item))
+                if type(exc).__name__ == "OutOfMemoryError":
+                    _release_accelerator_memory()
+                    error = f"out of accelerator memory: {exc}".splitlines()[0]
+                else:
+                    error = str(exc)
+                record = failed_record(record_id, error, **failure_fields(item))
             if record.get("status", STATUS_OK) == STATUS_FAILED:
                 summary.failed += 1
                 log.warning("%s %s failed: %s", stage, record_id, record.get("error"))

@@ -1,0 +1,186 @@
+"""Markdown tables from benchmark records: what the CLI prints and what the README shows.
+
+Everything here is computed from result records (``benchmarks/results/*.json``); nothing is typed.
+"""
+
+from __future__ import annotations
+
+from synpo.benchmarking.common import fmt_bytes, fmt_seconds
+
+OP_TITLES = {
+    "token_logprobs": "token_logprobs (logits -> per-token log-probs)",
+    "fused_linear_token_logprobs": "fused_linear_token_logprobs (hidden, lm_head -> per-token log-probs)",
+    "synpo_loss": "fused lm_head -> SynPO loss",
+}
+
+
+def provenance_line(meta: dict) -> str:
+    parts = [f"**{meta.get('device')}**"]
+    if meta.get("device_kind") == "cpu" and meta.get("cpu_threads"):
+        parts.append(f"{meta['cpu_threads']} torch thread(s) per worker")
+    if meta.get("driver"):
+        parts.append(f"driver {meta['driver']}")
+    parts.append(f"torch {meta.get('torch')}")
+    if meta.get("cuda"):
+        parts.append(f"CUDA {meta['cuda']}")
+    parts.append(f"triton {meta.get('triton')}")
+    parts.append(f"commit `{meta.get('commit')}`")
+    parts.append(str(meta.get("date")))
+    line = ", ".join(parts)
+    extras = []
+    if meta.get("gemm_rate_flops_per_s"):
+        extras.append(
+            f"measured GEMM rate {meta['gemm_rate_flops_per_s'] / 1e12:.2f} TFLOP/s ({meta.get('gemm')})"
+        )
+    if meta.get("copy_bandwidth_bytes_per_s"):
+        extras.append(f"copy bandwidth {meta['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    if meta.get("load_average") is not None and meta.get("device_kind") == "cpu":
+        extras.append(f"load average {meta['load_average']:.1f} at start")
+    if extras:
+        line += "; " + ", ".join(extras)
+    return line
+
+
+def _status_cell(rec: dict | None) -> str:
+    if rec is None:
+        return "-"
+    status = rec.get("status")
+    if status == "ok":
+        return fmt_seconds(rec.get("median_s"))
+    return {"oom": "OOM", "missing": "missing", "unsupported": "unsupported", "skipped": "skipped"}.get(
+        status, str(status)
+    )
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def kernels_markdown(records: list[dict], meta: dict, heading_level: int = 3) -> str:
+    """One table per op: both passes' times, forward+backward memory/throughput/ratios, checks."""
+    out = [provenance_line(meta), ""]
+    out.append(
+        f"Preset `{meta.get('preset')}`: median of {meta.get('repeats')} calls after {meta.get('warmup')} "
+        f"warm-up; memory = {meta.get('memory_method')}. Ratios are implementation / synpo_kernels "
+        "(above 1: ours is faster / smaller), forward+backward."
+    )
+    notes: dict[str, int] = {}
+    for op, title in OP_TITLES.items():
+        recs = [r for r in records if r["op"] == op]
+        if not recs:
+            continue
+        token_op = op == "token_logprobs"
+        header = [
+            "size",
+            "implementation",
+            "fwd",
+            "fwd+bwd",
+            "peak mem fwd+bwd",
+            "GB/s" if token_op else "TFLOP/s",
+            "% of floor",
+            "time vs ours",
+            "mem vs ours",
+            "check",
+        ]
+        rows = []
+        keys = []
+        for r in recs:
+            key = (r["size"], r["impl"])
+            if key not in keys:
+                keys.append(key)
+        by_key = {(r["size"], r["impl"], r["pass"]): r for r in recs}
+        for size, impl in keys:
+            fwd = by_key.get((size, impl, "fwd"))
+            both = by_key.get((size, impl, "fwd+bwd"))
+            ok = both is not None and both.get("status") == "ok"
+            rate = both.get("achieved_gbps" if token_op else "achieved_tflops") if ok else None
+            pct = both.get("pct_of_floor") if ok else None
+            check = both.get("check", "-") if both else "-"
+            for r in (fwd, both):
+                if r is not None and r.get("status") != "ok" and r.get("reason"):
+                    notes.setdefault(f"{impl}: {r['reason']}", len(notes) + 1)
+            rows.append(
+                [
+                    size,
+                    impl,
+                    _status_cell(fwd),
+                    _status_cell(both),
+                    fmt_bytes(both.get("peak_bytes")) if ok else "-",
+                    "-" if rate is None else (f"{rate:.1f}" if token_op else f"{rate:.3g}"),
+                    "-" if pct is None else f"{pct:.0f}%",
+                    _ratio(both.get("time_vs_ours")) if ok else "-",
+                    _ratio(both.get("memory_vs_ours")) if ok else "-",
+                    check,
+                ]
+            )
+        out += ["", f"{'#' * heading_level} {title}", "", _md_table(header, rows)]
+    if notes:
+        out += ["", "Not measured:"]
+        out += [f"- {text}" for text in notes]
+    return "\n".join(out)
+
+
+def trainer_markdown(records: list[dict], meta: dict, heading_level: int = 3) -> str:
+    """One table per model: steps/s, tokens/s, peak memory, and SynPO-fused vs DPO-reference."""
+    out = [provenance_line(meta), ""]
+    out.append(
+        f"Preset `{meta.get('preset')}`: median step time of {meta.get('steps')} optimizer steps after "
+        f"{meta.get('warmup_steps')} warm-up (forward, backward, clip, AdamW step); peak memory = "
+        f"{meta.get('memory_method')}."
+    )
+    models = []
+    for r in records:
+        if r["model"] not in models:
+            models.append(r["model"])
+    for model in models:
+        recs = [r for r in records if r["model"] == model]
+        first = recs[0]
+        out += [
+            "",
+            f"{'#' * heading_level} {model}: {first.get('model_description')}",
+            "",
+            f"Batch: {first.get('batch_description')}.",
+            "",
+        ]
+        header = [
+            "method",
+            "step",
+            "steps/s",
+            "tokens/s",
+            "peak memory",
+            "step memory",
+            "vs DPO+ref (time)",
+            "status",
+        ]
+        rows = []
+        for r in recs:
+            ok = r.get("status") == "ok"
+            rows.append(
+                [
+                    r["method"],
+                    fmt_seconds(r.get("step_s")) if ok else "-",
+                    f"{r['steps_per_s']:.3g}" if ok else "-",
+                    f"{r['tokens_per_s']:.4g}" if ok else "-",
+                    fmt_bytes(r.get("peak_bytes")) if ok else "-",
+                    fmt_bytes(r.get("step_bytes")) if ok else "-",
+                    _ratio(r.get("speedup_vs_dpo_reference")) if ok else "-",
+                    "ok" if ok else f"{r.get('status')}: {r.get('reason')}",
+                ]
+            )
+        out.append(_md_table(header, rows))
+        summary = next((r for r in recs if r.get("synpo_fused_vs_dpo_reference")), None)
+        if summary:
+            s = summary["synpo_fused_vs_dpo_reference"]
+            out += [
+                "",
+                f"SynPO fused vs DPO with reference (naive logits, as upstream): "
+                f"**{s['speedup']:.2f}x** steps/s, peak memory {s['memory_ratio']:.2f}x "
+                f"({fmt_bytes(s['synpo_peak_bytes'])} vs {fmt_bytes(s['dpo_peak_bytes'])}).",
+            ]
+    return "\n".join(out)

@@ -1,0 +1,525 @@
+"""``synpo bench trainer``: what dropping the reference model buys in a training step.
+
+Four methods on the same model, LoRA adapters and batch, each an optimizer step exactly as the
+trainer's plain path runs it (:class:`synpo.losses.PreferenceObjective` forward, backward, gradient
+clipping, AdamW step):
+
+- ``dpo_reference_naive``: DPO with a reference model (the policy with its LoRA adapters disabled,
+  one no-grad forward over both captions) and full logits, as the upstream DPO baseline;
+- ``dpo_reference_fused``: the same with the fused lm_head loss;
+- ``synpo_naive``: SynPO (no reference) on full logits, as the upstream SynPO code;
+- ``synpo_fused``: SynPO with the fused lm_head loss (no logits, prompt/video positions skipped).
+
+Batches are video-captioning shaped: a long prompt (video tokens + instruction) and a shorter
+caption per row, ``[chosen; rejected]``, collated by the trainer's own collator. Models are random
+(built locally, no download): the embedded tiny Llama and a small Qwen2 on CPU, a 7B-class Qwen2
+(hidden 4096, 32 layers, V=152064, bf16, LoRA r=128 as upstream) on one GPU.
+
+Reported per method: median step time, steps/s, tokens/s (all sequence tokens of the batch),
+peak memory (GPU: ``max_memory_allocated`` in the step, weights included; CPU: peak RSS in the
+method's own process) and the part added by the step itself, and SynPO-fused vs DPO-reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from synpo.benchmarking import common
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str  # "llama" or "qwen2"
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int | None = None  # None: the tiny builder's default (2 x hidden)
+    vocab: int | None = None  # None: the embedded tiny tokenizer's vocabulary
+    dtype: str = "float32"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    gradient_checkpointing: bool = False
+
+    @property
+    def description(self) -> str:
+        vocab = self.vocab or "tiny-tokenizer"
+        ckpt = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        return (
+            f"{self.arch} hidden {self.hidden}, {self.layers} layers, V={vocab}, {self.dtype} weights, "
+            f"LoRA r={self.lora_r} alpha={self.lora_alpha} on q/k/v/o/gate/up/down{ckpt}"
+        )
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    pairs: int
+    prompt: int  # positions before the caption: video tokens and the instruction
+    chosen: int  # caption tokens (EOS included)
+    rejected: int
+
+    @property
+    def description(self) -> str:
+        return (
+            f"{self.pairs} pair(s) = {2 * self.pairs} rows, {self.prompt} prompt/video positions + "
+            f"{self.chosen} (chosen) / {self.rejected} (rejected) caption tokens per row"
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.pairs * (2 * self.prompt + self.chosen + self.rejected)
+
+
+@dataclass(frozen=True)
+class TrainerPreset:
+    name: str
+    device: str
+    models: tuple[tuple[ModelSpec, BatchSpec], ...]
+    warmup_steps: int
+    steps: int
+    isolation: str  # "group": a process per (model, method) on CPU (own RSS); per model on GPU
+    per_method_process: bool
+    autocast_bf16: bool = False
+    budget_s: float | None = None
+    threads: int | None = None  # torch CPU threads per worker; see synpo.benchmarking.kernels.Preset
+    description: str = ""
+
+
+METHODS = {
+    "dpo_reference_naive": ("dpo", "naive", "DPO + reference model, naive logits (upstream)"),
+    "dpo_reference_fused": ("dpo", "fused", "DPO + reference model, fused loss"),
+    "synpo_naive": ("synpo", "naive", "SynPO, naive logits (upstream SynPO)"),
+    "synpo_fused": ("synpo", "fused", "SynPO, fused loss (this library)"),
+}
+BASELINE = "dpo_reference_naive"
+OURS = "synpo_fused"
+
+TINY = ModelSpec("tiny", "llama", hidden=64, layers=2, heads=4, lora_r=8, lora_alpha=16)
+SMALL = ModelSpec(
+    "small", "qwen2", hidden=256, layers=4, heads=4, intermediate=704, vocab=32768, lora_r=16, lora_alpha=32
+)
+QWEN_7B = ModelSpec(
+    "7b",
+    "qwen2",
+    hidden=4096,
+    layers=32,
+    heads=32,
+    intermediate=11008,
+    vocab=152064,
+    dtype="bfloat16",
+    lora_r=128,
+    lora_alpha=64,
+)
+
+PRESETS = {
+    "smoke": TrainerPreset(
+        "smoke",
+        "cpu",
+        ((TINY, BatchSpec(1, 96, 32, 24)),),
+        warmup_steps=1,
+        steps=2,
+        isolation="none",
+        per_method_process=False,
+        threads=1,
+        description="CI smoke: the tiny model, one process, seconds",
+    ),
+    "cpu": TrainerPreset(
+        "cpu",
+        "cpu",
+        ((TINY, BatchSpec(2, 192, 64, 56)), (SMALL, BatchSpec(1, 512, 128, 112))),
+        warmup_steps=1,
+        steps=3,
+        isolation="group",
+        per_method_process=True,
+        threads=1,
+        description="CPU: the tiny model and a small Qwen2 (V=32768), one process per method",
+    ),
+    "gpu": TrainerPreset(
+        "gpu",
+        "cuda",
+        ((SMALL, BatchSpec(4, 2048, 256, 224)), (QWEN_7B, BatchSpec(1, 2048, 256, 224))),
+        warmup_steps=2,
+        steps=5,
+        isolation="group",
+        per_method_process=False,
+        autocast_bf16=True,
+        budget_s=240.0,
+        description="one GPU: a small Qwen2 and a 7B-class Qwen2 (bf16, LoRA r=128), 2048 video/prompt "
+        "positions + ~256 caption tokens per row",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(spec: ModelSpec, device: str, seed: int = 0):
+    """``(peft model, pad id, vocabulary size)``: random weights built locally, LoRA applied."""
+    import torch
+
+    from synpo.config import UPSTREAM_LORA_TARGETS, LoraConfig
+    from synpo.models import apply_lora
+
+    dtype = getattr(torch, spec.dtype)
+    if spec.vocab is None:
+        from synpo import tiny
+
+        model, tokenizer = tiny.build_tiny_causal_lm(
+            arch=spec.arch, hidden_size=spec.hidden, layers=spec.layers, heads=spec.heads, seed=seed
+        )
+        model = model.to(device=device, dtype=dtype)
+        pad, vocab = tokenizer.pad_token_id, len(tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+        config_cls = Qwen2Config if spec.arch == "qwen2" else LlamaConfig
+        config = config_cls(
+            vocab_size=spec.vocab,
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate or 2 * spec.hidden,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.heads,
+            max_position_embeddings=8192,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        torch.manual_seed(seed)
+        # Built directly on the device in its dtype: a 7B model never exists in fp32 on the host.
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = model.to(device=device, dtype=dtype)
+        pad, vocab = 0, spec.vocab
+    model.config.use_cache = False
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(
+        enabled=True,
+        r=spec.lora_r,
+        alpha=spec.lora_alpha,
+        dropout=0.05,
+        target_modules=list(UPSTREAM_LORA_TARGETS),
+    )
+    model = apply_lora(model, lora)
+    model.train()
+    return model, pad, vocab
+
+
+def build_batch(spec: BatchSpec, vocab: int, pad: int, device: str, seed: int = 0) -> dict:
+    """A collated ``[chosen; rejected]`` batch of random token ids (ids 0-5 are special tokens)."""
+    import torch
+
+    from synpo.data import EncodedPair, PreferenceCollator
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(6, vocab, (n,), generator=gen).tolist()
+
+    pairs = [
+        EncodedPair(
+            index=i, prompt_ids=ids(spec.prompt), chosen_ids=ids(spec.chosen), rejected_ids=ids(spec.rejected)
+        )
+        for i in range(spec.pairs)
+    ]
+    batch = PreferenceCollator(pad_token_id=pad)(pairs)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _measure_method(model, batch, method: str, device: str, warmup: int, steps: int, autocast: bool) -> dict:
+    import torch
+
+    from synpo.losses import PreferenceObjective
+
+    loss_name, impl, _ = METHODS[method]
+    objective = PreferenceObjective(
+        model,
+        loss=loss_name,
+        impl=impl,
+        reference_mode="adapter_disabled" if loss_name == "dpo" else None,
+        autocast_dtype=torch.bfloat16 if autocast else None,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-6)  # upstream learning rate
+
+    def step() -> float:
+        loss, _metrics = objective(**batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)  # one host sync per step, as the trainer's finiteness check
+
+    try:
+        for _ in range(warmup):
+            step()
+        times, loss = [], None
+        for _ in range(steps):
+            common.synchronize(device)
+            t0 = time.perf_counter()
+            loss = step()
+            common.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        with common.PeakMemory(device) as mem:
+            step()
+        import statistics
+
+        step_s = statistics.median(times)
+        tokens = batch["num_tokens"]
+        return {
+            "status": "ok",
+            "step_s": step_s,
+            "min_step_s": min(times),
+            "times_s": times,
+            "steps_per_s": 1.0 / step_s,
+            "tokens_per_s": tokens / step_s,
+            "response_tokens_per_s": batch["num_response_tokens"] / step_s,
+            "tokens_per_step": tokens,
+            "peak_bytes": mem.total_bytes,
+            "step_bytes": mem.peak_bytes,
+            "memory_exact": mem.exact,
+            "loss": loss,
+        }
+    except Exception as exc:
+        if not common.is_out_of_memory(exc):
+            raise
+        return {"status": "oom", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def run_task(task: dict, settings: dict, context: dict) -> dict:
+    """Worker entry: one (model, method); the model and batch are reused by the next task of the
+    same model in this process (LoRA weights drift between methods, which timing does not see)."""
+    import torch
+
+    device = settings["device"]
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])
+    spec = ModelSpec(**task["model"])
+    batch_spec = BatchSpec(**task["batch"])
+    if context.get("model_name") != spec.name:
+        context.clear()
+        common.release_free_memory(device)
+        try:
+            t0 = time.perf_counter()
+            model, pad, vocab = build_model(spec, device)
+            context["build_s"] = time.perf_counter() - t0
+        except Exception as exc:
+            if not common.is_out_of_memory(exc):
+                raise
+            return {"status": "oom", "reason": f"building the model: {str(exc).splitlines()[0][:200]}"}
+        context.update(model_name=spec.name, model=model, batch=build_batch(batch_spec, vocab, pad, device))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        context["params"] = (trainable, sum(p.numel() for p in model.parameters()))
+    common.release_free_memory(device)  # the previous method's optimizer state and graphs
+    result = _measure_method(
+        context["model"],
+        context["batch"],
+        task["method"],
+        device,
+        settings["warmup_steps"],
+        settings["steps"],
+        settings["autocast_bf16"],
+    )
+    result["trainable_params"], result["total_params"] = context["params"]
+    result["model_build_s"] = context["build_s"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def build_records(
+    preset: TrainerPreset, tasks: list[dict], results: list[dict], memory_method: str
+) -> list[dict]:
+    records = []
+    for task, res in zip(tasks, results):
+        spec, batch = ModelSpec(**task["model"]), BatchSpec(**task["batch"])
+        records.append(
+            {
+                "benchmark": "trainer",
+                "preset": preset.name,
+                "model": spec.name,
+                "model_description": spec.description,
+                "batch_description": batch.description,
+                "hidden": spec.hidden,
+                "layers": spec.layers,
+                "vocab": spec.vocab,
+                "weights_dtype": spec.dtype,
+                "lora_r": spec.lora_r,
+                "pairs": batch.pairs,
+                "prompt_positions": batch.prompt,
+                "chosen_tokens": batch.chosen,
+                "rejected_tokens": batch.rejected,
+                "method": task["method"],
+                "method_description": METHODS[task["method"]][2],
+                "loss": METHODS[task["method"]][0],
+                "loss_impl": METHODS[task["method"]][1],
+                "status": res.get("status"),
+                "reason": res.get("reason"),
+                "step_s": res.get("step_s"),
+                "min_step_s": res.get("min_step_s"),
+                "steps_per_s": res.get("steps_per_s"),
+                "tokens_per_s": res.get("tokens_per_s"),
+                "response_tokens_per_s": res.get("response_tokens_per_s"),
+                "tokens_per_step": res.get("tokens_per_step"),
+                "peak_bytes": res.get("peak_bytes"),
+                "step_bytes": res.get("step_bytes"),
+                "memory_method": memory_method if res.get("status") == "ok" else None,
+                "loss_value": res.get("loss"),
+                "trainable_params": res.get("trainable_params"),
+                "total_params": res.get("total_params"),
+                "times_s": res.get("times_s"),
+            }
+        )
+    for model in {r["model"] for r in records}:
+        recs = {r["method"]: r for r in records if r["model"] == model}
+        base = recs.get(BASELINE)
+        for rec in recs.values():
+            ok = rec["status"] == "ok" and base is not None and base["status"] == "ok"
+            rec["speedup_vs_dpo_reference"] = base["step_s"] / rec["step_s"] if ok else None
+            rec["memory_vs_dpo_reference"] = rec["peak_bytes"] / base["peak_bytes"] if ok else None
+        ours = recs.get(OURS)
+        if ours and ours.get("speedup_vs_dpo_reference"):
+            ours["synpo_fused_vs_dpo_reference"] = {
+                "speedup": ours["speedup_vs_dpo_reference"],
+                "memory_ratio": ours["memory_vs_dpo_reference"],
+                "synpo_peak_bytes": ours["peak_bytes"],
+                "dpo_peak_bytes": base["peak_bytes"],
+            }
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    from synpo.benchmarking import report, runner
+
+    preset = PRESETS[args.preset]
+    import torch
+
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--preset {preset.name} needs a CUDA device (none here); use --preset cpu")
+    device = preset.device
+    methods = args.methods or list(METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown method {m!r}; one of {list(METHODS)}")
+    tasks = []
+    for spec, batch in preset.models:
+        if args.models and spec.name not in args.models:
+            continue
+        for method in methods:
+            group = f"{spec.name}/{method}" if preset.per_method_process else spec.name
+            tasks.append({"group": group, "model": asdict(spec), "batch": asdict(batch), "method": method})
+    settings = {
+        "device": device,
+        "warmup_steps": args.warmup_steps if args.warmup_steps is not None else preset.warmup_steps,
+        "steps": args.steps if args.steps is not None else preset.steps,
+        "autocast_bf16": preset.autocast_bf16,
+        "threads": preset.threads if args.threads is None else args.threads,
+    }
+    isolation = args.isolation or preset.isolation
+    memory_method = (
+        "cuda max_memory_allocated in the step (weights included); "
+        "step memory = above what was allocated before it"
+        if device == "cuda"
+        else "peak RSS of the step (weights included); step memory = above the RSS before it"
+        + (
+            "; one process per method"
+            if preset.per_method_process and isolation != "none"
+            else "; shared process"
+        )
+    )
+    meta = {
+        **common.provenance(device),
+        "preset": preset.name,
+        "preset_description": preset.description,
+        "warmup_steps": settings["warmup_steps"],
+        "steps": settings["steps"],
+        "isolation": isolation,
+        "memory_method": memory_method,
+        "autocast": "bf16" if preset.autocast_bf16 else None,
+        "cpu_threads": settings["threads"] or common.default_threads(),
+        "methods": {k: v[2] for k, v in METHODS.items()},
+    }
+    print(
+        f"synpo bench trainer --preset {preset.name}: {len(tasks)} runs on {meta['device']} "
+        f"(torch {meta['torch']}, commit {meta['commit']})",
+        flush=True,
+    )
+    results = runner.run_tasks(
+        "trainer",
+        tasks,
+        settings=settings,
+        isolation=isolation,
+        timeout_s=args.timeout,
+        budget_s=args.budget_s if args.budget_s is not None else preset.budget_s,
+        describe=lambda t: f"{t['model']['name']} {t['method']}",
+        summarize=lambda r: (
+            f"{common.fmt_seconds(r['step_s'])}/step, peak {common.fmt_bytes(r['peak_bytes'])}"
+            if r.get("status") == "ok"
+            else f"{r.get('status')} {r.get('reason') or ''}"
+        ),
+        desc="trainer",
+    )
+    records = build_records(preset, tasks, results, memory_method)
+    print()
+    print(report.trainer_markdown(records, meta))
+    if not args.no_save:
+        out_dir = Path(args.output_dir) if args.output_dir else common.default_results_dir()
+        json_path, csv_path = common.write_long_results(f"trainer_{preset.name}", records, meta, out_dir)
+        print(f"\nresults: {json_path} and {csv_path}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu", help="models and batches (default: cpu)"
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="subset of the preset's models (tiny, small, 7b)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=None, metavar="METHOD", help=f"subset of {list(METHODS)}"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="untimed steps (default: the preset's)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the preset's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per worker (0: all; default: the preset's)",
+    )
+    parser.add_argument(
+        "--isolation", choices=("task", "group", "none"), default=None, help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds per method before it is stopped"
+    )
+    parser.add_argument("--budget-s", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument("--output-dir", default=None, help="where results go (default: benchmarks/results)")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench_trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Worker process of :mod:`synpo.benchmarking.runner`: ``python -m synpo.benchmarking.worker <kind>``.
+
+Reads ``{"settings": ..., "tasks": [...]}`` on stdin and runs the tasks in order. The protocol goes
+to a private copy of stdout; the process's own stdout is pointed at stderr, so that anything a
+library prints cannot corrupt it. An exception inside a task becomes that task's ``failed`` result
+(out-of-memory errors are handled by the task code and reported as ``oom``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+from synpo.benchmarking.runner import RESULT_PREFIX, START_PREFIX
+
+
+def _executor(kind: str):
+    if kind == "kernels":
+        from synpo.benchmarking import kernels
+
+        return kernels.run_task
+    if kind == "trainer":
+        from synpo.benchmarking import trainer
+
+        return trainer.run_task
+    raise SystemExit(f"unknown benchmark kind {kind!r}")
+
+
+def main() -> int:
+    kind = sys.argv[1]
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    spec = json.loads(sys.stdin.read())
+    run = _executor(kind)
+    context: dict = {}  # per-process state shared by the tasks (inputs, compiled functions ...)
+    for index, task in enumerate(spec["tasks"]):
+        protocol.write(f"{START_PREFIX}{index}\n")
+        try:
+            result = run(task, spec["settings"], context)
+        except Exception as exc:
+            traceback.print_exc()
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            result = {"status": "failed", "reason": f"{type(exc).__name__}: {first}"}
+        protocol.write(RESULT_PREFIX + json.dumps({"_index": index, **result}, default=str) + "\n")
+    protocol.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -164,28 +164,47 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn: Callable[[], object], device: str, *, warmup: int = 2, repeats: int = 7) -> dict:
-    """Median/min time of ``fn`` in seconds: CUDA events after warm-up on GPU, wall clock on CPU."""
+def measure(
+    fn: Callable[[], object],
+    device: str,
+    *,
+    warmup: int = 2,
+    repeats: int = 7,
+    max_total_s: float | None = None,
+) -> dict:
+    """Median/min time of ``fn`` in seconds: CUDA events after warm-up on GPU, wall clock on CPU.
+
+    ``max_total_s`` stops the timed calls early (after at least one) once they have taken that long,
+    so that a slow implementation does not hold up a sweep; ``repeats`` in the result is the count run.
+    """
     import torch
 
     for _ in range(warmup):
         fn()
-    times = []
-    if device.startswith("cuda"):
+    times: list[float] = []
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.cuda.synchronize()
-        for _ in range(repeats):
+    for _ in range(repeats):
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeats):
+        else:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats, "times_s": times}
+        if max_total_s is not None and sum(times) >= max_total_s:
+            break
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "repeats": len(times),
+        "times_s": times,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

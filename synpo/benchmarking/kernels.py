@@ -28,7 +28,6 @@ time and memory to ours, and a check of its outputs and gradient norms against o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -119,6 +118,7 @@ class Case:
     seq: int | None = None
     prompt: int | None = None
     shape: str = "text"  # "text" or "video" (long prompt/video prefix, short response)
+    priority: int = 1  # 0: run before the others (the headline sizes, when a time budget cuts a sweep)
 
     def __post_init__(self):
         if self.op == "synpo_loss":
@@ -159,19 +159,30 @@ class Preset:
     # torch CPU threads per worker (None: torch's default, all cores). The CPU presets use one: on a
     # shared machine, OpenMP barriers waiting for a descheduled second thread cost up to 100x.
     threads: int | None = None
+    max_pass_s: float | None = None  # timed calls stop early once they took this long (slow peers)
     description: str = ""
 
 
-def _tl(n, v, dt):
-    return Case("token_logprobs", tokens=n, vocab=v, dtype=dt)
+def _tl(n, v, dt, priority=1):
+    return Case("token_logprobs", tokens=n, vocab=v, dtype=dt, priority=priority)
 
 
-def _fl(n, d, v, dt):
-    return Case("fused_linear_token_logprobs", tokens=n, hidden=d, vocab=v, dtype=dt)
+def _fl(n, d, v, dt, priority=1):
+    return Case("fused_linear_token_logprobs", tokens=n, hidden=d, vocab=v, dtype=dt, priority=priority)
 
 
-def _sl(rows, seq, prompt, d, v, dt, shape="text"):
-    return Case("synpo_loss", rows=rows, seq=seq, prompt=prompt, hidden=d, vocab=v, dtype=dt, shape=shape)
+def _sl(rows, seq, prompt, d, v, dt, shape="text", priority=1):
+    return Case(
+        "synpo_loss",
+        rows=rows,
+        seq=seq,
+        prompt=prompt,
+        hidden=d,
+        vocab=v,
+        dtype=dt,
+        shape=shape,
+        priority=priority,
+    )
 
 
 PRESETS = {
@@ -200,12 +211,12 @@ PRESETS = {
             _tl(2048, 32768, "float32"),
             _tl(1024, 152064, "float32"),
             _tl(512, 262144, "float32"),
-            _fl(512, 512, 32768, "float32"),
-            _fl(512, 1024, 32768, "float32"),
-            _fl(256, 512, 152064, "float32"),
-            _fl(128, 512, 262144, "float32"),
-            _sl(4, 129, 1, 512, 32768, "float32"),
-            _sl(2, 129, 1, 512, 152064, "float32"),
+            _fl(256, 512, 32768, "float32"),
+            _fl(256, 1024, 32768, "float32"),
+            _fl(128, 512, 152064, "float32"),
+            _fl(64, 512, 262144, "float32"),
+            _sl(4, 65, 1, 512, 32768, "float32"),
+            _sl(2, 65, 1, 512, 152064, "float32"),
             _sl(2, 1088, 960, 512, 32768, "float32", "video"),
         ),
         warmup=1,
@@ -213,6 +224,7 @@ PRESETS = {
         isolation="group",
         gemm_size=2048,
         threads=1,
+        max_pass_s=8.0,
         copy_bytes=64 << 20,
         description="CPU sweep: small shapes, V up to 262144, a video-shaped batch; one process per "
         "implementation and op (its own peak RSS)",
@@ -222,12 +234,12 @@ PRESETS = {
         "cuda",
         (
             _tl(16384, 32768, "bfloat16"),
-            _tl(16384, 152064, "bfloat16"),
+            _tl(16384, 152064, "bfloat16", priority=0),
             _tl(16384, 262144, "bfloat16"),
             _fl(4096, 4096, 152064, "bfloat16"),
-            _fl(16384, 4096, 152064, "bfloat16"),
+            _fl(16384, 4096, 152064, "bfloat16", priority=0),
             _fl(16384, 4096, 262144, "bfloat16"),
-            _sl(16, 1025, 1, 4096, 152064, "bfloat16"),
+            _sl(16, 1025, 1, 4096, 152064, "bfloat16", priority=0),
             _sl(16, 1025, 1, 4096, 262144, "bfloat16"),
             _sl(8, 2304, 2048, 4096, 152064, "bfloat16", "video"),
         ),
@@ -479,9 +491,8 @@ def _checksums(out, inputs: dict) -> dict:
     return sums
 
 
-def _run_pass(case: Case, impl: str, pass_name: str, device: str, warmup: int, repeats: int, context) -> dict:
-    import torch
-
+def _run_pass(case: Case, impl: str, pass_name: str, settings: dict, context) -> dict:
+    device = settings["device"]
     common.release_free_memory(device)
     inputs = make_inputs(case, device, requires_grad=(pass_name == "fwd+bwd"))
     fn, note = build_impl(impl, case.op, context)
@@ -496,7 +507,11 @@ def _run_pass(case: Case, impl: str, pass_name: str, device: str, warmup: int, r
         result.update(_checksums(out, inputs))
         del out
         timing = common.measure(
-            lambda: _call(fn, inputs, pass_name), device, warmup=max(0, warmup - 1), repeats=repeats
+            lambda: _call(fn, inputs, pass_name),
+            device,
+            warmup=max(0, settings["warmup"] - 1),  # the first call above was one
+            repeats=settings["repeats"],
+            max_total_s=settings.get("max_pass_s"),
         )
         result.update(timing)
         for t in _grad_tensors(inputs).values():
@@ -513,8 +528,6 @@ def _run_pass(case: Case, impl: str, pass_name: str, device: str, warmup: int, r
         result = {"status": "oom", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     finally:
         inputs.clear()
-        with contextlib.suppress(Exception):
-            torch.cuda.empty_cache() if device.startswith("cuda") else None
         common.release_free_memory(device)
     return result
 
@@ -534,9 +547,7 @@ def run_task(task: dict, settings: dict, context: dict) -> dict:
     case = Case(**task["case"])
     passes = {}
     for pass_name in task["passes"]:
-        passes[pass_name] = _run_pass(
-            case, task["impl"], pass_name, device, settings["warmup"], settings["repeats"], context
-        )
+        passes[pass_name] = _run_pass(case, task["impl"], pass_name, settings, context)
     return {"status": "ok", "passes": passes}
 
 
@@ -626,6 +637,8 @@ def plan_tasks(preset: Preset, device: str, ops, impls, max_memory: int | None):
                     "passes": list(PASSES),
                 }
             )
+    # Headline sizes first (a time budget cuts the end of a sweep), the sweep's order otherwise.
+    tasks.sort(key=lambda t: (t["case"]["priority"], -OPS.index(t["case"]["op"])))
     return tasks, settled
 
 
@@ -804,6 +817,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup": args.warmup if args.warmup is not None else preset.warmup,
         "repeats": args.repeats if args.repeats is not None else preset.repeats,
         "threads": preset.threads if args.threads is None else args.threads,
+        "max_pass_s": preset.max_pass_s,
     }
     isolation = args.isolation or preset.isolation
     meta = {
@@ -813,6 +827,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup": settings["warmup"],
         "repeats": settings["repeats"],
         "isolation": isolation,
+        "max_pass_s": settings["max_pass_s"],
         "cpu_threads": settings["threads"] or common.default_threads(),
         "implementations": {k: v.label for k, v in IMPLEMENTATIONS.items()},
     }

@@ -41,6 +41,11 @@ def provenance_line(meta: dict) -> str:
     return line
 
 
+def _early_stop(meta: dict) -> str:
+    limit = meta.get("max_pass_s")
+    return f" (fewer once the timed calls of a pass exceed {limit:.0f} s)" if limit else ""
+
+
 def _status_cell(rec: dict | None) -> str:
     if rec is None:
         return "-"
@@ -67,8 +72,8 @@ def kernels_markdown(records: list[dict], meta: dict, heading_level: int = 3) ->
     out = [provenance_line(meta), ""]
     out.append(
         f"Preset `{meta.get('preset')}`: median of {meta.get('repeats')} calls after {meta.get('warmup')} "
-        f"warm-up; memory = {meta.get('memory_method')}. Ratios are implementation / synpo_kernels "
-        "(above 1: ours is faster / smaller), forward+backward."
+        f"warm-up{_early_stop(meta)}; memory = {meta.get('memory_method')}. Ratios are "
+        "implementation / synpo_kernels (above 1: ours is faster / smaller), forward+backward."
     )
     notes: dict[str, int] = {}
     for op, title in OP_TITLES.items():

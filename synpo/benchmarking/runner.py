@@ -83,6 +83,10 @@ class _Progress:
             self.bar.close()
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _kill(proc: subprocess.Popen) -> None:
     """Stop a worker this module started, and its children (its own process group)."""
     if proc.poll() is not None:
@@ -120,6 +124,10 @@ def run_tasks(
         results[i] = result
         progress.finished(describe(tasks[i]), summarize(result))
 
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # A terminated driver unwinds (and stops its worker) instead of dying on the spot.
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         for batch in _batches(tasks, isolation):
             pending = list(batch)
@@ -135,6 +143,8 @@ def run_tasks(
                 )  # fmt: skip
     finally:
         progress.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return [r if r is not None else {"status": "skipped", "reason": "not run"} for r in results]
 
 
@@ -145,6 +155,7 @@ def _run_worker(
     payload = json.dumps({"settings": settings, "tasks": [tasks[i] for i in pending]})
     with tempfile.NamedTemporaryFile("w+", prefix="synpo-bench-", suffix=".log", delete=False) as log:
         log_path = log.name
+    proc = None
     try:
         with open(log_path, "w") as err:
             proc = subprocess.Popen(
@@ -156,58 +167,60 @@ def _run_worker(
                 env=env,
                 start_new_session=True,  # its own process group: a time-out stops its children too
             )
-            lines: queue.Queue = queue.Queue()
+        lines: queue.Queue = queue.Queue()
 
-            def pump():
-                for line in proc.stdout:
-                    lines.put(line)
-                lines.put(None)
+        def pump():
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
 
-            threading.Thread(target=pump, daemon=True).start()
-            proc.stdin.write(payload)
-            proc.stdin.close()
+        threading.Thread(target=pump, daemon=True).start()
+        proc.stdin.write(payload)
+        proc.stdin.close()
 
-            position = 0  # index into pending of the task the worker is on
-            started = time.monotonic()
-            while True:
-                try:
-                    line = lines.get(timeout=1.0)
-                except queue.Empty:
-                    line = ""
-                if line is None:  # the worker exited
-                    break
-                if line.startswith(START_PREFIX):
-                    position = int(line[len(START_PREFIX) :])
-                    started = time.monotonic()
-                    progress.running(describe(tasks[pending[position]]))
-                elif line.startswith(RESULT_PREFIX):
-                    result = json.loads(line[len(RESULT_PREFIX) :])
-                    local = result.pop("_index")
-                    record(pending[local], result)
-                    position = local + 1
-                    started = time.monotonic()
-                if time.monotonic() - started > timeout_s:
-                    _kill(proc)
-                    record(pending[position], {"status": "timeout", "reason": f"over {timeout_s:.0f} s"})
-                    return pending[position + 1 :]
-                if out_of_budget():
-                    _kill(proc)
-                    reason = f"time budget of {budget_s:.0f} s spent"
-                    for i in pending[position:]:
-                        record(i, {"status": "skipped", "reason": reason})
-                    return []
-            code = proc.wait()
-            if position < len(pending):
-                if code < 0:
-                    why = f"worker killed by signal {-code}"
-                    if -code == signal.SIGKILL:
-                        why += " (out of host memory?)"
-                else:
-                    why = f"worker exited with code {code}"
-                tail = _stderr_tail(log_path)
-                status = "oom" if code == -signal.SIGKILL else "failed"
-                record(pending[position], {"status": status, "reason": why + (f": {tail}" if tail else "")})
+        position = 0  # index into pending of the task the worker is on
+        started = time.monotonic()
+        while True:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                line = ""
+            if line is None:  # the worker exited
+                break
+            if line.startswith(START_PREFIX):
+                position = int(line[len(START_PREFIX) :])
+                started = time.monotonic()
+                progress.running(describe(tasks[pending[position]]))
+            elif line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX) :])
+                local = result.pop("_index")
+                record(pending[local], result)
+                position = local + 1
+                started = time.monotonic()
+            if time.monotonic() - started > timeout_s:
+                _kill(proc)
+                record(pending[position], {"status": "timeout", "reason": f"over {timeout_s:.0f} s"})
                 return pending[position + 1 :]
-            return []
+            if out_of_budget():
+                _kill(proc)
+                reason = f"time budget of {budget_s:.0f} s spent"
+                for i in pending[position:]:
+                    record(i, {"status": "skipped", "reason": reason})
+                return []
+        code = proc.wait()
+        if position < len(pending):
+            if code < 0:
+                why = f"worker killed by signal {-code}"
+                if -code == signal.SIGKILL:
+                    why += " (out of host memory?)"
+            else:
+                why = f"worker exited with code {code}"
+            tail = _stderr_tail(log_path)
+            status = "oom" if code == -signal.SIGKILL else "failed"
+            record(pending[position], {"status": status, "reason": why + (f": {tail}" if tail else "")})
+            return pending[position + 1 :]
+        return []
     finally:
+        if proc is not None:
+            _kill(proc)  # also when the driver itself is interrupted: no orphaned worker
         os.unlink(log_path)

@@ -1,0 +1,171 @@
+"""``synpo bench kernels`` / ``synpo bench trainer`` at their smoke size, end to end (what CI runs),
+plus the pieces around them: result files, charts, the README section, the scaling projection,
+and the sweep's handling of failures, missing peers and sizes that do not fit."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from synpo.benchmarking import common, kernels, report, runner, scaling, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _synpo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "synpo", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def kernels_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = _synpo("bench", "kernels", "--preset", "smoke", "--output-dir", str(out), cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trainer_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = _synpo("bench", "trainer", "--preset", "smoke", "--output-dir", str(out), cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_kernels_smoke_writes_results_and_reports_every_implementation(kernels_smoke):
+    out, stdout = kernels_smoke
+    data = json.loads((out / "kernels_smoke.json").read_text())
+    meta, records = data["meta"], data["records"]
+    for key in ("device", "torch", "triton", "commit", "date", "gemm_rate_flops_per_s"):
+        assert meta.get(key), key
+    by = {(r["op"], r["impl"], r["pass"]): r for r in records}
+    for op in kernels.OPS:
+        for impl in (kernels.OURS, "naive"):
+            for pass_name in kernels.PASSES:
+                rec = by[(op, impl, pass_name)]
+                assert rec["status"] == "ok", rec
+                assert rec["median_s"] > 0 and rec["peak_bytes"] is not None
+        # every implementation of the op is listed, run or not
+        assert {r["impl"] for r in records if r["op"] == op} == {
+            name for name, impl in kernels.IMPLEMENTATIONS.items() if op in impl.ops
+        }
+        assert by[(op, "naive", "fwd+bwd")]["check"] == "ok"
+        assert by[(op, kernels.OURS, "fwd+bwd")]["time_vs_ours"] == pytest.approx(1.0)
+    linear = by[("synpo_loss", kernels.OURS, "fwd+bwd")]
+    assert linear["useful_flops"] == 6 * linear["tokens"] * linear["hidden"] * linear["vocab"]
+    assert linear["achieved_tflops"] > 0 and linear["pct_of_floor"] > 0
+    # Triton-only peers cannot run on CPU; they stay visible with the reason.
+    cce = by[("synpo_loss", "cce", "fwd+bwd")]
+    assert cce["status"] in ("unsupported", "missing") and cce["reason"]
+    assert by[("synpo_loss", "torch_compile", "fwd")]["status"] == "skipped"
+    with open(out / "kernels_smoke.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records)
+    assert {"device", "torch", "commit", "date", "impl", "pass", "median_s", "peak_bytes"} <= set(rows[0])
+    assert "fused lm_head -> SynPO loss" in stdout and "| synpo_kernels |" in stdout
+
+
+def test_trainer_smoke_measures_all_methods_and_the_ratio(trainer_smoke):
+    out, stdout = trainer_smoke
+    data = json.loads((out / "trainer_smoke.json").read_text())
+    records = {r["method"]: r for r in data["records"]}
+    assert set(records) == set(trainer.METHODS)
+    for rec in records.values():
+        assert rec["status"] == "ok", rec
+        assert rec["steps_per_s"] > 0 and rec["tokens_per_s"] > 0 and rec["peak_bytes"] > 0
+    summary = records["synpo_fused"]["synpo_fused_vs_dpo_reference"]
+    assert summary["speedup"] > 0 and summary["memory_ratio"] > 0
+    assert "SynPO fused vs DPO with reference" in stdout
+    assert (out / "trainer_smoke.csv").is_file()
+
+
+def test_charts_and_readme_section_from_smoke_results(kernels_smoke, trainer_smoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    from synpo.benchmarking import plots
+
+    pngs = plots.charts_for(kernels_smoke[0] / "kernels_smoke.json", tmp_path)
+    pngs += plots.charts_for(trainer_smoke[0] / "trainer_smoke.json", tmp_path)
+    assert len(pngs) == len(kernels.OPS) + 1
+    assert all(p.stat().st_size > 10_000 for p in pngs)
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_markers_are_added_once_and_only_their_content_changes():
+    update = _load_script("update_readme_results")
+    text = "# x\n\nintro\n\n## Development\n\nrest\n"
+    with_section = update.with_bench_section(text)
+    assert with_section.count("<!-- bench:start -->") == 1
+    assert with_section.index("## Benchmarks") < with_section.index("## Development")
+    assert update.with_bench_section(with_section) == with_section
+    replaced = update.replace_between(with_section, update.BENCH_MARKERS, "TABLE", "README")
+    assert replaced.replace("TABLE\n", "") == with_section
+    again = update.replace_between(replaced, update.BENCH_MARKERS, "NEW", "README")
+    assert "TABLE" not in again and "NEW" in again and again.endswith("rest\n")
+
+
+def test_sizes_that_do_not_fit_are_recorded_as_oom_and_the_sweep_goes_on():
+    preset = kernels.PRESETS["smoke"]
+    tasks, settled = kernels.plan_tasks(preset, "cpu", None, None, max_memory=1)
+    assert not tasks  # nothing fits in one byte; every run is settled without running
+    statuses = {(c.op, impl): res["status"] for c, impl, _p, res in settled}
+    assert statuses[("synpo_loss", "naive")] == "oom"
+    assert statuses[("synpo_loss", "cce")] in ("unsupported", "missing")
+    records = kernels.build_records(preset, [], [], settled, {}, "rss")
+    assert {r["status"] for r in records} >= {"oom", "skipped"}
+    assert "OOM" in report.kernels_markdown(records, {"preset": "smoke"})
+
+
+def test_a_failing_run_is_recorded_and_the_next_one_still_runs():
+    case = kernels.PRESETS["smoke"].cases[0]
+    good = {"kind": "case", "group": "g", "case": kernels.asdict(case), "impl": "naive", "passes": ["fwd"]}
+    bad = {**good, "impl": "no_such_impl"}
+    settings = {"device": "cpu", "warmup": 0, "repeats": 1, "threads": 1}
+    results = runner.run_tasks("kernels", [bad, good], settings=settings, isolation="none", timeout_s=120)
+    assert results[0]["status"] == "failed" and "no_such_impl" in results[0]["reason"]
+    assert results[1]["status"] == "ok" and results[1]["passes"]["fwd"]["status"] == "ok"
+
+
+def test_out_of_memory_errors_are_recognised():
+    import torch
+
+    assert common.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert common.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert not common.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    import torch
+
+    with common.PeakMemory("cpu") as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    if mem.exact:
+        assert 48 * 2**20 < mem.peak_bytes < 512 * 2**20
+
+
+def test_scaling_projection_without_gpu_results_is_labelled_estimated(tmp_path):
+    proj = scaling.projection(tmp_path / "missing.json")
+    assert proj["sources"] == ["estimated"]
+    rows = {r["gpus"]: r for r in proj["rows"]}
+    assert rows[1]["synpo_fused"]["comm_bytes"] == 0
+    # DPO gathers the parameters three times per step, SynPO twice (LoRA gradients are small).
+    ratio = rows[8]["dpo_reference_naive"]["comm_bytes"] / rows[8]["synpo_fused"]["comm_bytes"]
+    assert 1.45 < ratio < 1.5
+    text = scaling.markdown(proj)
+    assert "estimated" in text and "| 64 |" in text

@@ -184,3 +184,19 @@ def test_input_errors():
         f(hidden[0, 0], weight, labels[0, 0])
     with pytest.raises(TypeError, match="ignore_index"):
         f(hidden, weight, labels, ignore_index=-100.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ignore_frac", [0.05, 0.85])
+def test_hidden_grad_full_and_compact_layouts(ignore_frac, impl):
+    """Mostly-scored batches write the hidden gradient in place, sparse ones keep it compact: same result."""
+    hidden, weight, bias, labels = make_inputs(
+        (3,), 16, 24, 41, torch.float64, ignore_frac=ignore_frac, seed=12
+    )
+    out = sk.fused_linear_token_logprobs(hidden, weight, labels, bias=bias, impl=impl, chunk_bytes=9 * 41 * 8)
+    upstream = torch.randn(labels.shape, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad((out * upstream).sum(), (hidden, weight, bias))
+    ref, ref_grads = reference_grads(hidden, weight, bias, labels, upstream)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)

@@ -31,6 +31,7 @@ Design (both fused linear ops, every device):
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -241,7 +242,8 @@ class GradBuffers:
     """Gradients being accumulated: compact hidden ``(n, D)``, weight ``(V, D)``, bias ``(V,)``.
 
     The hidden gradient is stored compactly (one row per scored token, in the chunk order) and
-    scattered into a zero ``(N, D)`` tensor by :meth:`finish`; the weight gradient accumulates in
+    scattered into a zero ``(N, D)`` tensor by :meth:`finish`, or, when at least half the rows are
+    scored, written straight into the ``(N, D)`` gradient; the weight gradient accumulates in
     ``w_acc`` dtype; the bias gradient in the accumulation dtype (fp32; fp64 for fp64).
     """
 
@@ -249,7 +251,15 @@ class GradBuffers:
         dim, vocab = weight.shape[1], weight.shape[0]
         dev = weight.device
         self.weight = weight
-        self.h = torch.empty((n_tokens, dim), dtype=hidden.dtype, device=dev) if need_h else None
+        n_total = hidden.numel() // max(dim, 1)
+        # Most rows scored (plain LM batches): write straight into the full-size gradient instead of
+        # keeping a compact copy as large as it.
+        self.full = need_h and 2 * n_tokens >= n_total
+        self.h = None
+        if need_h:
+            shape = (n_total, dim) if self.full else (n_tokens, dim)
+            alloc = torch.zeros if self.full else torch.empty
+            self.h = alloc(shape, dtype=hidden.dtype, device=dev)
         self.w = torch.zeros((vocab, dim), dtype=w_acc, device=dev) if need_w else None
         acc = accumulation_dtype(weight.dtype)
         self.b = torch.zeros((vocab,), dtype=acc, device=dev) if need_b else None
@@ -258,10 +268,14 @@ class GradBuffers:
     def any(self) -> bool:
         return self.h is not None or self.w is not None or self.b is not None
 
-    def add_chunk(self, backend, dlogits, h_c, t0, t1):
-        """Consume one chunk of logits gradients (the bias part is added by the row pass)."""
+    def add_chunk(self, backend, dlogits, h_c, t0, t1, rows):
+        """Consume one chunk of logits gradients: compact positions ``[t0, t1)``, hidden rows ``rows``
+        (the bias part is added by the row pass)."""
         if self.h is not None:
-            torch.mm(dlogits, self.weight, out=self.h[t0:t1])
+            if self.full:
+                self.h.index_copy_(0, rows, torch.mm(dlogits, self.weight))
+            else:
+                torch.mm(dlogits, self.weight, out=self.h[t0:t1])
         if self.w is not None:
             backend.wgrad_(self.w, dlogits, h_c)
 
@@ -273,12 +287,12 @@ class GradBuffers:
         """
         gh = gw = gb = None
         if self.h is not None:
-            n_total = 1
-            for s in hidden_shape[:-1]:
-                n_total *= s
-            gh = self.h.new_zeros((n_total, hidden_shape[-1]))
-            src = self.h if grad_output is None else self.h * grad_output
-            gh.index_copy_(0, idx, src.to(hidden_dtype))
+            if self.full:
+                gh = self.h if grad_output is None else self.h.mul_(grad_output)
+            else:
+                gh = self.h.new_zeros((math.prod(hidden_shape[:-1]), hidden_shape[-1]))
+                src = self.h if grad_output is None else self.h * grad_output
+                gh.index_copy_(0, idx, src.to(hidden_dtype))
             gh = gh.view(hidden_shape)
         if self.w is not None:
             w = self.w if grad_output is None else self.w.mul_(grad_output)

@@ -172,7 +172,7 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
                 logits = backend.logits(h_c, weight, bias, buf[: s1 - s0])
             r0, r1 = s0 - t0, s1 - t0
             backend.row_grad_(logits, g[r0:r1], plan.tok_labels[s0:s1], lse[r0:r1], ignore_index, grads.b)
-            grads.add_chunk(backend, logits, h_c, s0, s1)
+            grads.add_chunk(backend, logits, h_c, s0, s1, plan.tok_idx[s0:s1])
     return sum_logp, sum_p, losses
 
 

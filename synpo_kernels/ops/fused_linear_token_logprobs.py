@@ -83,7 +83,7 @@ def _backward_chunks(backend, grads, hidden2d, weight, bias, idx, labels_c, lse,
         h_c = hidden2d.index_select(0, idx[t0:t1])
         logits = backend.logits(h_c, weight, bias, buf[: t1 - t0])
         backend.row_grad_(logits, g[t0:t1], labels_c[t0:t1], lse[t0:t1], ignore_index, grads.b)
-        grads.add_chunk(backend, logits, h_c, t0, t1)
+        grads.add_chunk(backend, logits, h_c, t0, t1, idx[t0:t1])
 
 
 # ---------------------------------------------------------------------------------------------

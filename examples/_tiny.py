@@ -1,0 +1,62 @@
+"""Demo scaffolding shared by the examples: a tiny random Llama and random preference pairs.
+
+Nothing here is needed to *use* synpo-kernels; it only makes the examples runnable in seconds on a
+CPU, offline (no downloads). Real training uses a pretrained model and tokenized caption pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def tiny_llama(vocab_size: int = 96, hidden_size: int = 32, layers: int = 2, seed: int = 0):
+    """A randomly initialised ``LlamaForCausalLM`` built from a config (untied lm_head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def random_preference_batch(pairs: int, vocab_size: int, *, prompt=(6, 12), response=(3, 9), seed: int = 0):
+    """``input_ids``, ``attention_mask``, ``labels`` of a ``[chosen; rejected]`` batch, right-padded.
+
+    Each pair shares a prompt (standing in for prompt + video tokens: label ``-100``) and has two
+    responses of random lengths ending in EOS (id 2); padding (id 0) is ignored too.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(pairs):
+        p_len = int(torch.randint(prompt[0], prompt[1] + 1, (1,), generator=gen))
+        prompt_ids = torch.randint(3, vocab_size, (p_len,), generator=gen)
+        pair = []
+        for _ in range(2):
+            r_len = int(torch.randint(response[0], response[1] + 1, (1,), generator=gen))
+            resp = torch.cat([torch.randint(3, vocab_size, (r_len - 1,), generator=gen), torch.tensor([2])])
+            pair.append((prompt_ids, resp))
+        rows.append(pair)
+    ordered = [r[0] for r in rows] + [r[1] for r in rows]  # chosen rows first, then rejected
+    seq = max(len(p) + len(r) for p, r in ordered)
+    input_ids = torch.zeros(len(ordered), seq, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, (p, r) in enumerate(ordered):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.cat([p, r])
+        attention_mask[i, :n] = 1
+        labels[i, len(p) : n] = r
+    return input_ids, attention_mask, labels

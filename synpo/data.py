@@ -46,6 +46,7 @@ __all__ = [
     "PreferenceExample",
     "ReadReport",
     "frame_count",
+    "probe_video",
     "read_preference_jsonl",
     "sample_video_frames",
 ]
@@ -297,6 +298,24 @@ def sample_video_frames(
         raise DataError(f"{path}: cannot decode video ({exc})") from exc
 
 
+def probe_video(path: str | os.PathLike) -> float:
+    """Open a video with PyAV and return its duration in seconds; :class:`DataError` if unusable."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            return (container.duration or 0) / 1_000_000
+    except DataError:
+        raise
+    except (av.error.FFmpegError, OSError) as exc:
+        raise DataError(f"{path}: cannot open video ({exc})") from exc
+
+
 def _load_images(paths: Sequence[str]) -> list:
     from PIL import Image, UnidentifiedImageError
 
@@ -520,15 +539,24 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     Text-only data is tokenized up front (so truncation counts and dropped pairs are known before
     training and indices are stable). Pairs with media are encoded on access (frame decoding is
-    costly); one whose prompt cannot fit comes back as ``None`` and the collator drops it.
+    costly); their media files are opened and checked here, before training, so that a bad file is
+    reported as ``file:line`` up front (or, with ``on_error="skip"``, dropped and counted) rather
+    than failing mid-epoch. A lazily encoded pair that still fails, or whose prompt cannot fit, comes
+    back as ``None`` and the collator drops it (counted).
     """
 
-    def __init__(self, examples: Sequence[PreferenceExample], encoder: PairEncoder):
+    def __init__(
+        self, examples: Sequence[PreferenceExample], encoder: PairEncoder, *, on_error: str = "raise"
+    ):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error: must be 'raise' or 'skip', got {on_error!r}")
         self.encoder = encoder
+        self.on_error = on_error
+        self.media_skipped = 0
         lazy = encoder.supports_media and any(ex.has_media for ex in examples)
         self.lazy = lazy
         if lazy:
-            self.examples = list(examples)
+            self.examples = [ex for ex in examples if self._media_ok(ex)]
             self.encoded: list[EncodedPair] | None = None
         else:
             self.examples = []
@@ -539,13 +567,31 @@ class PreferenceDataset(torch.utils.data.Dataset):
                     self.examples.append(example)
                     self.encoded.append(pair)
 
+    def _media_ok(self, example: PreferenceExample) -> bool:
+        try:
+            for path in [example.video] if example.video else []:
+                probe_video(path)
+            if example.images:
+                _load_images(example.images)
+        except DataError as exc:
+            if self.on_error == "raise":
+                raise DataError(f"{example.source}: {exc}") from exc
+            self.media_skipped += 1
+            return False
+        return True
+
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> EncodedPair | None:
         if self.encoded is not None:
             return self.encoded[index]
-        return self.encoder.encode(self.examples[index], index=index)
+        try:
+            return self.encoder.encode(self.examples[index], index=index)
+        except DataError:
+            if self.on_error == "raise":
+                raise
+            return None  # dropped by the collator, counted as a dropped pair
 
     def fingerprint(self) -> str:
         """A hash of the examples and token ids (text data) for keying cached reference log-probs."""

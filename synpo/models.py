@@ -142,7 +142,7 @@ def _vision_prefixes(model: nn.Module) -> tuple[str, ...]:
         return ()
 
 
-def apply_lora(model: nn.Module, lora_cfg: LoraConfig, *, is_vision: bool = False) -> nn.Module:
+def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     """Wrap ``model`` with peft LoRA adapters on ``lora_cfg.target_modules`` of the language model.
 
     Upstream defaults: r=128, lora_alpha=64, dropout 0.05 on q/k/v/o/gate/up/down projections. The
@@ -157,11 +157,9 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, *, is_vision: bool = Fals
         raise ValueError(
             f"lora.target_modules: none of {lora_cfg.target_modules} exist in {type(model).__name__}"
         )
-    exclude = None
-    if is_vision:
-        prefixes = _vision_prefixes(model)
-        if prefixes:
-            exclude = "^(" + "|".join(re.escape(p.rstrip(".")) for p in prefixes) + r")(\..*)?$"
+    # A VLM's vision tower has q/k/v projections too: exclude the tower and projector explicitly.
+    prefixes = _vision_prefixes(model)
+    exclude = "^(" + "|".join(re.escape(p.rstrip(".")) for p in prefixes) + r")(\..*)?$" if prefixes else None
     peft_cfg = PeftLoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,

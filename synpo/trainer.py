@@ -329,7 +329,7 @@ class Trainer:
         if reference_mode == "copy":
             reference = build_reference(policy, cfg.loss, cfg.model, seed=cfg.train.seed)
         if cfg.lora.enabled:
-            policy = apply_lora(policy, cfg.lora, is_vision=loaded.is_vision)
+            policy = apply_lora(policy, cfg.lora)
         self.policy = policy
         trainable, total = trainable_parameter_count(policy)
         self.model_source = loaded.source
@@ -449,7 +449,7 @@ class Trainer:
         )
         if data.pack and self.processor is not None:
             raise ConfigError("data.pack: not supported for vision-language models")
-        self.dataset = PreferenceDataset(examples, encoder)
+        self.dataset = PreferenceDataset(examples, encoder, on_error=data.on_error)
         if len(self.dataset) == 0:
             raise DataError(f"{path}: every pair was dropped by tokenization ({encoder.stats.summary()})")
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, pack=data.pack)
@@ -466,6 +466,8 @@ class Trainer:
             logger.info("data %s", report.summary())
             if not self.dataset.lazy:
                 logger.info("tokenization: %s", encoder.stats.summary())
+            if self.dataset.media_skipped:
+                logger.warning("%d pairs skipped: unreadable video/image files", self.dataset.media_skipped)
             if self.plan.unused_pairs_per_epoch:
                 logger.info(
                     "%d pairs per epoch do not fill an optimizer step of %d pairs and are not used",
@@ -678,29 +680,45 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt.load_torch_state(path / "scheduler.pt"))
         return state
 
+    def _cpu_state_dict(self, policy) -> dict[str, torch.Tensor]:
+        """The policy's state dict on CPU (rank 0; empty elsewhere). Under ZeRO-3 each partitioned
+        parameter is gathered on its own, so only one full parameter is materialized at a time."""
+        if self.engine is None or _zero_stage(self.ds_config) != 3:
+            if not self.dist.is_main:
+                return {}
+            return {k: v.detach().to("cpu").clone() for k, v in policy.state_dict().items()}
+        import deepspeed
+
+        gathered: dict[int, torch.Tensor] = {}
+        for param in policy.parameters():
+            if not hasattr(param, "ds_id"):
+                continue
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if self.dist.is_main:
+                    gathered[id(param)] = param.detach().to("cpu").clone()
+        if not self.dist.is_main:
+            return {}
+        state = {}
+        for key, value in policy.state_dict(keep_vars=True).items():
+            state[key] = gathered[id(value)] if id(value) in gathered else value.detach().to("cpu").clone()
+        return state
+
     def export_model(self, directory: Path) -> Path:
-        """Save the trained policy (LoRA adapter or full model, safetensors) and tokenizer/processor."""
+        """Save the trained policy (LoRA adapter or full model, safetensors) and tokenizer/processor,
+        atomically (temp directory + rename)."""
+        import shutil
+
         policy = self.objective.policy
-        gathered = contextlib.nullcontext()
-        if self.engine is not None and _zero_stage(self.ds_config) == 3:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
-        with gathered:
-            if self.dist.is_main:
-                tmp = directory.with_name(f".{directory.name}.tmp")
-                if tmp.exists():
-                    import shutil
-
-                    shutil.rmtree(tmp)
-                state = {k: v.detach().to("cpu").clone() for k, v in policy.state_dict().items()}
-                policy.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-                (self.processor or self.tokenizer).save_pretrained(str(tmp))
-                if directory.exists():
-                    import shutil
-
-                    shutil.rmtree(directory)
-                os.replace(tmp, directory)
+        state = self._cpu_state_dict(policy)
+        if self.dist.is_main:
+            tmp = directory.with_name(f".{directory.name}.tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            policy.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            (self.processor or self.tokenizer).save_pretrained(str(tmp))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
         self.dist.barrier()
         return directory
 
@@ -752,6 +770,10 @@ class Trainer:
             "skipped_steps": 0,
             "pairs_dropped": 0,
             "tokens_seen": 0,
+            # What truncation cut from the batches trained on (repeats every epoch); the dataset-level
+            # counts are logged at start-up (text) and in the summary.
+            "truncated_rows_seen": 0,
+            "tokens_cut_seen": 0,
         }
         resume_from = None
         if cfg.checkpoint.resume:
@@ -872,6 +894,8 @@ class Trainer:
         for _ in range(accumulation):
             raw = next(micro_iter)
             counters["pairs_dropped"] += raw.get("dropped_pairs", 0)
+            counters["truncated_rows_seen"] += raw.get("truncated_rows", 0)
+            counters["tokens_cut_seen"] += raw.get("tokens_cut", 0)
             if raw.get("empty"):
                 # Every pair of the micro-batch was dropped (a media prompt longer than max_length).
                 counters["skipped_empty"] += 1

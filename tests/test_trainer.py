@@ -22,6 +22,16 @@ METRIC_KEYS = {
 }  # fmt: skip
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    # Tiny models run fastest on one thread, and on a busy CI machine multi-threaded tiny ops
+    # oversubscribe the cores (4x slower measured); the subprocesses below get OMP_NUM_THREADS=1.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def base_config(output_dir, **sections) -> dict:
     config = {
         "model": {"tiny": {"hidden_size": 32, "layers": 2, "heads": 2}},

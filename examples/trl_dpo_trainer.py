@@ -171,39 +171,43 @@ def _trainer_class():
     return FusedPreferenceTrainer
 
 
-def train(loss: str = "synpo", steps: int = 6, pairs: int = 8, lr: float = 5e-3, seed: int = 0):
+def build_trainer(
+    output_dir, loss: str = "synpo", steps: int = 6, pairs: int = 8, lr: float = 5e-3, seed: int = 0
+):
+    """A ``FusedPreferenceTrainer`` on the tiny model (LoRA adapter) and random caption pairs."""
     from peft import LoraConfig
     from trl import DPOConfig
 
     tokenizer = tiny_tokenizer()
     model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
-    dataset = caption_pairs(pairs, seed=seed)
+    args = DPOConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        disable_tqdm=True,
+        dataset_num_proc=None,
+    )
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    return _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=caption_pairs(pairs, seed=seed),
+        processing_class=tokenizer,
+        peft_config=lora,
+        preference_loss=loss,
+    )
+
+
+def train(loss: str = "synpo", steps: int = 6, pairs: int = 8, lr: float = 5e-3, seed: int = 0):
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(
-            output_dir=tmp,
-            max_steps=steps,
-            per_device_train_batch_size=2,
-            learning_rate=lr,
-            lr_scheduler_type="constant",
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=not torch.cuda.is_available(),
-            seed=seed,
-            disable_tqdm=True,
-            dataset_num_proc=None,
-        )
-        lora = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]
-        )
-        trainer = _trainer_class()(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora,
-            preference_loss=loss,
-        )
+        trainer = build_trainer(tmp, loss, steps, pairs, lr, seed)
         trainer.train()
         return [h for h in trainer.state.log_history if "loss" in h]
 

@@ -150,16 +150,22 @@ def test_weight_grad_accumulation_modes(accumulation, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_chunking_invariance_and_oversized_pairs(impl):
-    """One chunk, chunks of several pairs, and pairs larger than the buffer (two-pass) agree."""
+def test_chunking_invariance_and_oversized_pairs(impl, monkeypatch):
+    """One chunk, chunks of several pairs, a buffer grown to fit a pair, and pairs split over
+    sub-chunks (two passes, buffer growth disabled) all agree."""
+    from synpo_kernels.ops import fused_linear_preference as P
+
     hidden, weight, bias, labels = make_batch(4, 15, 24, 61, torch.float64, seed=5)
     counts = (labels[:, 1:] != -100).sum(1)
-    pair_tokens = counts[:4] + counts[4:]
+    largest = int((counts[:4] + counts[4:]).max())
     results = []
-    for rows in (10_000, int(pair_tokens.max()) + 1, 3):
+    for rows, growth in ((10_000, 4), (largest + 1, 4), (largest // 2, 4), (3, 1)):
+        monkeypatch.setattr(P, "PAIR_GROWTH", growth)
         plan = _Plan(labels, -100, True, rows)
-        if rows == 3:
+        if growth == 1:
             assert any(t1 - t0 > 3 for *_, t0, t1 in plan.groups)  # some pairs are split: two passes
+        else:
+            assert plan.max_rows >= largest  # every pair fits the (grown) buffer
         results.append(run_fused(hidden, weight, bias, labels, "synpo", {}, impl, chunk_bytes=rows * 61 * 8))
     for out, grads, _ in results[1:]:
         torch.testing.assert_close(out, results[0][0], rtol=1e-12, atol=1e-13)
@@ -170,7 +176,7 @@ def test_chunking_invariance_and_oversized_pairs(impl):
 def test_plan_groups_whole_pairs():
     _, _, _, labels = make_batch(5, 12, 8, 17, torch.float32, seed=2)
     counts = (R.shift_labels(labels) != -100).sum(1).tolist()
-    plan = _Plan(labels, -100, True, max_rows=9)
+    plan = _Plan(labels, -100, True, max_rows=9, growth=1)
     covered = []
     for g0, g1, t0, t1 in plan.groups:
         covered += list(range(g0, g1))

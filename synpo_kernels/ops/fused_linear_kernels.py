@@ -233,7 +233,8 @@ def _grad_config(n_rows: int, vocab: int, device: torch.device) -> tuple[int, in
     """(BLOCK_M, BLOCK_V, num_warps, row splits)."""
     if INTERPRET:
         return 64, min(4096, _next_pow2(vocab)), 4, 1
-    block_m, block_v, warps = 16, 1024, 8
+    # 8 x 1024 tiles at 8 warps: 32 elements per thread per live array (z, p, d), no spills.
+    block_m, block_v, warps = 8, 1024, 8
     n_vblocks = triton.cdiv(vocab, block_v)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(4 * sms, n_vblocks)))

@@ -25,8 +25,9 @@ gradient in backward. Only the gradients that are needed are computed: with a fr
 (LoRA training, as upstream SynPO) step 5's weight GEMM is skipped (``4 n D V``); under
 ``torch.no_grad()`` only steps 1-3 run (``2 n D V``).
 
-A single pair whose tokens exceed the chunk buffer is processed in sub-chunks, in two passes
-(statistics, then gradients with the logits recomputed): ``8 m D V`` for that pair only.
+The buffer holds ``chunk_bytes`` of logits, grown up to ``PAIR_GROWTH`` (4) times that to fit the
+largest pair whole. A pair beyond even that is processed in sub-chunks, in two passes (statistics,
+then gradients with the logits recomputed): ``8 m D V`` for that pair only.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ __all__ = [
 # Launcher: chunk planning over whole pairs, and the per-chunk work.
 # ---------------------------------------------------------------------------------------------
 
+PAIR_GROWTH = 4
+"""The chunk buffer may grow to this many times ``chunk_bytes`` to hold the largest pair whole."""
+
 
 class _Plan:
     """Token order and chunks of a ``[chosen; rejected]`` batch (built on the host, one sync).
@@ -85,7 +89,7 @@ class _Plan:
     the chunk's pairs, then their rejected rows). ``groups``: ``(p0, p1, t0, t1)`` per chunk.
     """
 
-    def __init__(self, labels, ignore_index, shift, max_rows):
+    def __init__(self, labels, ignore_index, shift, max_rows, growth=None):
         rows, seq = labels.shape
         self.num_pairs = pairs = rows // 2
         aligned, idx = compact_tokens(labels, ignore_index, shift)
@@ -97,6 +101,11 @@ class _Plan:
         offsets = [0]
         for x in c:
             offsets.append(offsets[-1] + x)
+        # The buffer grows (up to `growth` times its budget) to hold the largest pair: a pair split
+        # over several chunks costs a second pass (8 m D V instead of 6).
+        growth = PAIR_GROWTH if growth is None else growth
+        largest_pair = max(c[i] + c[pairs + i] for i in range(pairs))
+        self.max_rows = max_rows = max(max_rows, min(largest_pair, growth * max_rows))
         # Greedy grouping of consecutive pairs under max_rows tokens; an oversized pair stands alone.
         groups = []
         p0, tokens = 0, 0
@@ -130,8 +139,9 @@ class _Plan:
         return c.to(device=device, dtype=dtype, non_blocking=True)
 
 
-def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_index, max_rows):
+def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_index):
     """All chunks; returns per-row ``sum_logp``, ``sum_p`` (2B,) and per-pair losses (B,)."""
+    max_rows = plan.max_rows
     acc = accumulation_dtype(weight.dtype)
     dev = weight.device
     pairs = plan.num_pairs
@@ -193,7 +203,7 @@ class _FusedLinearPreferenceFunction(torch.autograd.Function):
             plan.tok_idx.shape[0], hidden, weight, bias, need_h, need_w, need_b and bias is not None, w_acc
         )
         sum_logp, sum_p, losses = _run(
-            backend, plan, hidden_rows(hidden), weight, bias, grads, spec, tensors, ignore_index, max_rows
+            backend, plan, hidden_rows(hidden), weight, bias, grads, spec, tensors, ignore_index
         )
         ctx.grads = grads
         ctx.meta = (plan.tok_idx, tuple(hidden.shape), hidden.dtype, weight.dtype)

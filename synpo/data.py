@@ -779,11 +779,9 @@ class PreferenceCollator:
 
         vision_keys = sorted({k for p in pairs for k in p.vision_inputs})
         for key in vision_keys:
-            missing = [p.index for p in pairs if key not in p.vision_inputs]
-            if missing:
-                raise DataError(f"a micro-batch mixes pairs with and without {key!r} (pairs {missing[:4]})")
-            # Row order is [chosen...; rejected...], so the media go in that order as well.
-            per_pair = [p.vision_inputs[key] for p in pairs]
+            # Row order is [chosen...; rejected...] and the model matches image features to image
+            # tokens in that order, so the media go in that order too (text-only pairs have none).
+            per_pair = [p.vision_inputs[key] for p in pairs if key in p.vision_inputs]
             batch[key] = torch.cat(per_pair + per_pair, dim=0)
 
         batch["example_index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)

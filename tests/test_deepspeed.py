@@ -61,8 +61,8 @@ def config(output_dir, *, accumulation: int, **sections) -> dict:
     return cfg
 
 
-def launch(tmp_path, cfg: dict, ds_config: dict, *extra: str) -> list[dict]:
-    """Run ``synpo train`` on 2 ranks with torchrun; returns rank 0's metrics rows."""
+def launch(tmp_path, cfg: dict, ds_config: dict, *extra: str, script: str | None = None) -> list[dict]:
+    """Run ``synpo train`` (or ``script``) on 2 ranks with torchrun; returns rank 0's metrics rows."""
     (tmp_path / "ds.json").write_text(json.dumps(ds_config))
     cfg = {**cfg, "deepspeed": str(tmp_path / "ds.json")}
     cfg_path = tmp_path / "cfg.yaml"
@@ -74,9 +74,10 @@ def launch(tmp_path, cfg: dict, ds_config: dict, *extra: str) -> list[dict]:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
+    target = [script] if script else ["-m", "synpo", "train"]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "synpo", "train", "--config", str(cfg_path), *extra,
+        "--master_port", str(free_port()), *target, "--config", str(cfg_path), *extra,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -131,3 +132,46 @@ def test_zero3_dpo_with_lora_reference_and_exact_resume(tmp_path):
     assert resumed[2] == pytest.approx(rows[2], rel=1e-6) or all(
         resumed[2][key] == pytest.approx(rows[2][key], rel=1e-6, abs=1e-9) for key in COMPARED
     )
+
+
+# Rank 1's second micro-batch gets a NaN loss: that rank must skip it (an exactly-zero backward keeps
+# ZeRO's gradient reduction in step) while rank 0 trains normally.
+NAN_ON_RANK_1 = """
+import os, sys
+import synpo.losses as losses
+from synpo.cli import main
+
+real_ops = losses._fused_ops
+calls = [0]
+
+def ops_with_a_nan():
+    fused_loss, sequence_logprobs = real_ops()
+    def loss_fn(*args, **kwargs):
+        calls[0] += 1
+        loss, stats = fused_loss(*args, **kwargs)
+        if os.environ["RANK"] == "1" and calls[0] == 3:
+            return loss * float("nan"), stats
+        return loss, stats
+    return loss_fn, sequence_logprobs
+
+losses._fused_ops = ops_with_a_nan
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_zero3_nan_loss_on_one_rank_is_skipped(tmp_path):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    clean = Trainer(config(tmp_path / "clean", accumulation=4)).train().history  # same pairs, no NaN
+    rows = launch(
+        tmp_path,
+        config(tmp_path / "nan", accumulation=2),
+        {"zero_optimization": {"stage": 3}},
+        script=str(script),
+    )
+    assert [r["skipped_in_step"] for r in rows] == [0, 1, 0]
+    assert [r["pairs"] for r in rows] == [4, 3, 4]
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows)  # no NaN
+    assert rows[0]["loss"] == pytest.approx(clean[0]["loss"], rel=1e-6)
+    # Step 2 lost a quarter of its gradient (its micro-batch contributed zeros, not NaN).
+    assert rows[1]["grad_norm"] != pytest.approx(clean[1]["grad_norm"], rel=1e-3)

@@ -137,3 +137,18 @@ def test_unreadable_video_is_reported_before_training(tmp_path, video_pairs):
         Trainer(config).setup()
     trainer = Trainer(config, overrides={"data.on_error": "skip"}).setup()
     assert len(trainer.dataset) == 4 and trainer.dataset.media_skipped == 1
+
+
+def test_a_micro_batch_may_mix_video_and_text_only_pairs(tmp_path, video_pairs):
+    lines = video_pairs.read_text().splitlines()[:1]
+    lines.append(json.dumps({"prompt": "Say hi.", "chosen": "Hi there.", "rejected": "No."}))
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    config = vlm_config(tmp_path / "run", path)
+    config["data"]["media_dir"] = str(video_pairs.parent)
+    config["train"]["micro_batch_size"] = 2
+    trainer = Trainer(config).setup()
+    batch = trainer.collator([trainer.dataset[0], trainer.dataset[1]])
+    assert batch["pixel_values"].shape[0] == 2 * 2  # the video pair's 2 frames, for both its rows
+    loss, metrics = trainer.objective(**batch)
+    assert torch.isfinite(loss) and metrics[0] == 2

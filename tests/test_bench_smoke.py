@@ -135,10 +135,15 @@ def test_a_failing_run_is_recorded_and_the_next_one_still_runs():
     case = kernels.PRESETS["smoke"].cases[0]
     good = {"kind": "case", "group": "g", "case": kernels.asdict(case), "impl": "naive", "passes": ["fwd"]}
     bad = {**good, "impl": "no_such_impl"}
+    # A failure that names a sticky CUDA error ends that worker; a fresh one runs the rest.
+    sticky = {**good, "impl": "CUDA error: an illegal memory access was encountered"}
     settings = {"device": "cpu", "warmup": 0, "repeats": 1, "threads": 1}
-    results = runner.run_tasks("kernels", [bad, good], settings=settings, isolation="none", timeout_s=120)
+    results = runner.run_tasks(
+        "kernels", [bad, sticky, good], settings=settings, isolation="none", timeout_s=120
+    )
     assert results[0]["status"] == "failed" and "no_such_impl" in results[0]["reason"]
-    assert results[1]["status"] == "ok" and results[1]["passes"]["fwd"]["status"] == "ok"
+    assert results[1]["status"] == "failed" and "illegal memory access" in results[1]["reason"]
+    assert results[2]["status"] == "ok" and results[2]["passes"]["fwd"]["status"] == "ok"
 
 
 def test_out_of_memory_errors_are_recognised():

@@ -294,6 +294,17 @@ class PeakMemory:
         return False
 
 
+def cpu_worker_env() -> dict:
+    """Environment of CPU worker processes: glibc's mmap threshold fixed at its initial 128 KiB.
+
+    glibc raises the threshold as large blocks are freed, after which big tensors come from the heap
+    and stay resident when freed; peak RSS then depends on allocation history, not on what an
+    implementation holds. Fixed, every block above 128 KiB is mapped and unmapped with its tensor.
+    Applied to every implementation alike; an explicit setting in the environment is kept.
+    """
+    return {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether an exception means the device (or host) ran out of memory."""
     import torch

@@ -521,6 +521,8 @@ def _run_pass(case: Case, impl: str, pass_name: str, settings: dict, context) ->
             del out
         result["peak_bytes"] = mem.peak_bytes
         result["total_peak_bytes"] = mem.total_bytes
+        # The gradients the pass returns are part of its peak; what is left is its workspace.
+        result["grad_bytes"] = sum(t.numel() * t.element_size() for t in _grad_tensors(inputs).values())
         result["memory_exact"] = mem.exact
     except Exception as exc:
         if not common.is_out_of_memory(exc):
@@ -719,6 +721,12 @@ def build_records(preset: Preset, tasks, results, settled, rates: dict, memory_m
             "first_call_s": res.get("first_call_s"),
             "peak_bytes": res.get("peak_bytes"),
             "total_peak_bytes": res.get("total_peak_bytes"),
+            "grad_bytes": res.get("grad_bytes"),
+            "workspace_bytes": (
+                max(0, res["peak_bytes"] - res.get("grad_bytes", 0))
+                if res.get("peak_bytes") is not None
+                else None
+            ),
             "memory_method": memory_method if res.get("status") == "ok" else None,
             "memory_exact": res.get("memory_exact"),
             "useful_flops": flops,
@@ -827,6 +835,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup": settings["warmup"],
         "repeats": settings["repeats"],
         "isolation": isolation,
+        "worker_env": None if device.startswith("cuda") else common.cpu_worker_env(),
         "max_pass_s": settings["max_pass_s"],
         "cpu_threads": settings["threads"] or common.default_threads(),
         "implementations": {k: v.label for k, v in IMPLEMENTATIONS.items()},
@@ -849,6 +858,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         summarize=_summarize_task,
         desc="kernels",
+        env=None if device.startswith("cuda") else common.cpu_worker_env(),
     )
     rates = results[0] if results[0].get("status") == "ok" else {}
     meta["gemm_rate_flops_per_s"] = rates.get("flops_per_s")
@@ -858,7 +868,7 @@ def run(args: argparse.Namespace) -> int:
         memory_method = "cuda max_memory_allocated - allocated before the call"
     else:
         processes = "one process per implementation and op" if isolation != "none" else "shared process"
-        memory_method = f"peak RSS - RSS before the call ({processes})"
+        memory_method = f"peak RSS - RSS before the call ({processes}; glibc mmap threshold fixed)"
     meta["memory_method"] = memory_method
     records = build_records(preset, tasks, results[1:], settled, rates, memory_method)
     print()

@@ -3,7 +3,8 @@
 - ``kernels_<preset>_<op>.png``: per op, forward time, forward+backward time and forward+backward
   peak memory against the sizes of the sweep (log scale), one series per implementation; sizes
   where an implementation ran out of memory are marked with an ``x`` on the axis's upper edge.
-- ``trainer_<preset>.png``: per model, step time and peak memory of the four methods.
+- ``trainer_<preset>.png``: per model, step time, peak memory and the memory the step itself adds,
+  for the four methods.
 """
 
 from __future__ import annotations
@@ -116,13 +117,17 @@ def trainer_chart(results_path: Path, out_dir: Path) -> list[Path]:
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     models = list(dict.fromkeys(r["model"] for r in records))
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, 3.6 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 3.6 * len(models)), squeeze=False)
     for row, model in enumerate(models):
         recs = [r for r in records if r["model"] == model]
         names = [r["method"] for r in recs]
         colors = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#d62728"][: len(recs)]
         for col, (key, scale, label) in enumerate(
-            (("step_s", 1e3, "step time (ms)"), ("peak_bytes", 1 / 2**30, "peak memory (GiB)"))
+            (
+                ("step_s", 1e3, "step time (ms)"),
+                ("peak_bytes", 1 / 2**30, "peak memory (GiB)"),
+                ("step_bytes", 1 / 2**30, "memory added by the step (GiB)"),
+            )
         ):
             ax = axes[row][col]
             values = [r[key] * scale if r["status"] == "ok" and r.get(key) else 0.0 for r in recs]

@@ -179,6 +179,8 @@ def _run_worker(
         proc.stdin.close()
 
         position = 0  # index into pending of the task the worker is on
+        in_task = False  # between START and RESULT of pending[position]
+        finished = 0  # tasks this worker completed
         started = time.monotonic()
         while True:
             try:
@@ -189,6 +191,7 @@ def _run_worker(
                 break
             if line.startswith(START_PREFIX):
                 position = int(line[len(START_PREFIX) :])
+                in_task = True
                 started = time.monotonic()
                 progress.running(describe(tasks[pending[position]]))
             elif line.startswith(RESULT_PREFIX):
@@ -196,6 +199,8 @@ def _run_worker(
                 local = result.pop("_index")
                 record(pending[local], result)
                 position = local + 1
+                in_task = False
+                finished += 1
                 started = time.monotonic()
             if time.monotonic() - started > timeout_s:
                 _kill(proc)
@@ -208,6 +213,10 @@ def _run_worker(
                     record(i, {"status": "skipped", "reason": reason})
                 return []
         code = proc.wait()
+        if position < len(pending) and not in_task and finished:
+            # The worker chose to stop between tasks (its CUDA context was unusable): a fresh one
+            # runs the rest.
+            return pending[position:]
         if position < len(pending):
             if code < 0:
                 why = f"worker killed by signal {-code}"

@@ -167,13 +167,14 @@ def markdown(proj: dict) -> str:
             if est
             else "One-GPU compute and memory: **measured** (`benchmarks/results/trainer_gpu.json`, model 7b)."
         ),
+        "",
         f"Links: all-gather bus bandwidth {proj['links'].intra_node_busbw / 1e9:.0f} GB/s within a node of "
         f"{proj['links'].gpus_per_node} GPUs, {proj['links'].inter_node_busbw / 1e9:.0f} GB/s across nodes "
         "(assumed).",
         "",
         "| GPUs | comm/step SynPO | comm/step DPO+ref | step SynPO fused (overlap..serial) | "
-        "step DPO+ref naive (overlap..serial) | saving vs DPO+ref naive | of it, reference-free | "
-        "memory/GPU SynPO fused | memory/GPU DPO+ref naive |",
+        "step DPO+ref naive (overlap..serial) | saving vs DPO+ref naive | "
+        "reference-free alone (vs DPO+ref fused) | memory/GPU SynPO fused | memory/GPU DPO+ref naive |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 

@@ -436,17 +436,18 @@ def run(args: argparse.Namespace) -> int:
         "threads": preset.threads if args.threads is None else args.threads,
     }
     isolation = args.isolation or preset.isolation
-    memory_method = (
-        "cuda max_memory_allocated in the step (weights included); "
-        "step memory = above what was allocated before it"
-        if device == "cuda"
-        else "peak RSS of the step (weights included); step memory = above the RSS before it"
-        + (
-            "; one process per method"
-            if preset.per_method_process and isolation != "none"
-            else "; shared process"
+    if device == "cuda":
+        memory_method = (
+            "cuda max_memory_allocated in the step (weights included); "
+            "step memory = above what was allocated before it"
         )
-    )
+    else:
+        separate = preset.per_method_process and isolation != "none"
+        processes = "one process per method" if separate else "shared process"
+        memory_method = (
+            "peak RSS of the step (weights included); step memory = above the RSS before it "
+            f"({processes}; glibc mmap threshold fixed)"
+        )
     meta = {
         **common.provenance(device),
         "preset": preset.name,
@@ -454,6 +455,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup_steps": settings["warmup_steps"],
         "steps": settings["steps"],
         "isolation": isolation,
+        "worker_env": None if device.startswith("cuda") else common.cpu_worker_env(),
         "memory_method": memory_method,
         "autocast": "bf16" if preset.autocast_bf16 else None,
         "cpu_threads": settings["threads"] or common.default_threads(),
@@ -478,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
             else f"{r.get('status')} {r.get('reason') or ''}"
         ),
         desc="trainer",
+        env=None if device.startswith("cuda") else common.cpu_worker_env(),
     )
     records = build_records(preset, tasks, results, memory_method)
     print()

@@ -3,7 +3,8 @@
 Reads ``{"settings": ..., "tasks": [...]}`` on stdin and runs the tasks in order. The protocol goes
 to a private copy of stdout; the process's own stdout is pointed at stderr, so that anything a
 library prints cannot corrupt it. An exception inside a task becomes that task's ``failed`` result
-(out-of-memory errors are handled by the task code and reported as ``oom``).
+(out-of-memory errors are handled by the task code and reported as ``oom``). After a CUDA error that
+leaves the context unusable the worker stops, and the runner continues in a fresh process.
 """
 
 from __future__ import annotations
@@ -45,8 +46,23 @@ def main() -> int:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             result = {"status": "failed", "reason": f"{type(exc).__name__}: {first}"}
         protocol.write(RESULT_PREFIX + json.dumps({"_index": index, **result}, default=str) + "\n")
+        if result.get("status") == "failed" and _context_broken(result.get("reason", "")):
+            break  # later tasks need a fresh process; the runner starts one for them
     protocol.close()
     return 0
+
+
+# CUDA errors after which a process's context is unusable (every later call would fail too).
+_STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "CUDA error",
+)
+
+
+def _context_broken(reason: str) -> bool:
+    return any(text in reason for text in _STICKY_CUDA_ERRORS) and "out of memory" not in reason
 
 
 if __name__ == "__main__":

@@ -186,6 +186,8 @@ class TrainConfig:
     # fp32, or bf16 autocast (DeepSpeed: its bf16 mode). fp16 only through DeepSpeed (loss scaling).
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"  # auto: cuda when available (per local rank), else cpu
+    # CPU threads for torch (null: torch's default; under DeepSpeed on CPU: OMP_NUM_THREADS or 1).
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -552,6 +554,7 @@ def validate_config(config: TrainerConfig) -> None:
     _positive(train.max_steps, "train.max_steps")
     _positive(train.micro_batch_size, "train.micro_batch_size")
     _positive(train.gradient_accumulation_steps, "train.gradient_accumulation_steps")
+    _positive(train.cpu_threads, "train.cpu_threads")
     if train.seed < 0:
         raise ConfigError(f"train.seed: must be >= 0, got {train.seed}")
 

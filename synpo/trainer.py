@@ -152,7 +152,7 @@ def _select_device(requested: str, local_rank: int) -> torch.device:
     return device
 
 
-def _init_deepspeed_distributed(device: torch.device) -> None:
+def _init_deepspeed_distributed(device: torch.device, cpu_threads: int | None) -> None:
     if device.type == "cpu":
         # Must precede DeepSpeed's accelerator detection; gloo is the CPU backend.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -162,7 +162,8 @@ def _init_deepspeed_distributed(device: torch.device) -> None:
     if device.type == "cpu":
         # Skip JIT-building the shared-memory all-reduce op (~25 s, and gloo does the job).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        # Ranks share the cores: one thread each unless told otherwise.
+        torch.set_num_threads(cpu_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
 
 
@@ -303,8 +304,10 @@ class Trainer:
         device = _select_device(cfg.train.device, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if device.type == "cpu" and cfg.train.cpu_threads:
+            torch.set_num_threads(cfg.train.cpu_threads)
         if self.use_deepspeed:
-            _init_deepspeed_distributed(device)
+            _init_deepspeed_distributed(device, cfg.train.cpu_threads)
             import torch.distributed as dist
 
             self.dist = _Dist(

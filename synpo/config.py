@@ -198,6 +198,8 @@ class CheckpointConfig:
     save_at_end: bool = True
     # Resume: null (fresh run), "auto" (latest checkpoint in output_dir, if any) or a checkpoint path.
     resume: str | None = None
+    # A fresh run into an output_dir that holds checkpoints: an error, or (true) delete them first.
+    overwrite: bool = False
 
 
 @dataclass

@@ -80,12 +80,13 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from synpo.checkpoint import CheckpointError
     from synpo.data import DataError
     from synpo.trainer import Trainer
 
     try:
         result = Trainer(config).train()
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"synpo train: {exc}", file=sys.stderr)
         return 2
     if rank == 0:

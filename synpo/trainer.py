@@ -788,8 +788,8 @@ class Trainer:
             if dist.is_main:
                 logger.info("resumed from %s at step %d", resume_from, start_step)
                 _truncate_metrics(metrics_path, start_step)
-        elif dist.is_main and metrics_path.exists():
-            metrics_path.unlink()  # a fresh run starts a fresh log
+        else:
+            self._prepare_fresh_output(metrics_path)
         ref_cache = self._reference_cache()
         if resume_from is not None:
             ckpt.load_rng_state(resume_from, dist.rank)
@@ -888,6 +888,29 @@ class Trainer:
             history=history,
             summary=summary,
         )
+
+    def _prepare_fresh_output(self, metrics_path: Path) -> None:
+        """A fresh run must not mix its checkpoints with an earlier run's (pruning keeps the highest
+        steps, which would be the old ones): refuse, or delete them with checkpoint.overwrite."""
+        existing = ckpt.list_checkpoints(self.output_dir)
+        self.dist.barrier()  # every rank looked before rank 0 deletes anything
+        if existing and not self.config.checkpoint.overwrite:
+            raise ConfigError(
+                f"checkpoint.output_dir: {self.output_dir} holds checkpoints of an earlier run "
+                f"(latest {existing[-1].name}); resume with --resume, choose another output_dir, "
+                "or set checkpoint.overwrite: true to delete them"
+            )
+        if self.dist.is_main:
+            if existing:
+                import shutil
+
+                shutil.rmtree(ckpt.checkpoint_root(self.output_dir))
+                logger.warning(
+                    "checkpoint.overwrite: deleted the earlier run's checkpoints in %s", self.output_dir
+                )
+            if metrics_path.exists():
+                metrics_path.unlink()  # a fresh run starts a fresh log
+        self.dist.barrier()
 
     def _accumulate(self, micro_iter, ref_cache, counters: dict, step: int) -> torch.Tensor:
         """Forward/backward over one optimizer step's micro-batches; returns this rank's metric sums

@@ -142,7 +142,9 @@ def test_dpo_with_a_frozen_copy_and_cached_reference(tmp_path):
     assert values.shape[1] == 2 and torch.isfinite(values).all() and (values < 0).all()
     # A second run reuses the cache (same data/model key) and trains identically.
     mtime = (tmp_path / "ref.safetensors").stat().st_mtime_ns
-    again = Trainer(cached_cfg).train()
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):
+        Trainer(cached_cfg).train()
+    again = Trainer(cached_cfg, overrides={"checkpoint.overwrite": True}).train()
     assert (tmp_path / "ref.safetensors").stat().st_mtime_ns == mtime
     assert losses(again) == losses(cached)
 

@@ -16,7 +16,9 @@ Suites (``--suite``):
   6nDV floor uses a bf16 8192^3 matmul measured in the same run. Peers that are not installed are
   reported as missing (the GPU image has no network: ``pip download --no-deps liger-kernel
   cut-cross-entropy`` on the CPU machine and carry the wheels).
-- ``cpu``: n=4096 (8 rows x 513), D=1024, V=32768, fp32 on CPU: ``fused`` vs ``naive``. Time: median
+- ``cpu``: n=4096 (16 rows x 257: 8 pairs of 256-token responses), D=1024, V=32768, fp32 on CPU:
+  ``fused`` vs ``naive``. The fused path's memory is one chunk buffer, max(``chunk_bytes`` = 64 MiB,
+  largest pair x V x 4 bytes): with 512-token responses (``--set rows=8 seq=513``) it is 128 MiB. Time: median
   wall clock after one warm-up; memory: peak RSS (``ru_maxrss``) of a fresh process running one
   fwd+bwd, minus its RSS just before the call (inputs allocated), and the same minus the gradients.
 - ``video``: a video-captioning-shaped batch, each row 2048 prompt/video positions + 256 response
@@ -55,7 +57,8 @@ def case_config(suite: str, device: str, args) -> dict:
     if suite == "gpu":
         return dict(rows=16, seq=1025, prompt=1, dim=4096, vocab=152064, dtype="bfloat16", device="cuda")
     if suite == "cpu":
-        return dict(rows=8, seq=513, prompt=1, dim=1024, vocab=32768, dtype="float32", device="cpu")
+        # 8 pairs of 256-token responses (caption-sized); `--set rows=8 seq=513` gives 512-token ones.
+        return dict(rows=16, seq=257, prompt=1, dim=1024, vocab=32768, dtype="float32", device="cpu")
     if suite == "video":
         if device == "cuda":
             return dict(rows=args.video_rows or 4, seq=2304, prompt=2048, dim=4096, vocab=152064,

@@ -348,3 +348,42 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     hidden, weight, _, labels = make_batch(1, 6, 8, 11, torch.float32, device="cpu")
     with pytest.raises(ValueError, match="impl: 'triton' cannot run here"):
         sk.fused_linear_synpo_loss(hidden, weight, labels, impl="triton")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="device-memory accounting needs a CUDA device (CPU: benchmarks)")
+def test_cuda_memory_stays_bounded():
+    """No N x V tensor: peak device memory beyond inputs and grads stays near the chunk buffer."""
+    rows, seq, dim, vocab = 8, 513, 256, 32768
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(rows, seq, dim, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+    weight = (torch.randn(vocab, dim, device="cuda", generator=gen) / 16).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, vocab, (rows, seq), device="cuda", generator=gen)
+    labels[:, :1] = -100
+    chunk = 64 << 20  # one pair: 1024 tokens x 32768 x 2 bytes = 64 MiB
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sk.fused_linear_synpo_loss(hidden, weight, labels, chunk_bytes=chunk).backward()
+    torch.cuda.synchronize()
+    grads = 2 * (hidden.numel() + weight.numel()) + 4 * weight.numel()  # + fp32 accumulator
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    logits_bytes = rows * seq * vocab * 2
+    assert extra < chunk + (16 << 20), f"{extra / 2**20:.1f} MiB beyond inputs and grads"
+    assert extra < logits_bytes / 2
+
+
+def test_torch_compile_graph_breaks_cleanly():
+    """Inside a torch.compile'd function the fused loss runs (graph break at the host-side planning)."""
+    hidden, weight, _, labels = make_batch(2, 9, 16, 33, torch.float32, bias=False, seed=3)
+
+    def step(h, w, y):
+        return sk.fused_linear_synpo_loss(torch.tanh(h) * 2, w, y)
+
+    compiled = torch.compile(step, backend="eager")
+    out = compiled(hidden, weight, labels)
+    got = torch.autograd.grad(out, (hidden, weight))
+    ref = step(hidden, weight, labels)
+    expected = torch.autograd.grad(ref, (hidden, weight))
+    torch.testing.assert_close(out, ref)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)

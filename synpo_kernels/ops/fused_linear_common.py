@@ -7,9 +7,11 @@ Design (both fused linear ops, every device):
   and enter a GEMM; the hidden gradient is scattered back at the end. FLOPs scale with response
   tokens ``n``, not sequence length (a video-captioning row of 2048 prompt/video tokens + 256
   response tokens costs 256 rows of lm_head work, not 2304). Planning the chunks needs the token
-  counts on the host: one device sync per call (``nonzero``), plus one for the label range check.
+  counts on the host: host syncs per call are the label range check, ``nonzero`` and (preference
+  losses) the per-row counts; none inside the chunk loop.
 - **Chunk buffer.** Logits exist only as one ``(m, V)`` buffer in the input dtype, ``m`` chosen so
-  the buffer fits ``chunk_bytes`` (default 64 MiB on CPU, 640 MiB on CUDA). Per chunk:
+  the buffer fits ``chunk_bytes`` (default 64 MiB on CPU, 640 MiB on CUDA; the preference op grows it
+  up to 4x to hold its largest ``[chosen, rejected]`` pair whole). Per chunk:
   ``logits = h_c @ W^T (+ b)`` (one GEMM, ``2 m D V``), a row pass for the fp32 log-sum-exp and
   target log-prob, and, when gradients are due, a row pass overwriting the buffer with
   ``g_t * (onehot - softmax)`` followed by ``grad_h_c = dlogits @ W`` and
@@ -27,6 +29,9 @@ Design (both fused linear ops, every device):
   in the weight's dtype with ``addmm_`` (one rounding per chunk; no extra ``V x D`` buffer).
   ``"auto"`` = fp32 when the weight is fp32/fp64 (then it *is* native) or when the fp32 buffer is at
   most 1 GiB, native otherwise (at V=152064, D=4096 the fp32 buffer would be 2.5 GB).
+- **torch.compile.** The Triton row passes are ``torch.library.triton_op``s (traceable). The fused
+  autograd Functions plan their chunks on the host from data-dependent token counts, so a compiled
+  region graph-breaks at the loss call; the model's forward compiles as usual.
 """
 
 from __future__ import annotations

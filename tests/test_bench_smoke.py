@@ -137,7 +137,13 @@ def test_a_failing_run_is_recorded_and_the_next_one_still_runs():
     bad = {**good, "impl": "no_such_impl"}
     # A failure that names a sticky CUDA error ends that worker; a fresh one runs the rest.
     sticky = {**good, "impl": "CUDA error: an illegal memory access was encountered"}
-    settings = {"device": "cpu", "warmup": 0, "repeats": 1, "threads": 1}
+    settings = {
+        "device": "cpu",
+        "warmup": 0,
+        "repeats": 1,
+        "threads": 1,
+        "rates": {"dtype": "float32", "gemm_size": 64, "copy_bytes": 1 << 16},
+    }
     results = runner.run_tasks(
         "kernels", [bad, sticky, good], settings=settings, isolation="none", timeout_s=120
     )

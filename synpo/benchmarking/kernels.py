@@ -538,19 +538,27 @@ def run_task(task: dict, settings: dict, context: dict) -> dict:
     """Worker entry: a ``rates`` task or one (op, size, implementation) with both passes."""
     import torch
 
-    device = settings["device"]
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
     if task["kind"] == "rates":
-        out = {"status": "ok"}
-        out.update(common.measure_matmul_rate(device, task["dtype"], task["gemm_size"]))
-        out.update(common.measure_copy_bandwidth(device, task["copy_bytes"]))
-        return out
+        return {"status": "ok", **_reference_rates(settings, context)}
     case = Case(**task["case"])
     passes = {}
     for pass_name in task["passes"]:
         passes[pass_name] = _run_pass(case, task["impl"], pass_name, settings, context)
-    return {"status": "ok", "passes": passes}
+    return {"status": "ok", "passes": passes, "rates": _reference_rates(settings, context)}
+
+
+def _reference_rates(settings: dict, context: dict) -> dict:
+    """GEMM rate and copy bandwidth, measured once per worker process: the floors of the runs in
+    that process are taken at rates measured under the same conditions (on a shared CPU, the load
+    of the moment)."""
+    if "rates" not in context:
+        spec, device = settings["rates"], settings["device"]
+        rates = common.measure_matmul_rate(device, spec["dtype"], spec["gemm_size"])
+        rates.update(common.measure_copy_bandwidth(device, spec["copy_bytes"]))
+        context["rates"] = rates
+    return context["rates"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,9 +693,12 @@ def build_records(preset: Preset, tasks, results, settled, rates: dict, memory_m
     raw: list[tuple[Case, str, str, dict]] = list(settled)
     for task, result in zip(tasks, results):
         case = Case(**task["case"])
+        task_rates = result.get("rates") or rates
         for pass_name in task["passes"]:
             if result.get("status") == "ok":
-                raw.append((case, task["impl"], pass_name, result["passes"][pass_name]))
+                raw.append(
+                    (case, task["impl"], pass_name, {**result["passes"][pass_name], "_rates": task_rates})
+                )
             else:
                 raw.append((case, task["impl"], pass_name, result))
     order = {c: i for i, c in enumerate(preset.cases)}
@@ -737,17 +748,20 @@ def build_records(preset: Preset, tasks, results, settled, rates: dict, memory_m
         for key, value in res.items():
             if key.startswith("grad_norm_"):
                 rec[key] = value
+        rates_here = res.get("_rates") or rates
+        rec["gemm_rate_flops_per_s"] = rates_here.get("flops_per_s")
+        rec["copy_bytes_per_s"] = rates_here.get("bytes_per_s")
         if rec["status"] == "ok" and rec["median_s"]:
             t = rec["median_s"]
             if flops is not None:
                 rec["achieved_tflops"] = flops / t / 1e12
-                if rates.get("flops_per_s"):
-                    rec["floor_s"] = flops / rates["flops_per_s"]
+                if rates_here.get("flops_per_s"):
+                    rec["floor_s"] = flops / rates_here["flops_per_s"]
                     rec["floor_kind"] = f"{'2' if pass_name == 'fwd' else '6'}nDV at the measured GEMM rate"
             elif nbytes is not None:
                 rec["achieved_gbps"] = nbytes / t / 1e9
-                if rates.get("bytes_per_s"):
-                    rec["floor_s"] = nbytes / rates["bytes_per_s"]
+                if rates_here.get("bytes_per_s"):
+                    rec["floor_s"] = nbytes / rates_here["bytes_per_s"]
                     rec["floor_kind"] = "bytes at the measured copy bandwidth"
             if rec.get("floor_s"):
                 rec["pct_of_floor"] = 100.0 * rec["floor_s"] / t
@@ -813,19 +827,14 @@ def run(args: argparse.Namespace) -> int:
             max_memory = int(0.7 * avail) if avail else None
     tasks, settled = plan_tasks(preset, device, ops, args.impls, max_memory)
     dtype = preset.cases[0].dtype
-    rates_task = {
-        "kind": "rates",
-        "group": tasks[0]["group"] if tasks else "rates",
-        "dtype": dtype,
-        "gemm_size": preset.gemm_size,
-        "copy_bytes": preset.copy_bytes,
-    }
+    rates_task = {"kind": "rates", "group": tasks[0]["group"] if tasks else "rates"}
     settings = {
         "device": device,
         "warmup": args.warmup if args.warmup is not None else preset.warmup,
         "repeats": args.repeats if args.repeats is not None else preset.repeats,
         "threads": preset.threads if args.threads is None else args.threads,
         "max_pass_s": preset.max_pass_s,
+        "rates": {"dtype": dtype, "gemm_size": preset.gemm_size, "copy_bytes": preset.copy_bytes},
     }
     isolation = args.isolation or preset.isolation
     meta = {
@@ -864,6 +873,18 @@ def run(args: argparse.Namespace) -> int:
     meta["gemm_rate_flops_per_s"] = rates.get("flops_per_s")
     meta["gemm"] = f"{rates.get('gemm_size')}^3 {rates.get('gemm_dtype')}" if rates else None
     meta["copy_bandwidth_bytes_per_s"] = rates.get("bytes_per_s")
+    measured = [r["rates"] for r in results[1:] if r.get("rates")] + ([rates] if rates else [])
+    if measured:
+        # Each worker measures its own reference rates (the floor of its runs): their spread shows
+        # how much the machine's load moved during the sweep.
+        meta["gemm_rate_range_flops_per_s"] = [
+            min(r["flops_per_s"] for r in measured),
+            max(r["flops_per_s"] for r in measured),
+        ]
+        meta["copy_bandwidth_range_bytes_per_s"] = [
+            min(r["bytes_per_s"] for r in measured),
+            max(r["bytes_per_s"] for r in measured),
+        ]
     if device.startswith("cuda"):
         memory_method = "cuda max_memory_allocated - allocated before the call"
     else:

@@ -28,17 +28,24 @@ def provenance_line(meta: dict) -> str:
     parts.append(str(meta.get("date")))
     line = ", ".join(parts)
     extras = []
-    if meta.get("gemm_rate_flops_per_s"):
-        extras.append(
-            f"measured GEMM rate {meta['gemm_rate_flops_per_s'] / 1e12:.2f} TFLOP/s ({meta.get('gemm')})"
-        )
-    if meta.get("copy_bandwidth_bytes_per_s"):
-        extras.append(f"copy bandwidth {meta['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    gemm = meta.get("gemm_rate_range_flops_per_s") or [meta.get("gemm_rate_flops_per_s")] * 2
+    if gemm[0]:
+        extras.append(f"measured GEMM rate {_span(gemm, 1e12, '.3g')} TFLOP/s ({meta.get('gemm')})")
+    copy = meta.get("copy_bandwidth_range_bytes_per_s") or [meta.get("copy_bandwidth_bytes_per_s")] * 2
+    if copy[0]:
+        extras.append(f"copy bandwidth {_span(copy, 1e9, '.3g')} GB/s")
+    if meta.get("gemm_rate_range_flops_per_s"):
+        extras.append("each worker process measures the rates its runs' floors use")
     if meta.get("load_average") is not None and meta.get("device_kind") == "cpu":
         extras.append(f"load average {meta['load_average']:.1f} at start")
     if extras:
         line += "; " + ", ".join(extras)
     return line
+
+
+def _span(values, scale: float, spec: str) -> str:
+    lo, hi = (format(v / scale, spec) for v in values)
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 def _early_stop(meta: dict) -> str:

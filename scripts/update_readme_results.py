@@ -79,8 +79,13 @@ def bench_section(draw: bool) -> str:
 
 
 def _existing(path: Path, kind: str) -> list[Path]:
-    pattern = f"{path.stem}_*.png" if kind == "kernels" else f"{path.stem}.png"
-    return sorted((RESULTS / "plots").glob(pattern))
+    """The charts ``plots`` would draw for ``path``, in the same order, without drawing them."""
+    plots_dir = RESULTS / "plots"
+    if kind == "kernels":
+        candidates = [plots_dir / f"{path.stem}_{op}.png" for op in report.OP_TITLES]
+    else:
+        candidates = [plots_dir / f"{path.stem}.png"]
+    return [p for p in candidates if p.is_file()]
 
 
 def replace_between(text: str, markers: tuple[str, str], body: str, where: str) -> str:

@@ -180,3 +180,10 @@ def test_scaling_projection_without_gpu_results_is_labelled_estimated(tmp_path):
     assert 1.45 < ratio < 1.5
     text = scaling.markdown(proj)
     assert "estimated" in text and "| 64 |" in text
+
+
+def test_readme_benchmark_section_is_generated_from_the_committed_results():
+    """The README table is never typed by hand: regenerating it from benchmarks/results changes
+    nothing (after new results: python scripts/update_readme_results.py)."""
+    update = _load_script("update_readme_results")
+    assert update.main(["--check"]) == 0

@@ -1,9 +1,10 @@
 """Charts from benchmark result files: ``python benchmarks/plot.py [FILE.json ...] [--out-dir DIR]``.
 
 Without files: every ``kernels_*.json`` and ``trainer_*.json`` in ``benchmarks/results/`` (smoke
-runs excluded). PNGs go to ``benchmarks/results/plots/``: time and memory vs size per
-implementation for the kernels, step time and peak memory per method for the trainer. The chart
-code is :mod:`synpo.benchmarking.plots`.
+runs excluded). PNGs go to a ``plots/`` folder next to each result file (so the committed charts in
+``benchmarks/results/plots/`` change only when their own results do), or to ``--out-dir``: time and
+memory vs size per implementation for the kernels, step time and peak memory per method for the
+trainer. The chart code is :mod:`synpo.benchmarking.plots`.
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("files", nargs="*", type=Path, help="result JSON files (default: benchmarks/results)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: <results>/plots")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: plots/ next to each result file")
     args = parser.parse_args(argv)
     results_dir = default_results_dir()
     files = args.files or result_files(results_dir)
     if not files:
         print(f"no result files in {results_dir}; run `synpo bench kernels` first", file=sys.stderr)
         return 1
-    out_dir = args.out_dir or results_dir / "plots"
     for path in files:
-        for png in charts_for(path, out_dir):
+        for png in charts_for(path, args.out_dir or path.parent / "plots"):
             print(png)
     return 0
 

@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "token_logprobs.h"
-#include "token_logprobs_cuda.h"
+#include "token_logprobs_kernels.h"
 
 namespace synpo {
 namespace {

@@ -1,7 +1,9 @@
 """Load a CMake-built synpo_kernels _C module on its own and check its ops against PyTorch.
 
-Usage: python scripts/smoke_cmake_build.py build/cmake/_C.cpython-*.so
+Usage: python scripts/smoke_cmake_build.py build/cmake/_C.cpython-*.so [--expect-cuda]
 Run in a process that has not imported synpo_kernels (both would register the same op library).
+With --expect-cuda (a CUDA build checked on a machine without a GPU), it also requires the CUDA
+kernels to be compiled in and registered for the CUDA dispatch key of every op.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ import sys
 import torch
 
 
-def main(path: str) -> int:
+OPS = ("token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_")
+
+
+def cuda_registered(op: str) -> bool:
+    dump = torch._C._dispatch_dump(f"synpo_kernels::{op}")
+    return any(line.startswith("CUDA:") for line in dump.splitlines())
+
+
+def main(path: str, expect_cuda: bool = False) -> int:
     spec = importlib.util.spec_from_file_location("_C", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,8 +42,12 @@ def main(path: str) -> int:
         f"cmake module {path}: built_with_cuda={module.built_with_cuda()} "
         f"logp max err {error:.2e}, grad max err {grad_error:.2e}: {'OK' if ok else 'FAIL'}"
     )
+    if expect_cuda:
+        missing = [op for op in OPS if not cuda_registered(op)]
+        print(f"CUDA kernels compiled in: {module.built_with_cuda()}; CUDA key missing for: {missing or 'none'}")
+        ok = ok and module.built_with_cuda() and not missing
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], expect_cuda="--expect-cuda" in sys.argv[2:]))

@@ -35,3 +35,15 @@ else:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def dispatch_keys(op: str) -> set[str]:
+    """Dispatch keys with a kernel registered for ``torch.ops.synpo_kernels.<op>`` (e.g. ``{"CPU", "CUDA"}``).
+
+    Tells whether a build's CUDA kernels are really in use, also on a machine without a GPU.
+    """
+    import torch
+
+    dump = torch._C._dispatch_dump(f"synpo_kernels::{op}")
+    keys = {line.split(":", 1)[0] for line in dump.splitlines() if ": registered at" in line}
+    return keys - {"debug"}  # the schema's own "debug: registered at" line

@@ -99,6 +99,21 @@ def test_charts_and_readme_section_from_smoke_results(kernels_smoke, trainer_smo
     assert all(p.stat().st_size > 10_000 for p in pngs)
 
 
+def test_plot_script_writes_next_to_its_input_not_over_committed_charts(trainer_smoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    other = tmp_path / "other.json"
+    other.write_text((trainer_smoke[0] / "trainer_smoke.json").read_text())
+    committed = ROOT / "benchmarks" / "results" / "plots"
+    before = {p: p.stat().st_mtime_ns for p in committed.glob("*.png")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(other)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "plots" / "other.png").stat().st_size > 10_000
+    assert {p: p.stat().st_mtime_ns for p in committed.glob("*.png")} == before
+
+
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

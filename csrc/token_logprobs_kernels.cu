@@ -1,7 +1,9 @@
 // CUDA kernels of the fused per-token log-softmax gather.
 //
 // Only CUDA headers here (no torch): the torch glue lives in token_logprobs_cuda.cpp, so this file
-// compiles with plain nvcc, and CPU-only CI compiles it as a check.
+// compiles with plain nvcc, and CPU-only CI compiles it as a check. Naming rule (csrc/README.md):
+// device code `<op>_kernels.cu`, torch glue `<op>_cuda.cpp`; every source stem is unique, because
+// torch's build names object files by stem.
 //
 // Memory-bound design: one thread block per row. Forward reads the row once with 16-byte vector
 // loads, keeping a per-thread online (max, sum of exp) in fp32, then reduces across the block;
@@ -15,7 +17,7 @@
 
 #include <cstdint>
 
-#include "token_logprobs_cuda.h"
+#include "token_logprobs_kernels.h"
 
 namespace synpo {
 namespace cuda {

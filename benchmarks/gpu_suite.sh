@@ -1,93 +1,260 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the CUDA extension, run the GPU tests, run the kernel and trainer
-# benchmarks at their GPU presets, and collect the results. Kept under 10 minutes (SUITE_BUDGET_S).
+# One call on a GPU machine: check that the compiled CUDA kernels are loaded, run the GPU tests, then
+# the kernel and trainer benchmarks at their GPU presets. At most SUITE_BUDGET_S (default 420 s = 7 min).
 #
-#   bash benchmarks/gpu_suite.sh                 # from the repository root, on a machine with a GPU
+#   bash scripts/prepare_gpu_run.sh                        # first, on the CPU machine (build, wheels)
+#   SKIP_BUILD=1 bash benchmarks/gpu_suite.sh              # then on the GPU machine, from anywhere
 #
-# Expects an environment with a CUDA torch (2.11-2.13), Triton, transformers and peft (the project's
-# GPU image: torch 2.11+cu130, triton 3.6; no network). Peers travel as wheels in ./.whl (ignored by
-# git). Prepare them on a machine with network, from the repository root:
+# Stages (each with its own timeout, capped by what is left of the budget; each log in $OUT at once):
+#   1 setup    device, peers from .whl/, the build (unless SKIP_BUILD=1), and the GATE: it stops the
+#              suite at once (exit 3) unless torch sees a CUDA device, synpo_kernels.HAS_CUDA_KERNELS is
+#              true, synpo_kernels::token_logprobs_fwd has a compiled CUDA kernel (not the PyTorch
+#              fallback) and that kernel runs on this device, so a failed build is never benchmarked;
+#   2 tests    pytest tests/kernels (all of it: Triton kernels compiled, the CUDA C++ op; no interpreter;
+#              only that folder is collected, so no module importing av/deepspeed is imported);
+#   3 kernels  synpo bench kernels --preset gpu   (only if the tests passed)
+#   4 trainer  synpo bench trainer --preset gpu   (only if the tests passed)
 #
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl liger-kernel cut-cross-entropy
+# $OUT (a fresh /tmp/gpu_suite.* without it) receives at most 7 files, the device tool's limit being 8:
+# gpu_suite.log (everything), 1_setup.log, 2_tests.log, 3_kernels.log, 4_trainer.log, and after each
+# benchmark stage kernels_gpu.tar.gz / trainer_gpu.tar.gz holding benchmarks/results/<name>.{json,csv}.
+# A call cut short still returns the stages that finished. On the CPU machine afterwards, from the
+# repository root: `tar -xzf <dir>/kernels_gpu.tar.gz; tar -xzf <dir>/trainer_gpu.tar.gz`, then
+# `python benchmarks/plot.py benchmarks/results/kernels_gpu.json benchmarks/results/trainer_gpu.json`
+# and `python scripts/update_readme_results.py` (charts and README are made there, not on the GPU).
 #
-# (both are pure-Python wheels whose needs, torch and triton, are already on the GPU image). This
-# script installs them with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
-# `export PYTHONPATH=/tmp/site`; without .whl they are reported as missing in the results.
+# Expects the project's GPU image (CUDA torch 2.11+cu130, Triton 3.6, transformers, peft, pytest; no
+# network). Peers (liger-kernel, cut-cross-entropy) travel as wheels in ./.whl (ignored by git; made by
+# scripts/prepare_gpu_run.sh) and are installed with pip --no-index --no-deps --target /tmp/site;
+# without them they are reported as missing in the results.
 #
-# Output: benchmarks/results/{kernels,trainer}_gpu.{json,csv} and charts in benchmarks/results/plots/,
-# README.md / docs/scaling.md regenerated from them; and, when $OUT is set, copies in $OUT (at most 8
-# files: the four result files, gpu_suite.log, and gpu_results.tar.gz holding the charts, the regenerated
-# README.md and docs/scaling.md). On the CPU machine afterwards: copy the result files into
-# benchmarks/results/, run `python scripts/update_readme_results.py`, commit.
-#
-# Environment: PYTHON (default python3), SUITE_BUDGET_S (default 570), SYNPO_CUDA_ARCH_LIST (default
-# 9.0a: Hopper, one target keeps the build ~80 s), SKIP_BUILD=1 (extension already built).
+# Environment: PYTHON (default python3); SKIP_BUILD=1 (use the carried synpo_kernels/_C*.so);
+# SUITE_BUDGET_S (default 420); TESTS_TIMEOUT_S (default 150); KERNELS_SHARE (percent of the time left
+# after the tests for the kernel sweep, default 55); SYNPO_CUDA_ARCH_LIST (default 9.0a) and MAX_JOBS
+# for the build. Exit status: 0 all passed, 3 the gate stopped the suite, 1 another stage failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
 
 PYTHON=${PYTHON:-python3}
-BUDGET=${SUITE_BUDGET_S:-570}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-unset TRITON_INTERPRET  # the Triton kernels must compile for the GPU, not run in the interpreter
-LOG="${OUT:-/tmp}/gpu_suite.log"  # straight into $OUT: complete even if the call is cut short
-exec > >(tee "$LOG") 2>&1
-failures=()
-stamp() { echo "=== [${SECONDS}s] $*"; }
-left() { echo $(( BUDGET - SECONDS )); }
+BUDGET=${SUITE_BUDGET_S:-420}
+TESTS_TIMEOUT=${TESTS_TIMEOUT_S:-150}
+KERNELS_SHARE=${KERNELS_SHARE:-55}
+END_RESERVE=10     # seconds kept for the summary at the end
+BENCH_OVERHEAD=40  # seconds a benchmark driver needs beyond its --budget-s (imports, report, writing)
+if [ -n "${OUT:-}" ]; then OUT_DIR=$OUT; else OUT_DIR=$(mktemp -d /tmp/gpu_suite.XXXXXX); fi
+mkdir -p "$OUT_DIR"
+RESULTS_ROOT=$(mktemp -d /tmp/gpu_suite_results.XXXXXX)  # fresh: never ship stale results of the tree
+RESULTS="$RESULTS_ROOT/benchmarks/results"
+mkdir -p "$RESULTS"
 
-stamp "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-"$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name())'
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this tree's packages, with the carried build
+unset TRITON_INTERPRET SYNPO_DISABLE_CPP_EXT  # the Triton kernels compile for the GPU; the extension loads
+
+exec > >(tee -a "$OUT_DIR/gpu_suite.log") 2>&1
+TEE_PID=$!
+
+STAGES=()     # "name: verdict (seconds)"
+FAILED=()
+STAGE_LOG=/dev/null
+stamp() { echo "=== [${SECONDS}s/${BUDGET}s] $*"; }
+left() { echo $((BUDGET - SECONDS)); }
+
+finish() {  # finish <exit status>: summary, then flush the combined log
+  stamp "summary"
+  printf '  %s\n' "${STAGES[@]}"
+  echo "files in $OUT_DIR:"
+  (cd "$OUT_DIR" && ls -l)
+  n=$(find "$OUT_DIR" -type f | wc -l)
+  [ "$n" -le 8 ] || echo "WARNING: $n files in \$OUT; only 8 come back"
+  stamp "done (exit $1)${FAILED[*]:+; failed: ${FAILED[*]}}"
+  rm -rf "$RESULTS_ROOT"  # packed into $OUT already
+  exec >&- 2>&-
+  wait "$TEE_PID" 2> /dev/null
+  exit "$1"
+}
+
+begin_stage() {  # begin_stage <n> <name> <what>
+  STAGE_NAME=$2
+  STAGE_START=$SECONDS
+  STAGE_LOG="$OUT_DIR/$1_$2.log"
+  : > "$STAGE_LOG"
+  stamp "stage $1 $2: $3" | tee -a "$STAGE_LOG"
+}
+
+end_stage() {  # end_stage <verdict>
+  STAGES+=("$STAGE_NAME: $1 ($((SECONDS - STAGE_START)) s)")
+  stamp "end of $STAGE_NAME: $1" | tee -a "$STAGE_LOG"
+  STAGE_LOG=/dev/null
+}
+
+step() {  # step <timeout s> <command...>: output to the stage log and the combined log; its status
+  local limit=$1 cap=$(($(left) - END_RESERVE))
+  shift
+  [ "$cap" -lt 5 ] && cap=5
+  [ "$limit" -gt "$cap" ] && limit=$cap  # never past the suite's budget
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$STAGE_LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    printf '\n!!! timed out after %s s: %s\n' "$limit" "$*" | tee -a "$STAGE_LOG"
+  fi
+  return "$rc"
+}
+
+note() { echo "$*" | tee -a "$STAGE_LOG"; }
+
+pack_results() {  # pack_results <stem>: $OUT/<stem>.tar.gz with benchmarks/results/<stem>.{json,csv}
+  local files=()
+  for ext in json csv; do
+    [ -f "$RESULTS/$1.$ext" ] && files+=("benchmarks/results/$1.$ext")
+  done
+  if [ ${#files[@]} -eq 0 ]; then
+    note "no $1 results were written"
+    return 1
+  fi
+  tar -czf "$OUT_DIR/$1.tar.gz" -C "$RESULTS_ROOT" "${files[@]}" && note "copied to \$OUT/$1.tar.gz: ${files[*]}"
+}
+
+# ---------------------------------------------------------------------------------------------------
+begin_stage 1 setup "device, peers, build, gate"
+note "repository: $ROOT; python: $(command -v "$PYTHON" || echo "$PYTHON (not found)"); out: $OUT_DIR"
+step 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || note "(no nvidia-smi answer)"
+step 60 "$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "| CUDA device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
 
 if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-  stamp "peers from .whl/"
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || failures+=("peer wheels")
+  note "peers from .whl/: $(cd .whl && echo ./*.whl)"
+  if step 90 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"  # after this tree's packages
+  else
+    FAILED+=("peer wheels")
+  fi
 else
-  stamp "no .whl/ folder: Liger-Kernel and Cut Cross-Entropy will be reported as missing"
+  note "no .whl/ folder: Liger-Kernel and Cut Cross-Entropy will be reported as missing"
 fi
 
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
-  stamp "build the extension with CUDA kernels"
+  note "building synpo_kernels._C with the CUDA kernels (python setup.py build_ext --inplace)"
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # a wrapper nvcc on PATH misleads torch's detection
   NV_INC=$("$PYTHON" -c 'import os, torch; print(os.path.abspath(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")))')
   [ -d "$NV_INC" ] && export CPATH="$NV_INC${CPATH:+:$CPATH}"  # cuBLAS headers of the pip CUDA wheels
   export SYNPO_CUDA_ARCH_LIST=${SYNPO_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
-  timeout 240 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . || failures+=("build")
-fi
-"$PYTHON" -c 'import synpo_kernels as sk; print("compiled kernels:", sk.HAS_CPP_EXT, "CUDA kernels:", sk.HAS_CUDA_KERNELS, sk.EXT_IMPORT_ERROR or "")' \
-  || failures+=("import")
-
-stamp "GPU tests: pytest -m cuda, and the Triton kernel tests compiled"
-timeout 150 "$PYTHON" -m pytest -q -x -m cuda tests/ -p no:cacheprovider || failures+=("pytest -m cuda")
-timeout 120 "$PYTHON" -m pytest -q tests/test_fused_linear_kernels.py -p no:cacheprovider || failures+=("triton kernel tests")
-
-# The two sweeps share what is left; each stops at its budget and records the rest as skipped.
-remaining=$(left)
-kernels_budget=$(( remaining * 55 / 100 - 30 ))
-stamp "kernel benchmarks, --preset gpu (budget ${kernels_budget}s)"
-timeout $(( kernels_budget + 60 )) "$PYTHON" -m synpo bench kernels --preset gpu --budget-s "$kernels_budget" \
-  || failures+=("bench kernels")
-
-trainer_budget=$(( $(left) - 40 ))
-stamp "trainer benchmarks, --preset gpu (budget ${trainer_budget}s)"
-timeout $(( trainer_budget + 45 )) "$PYTHON" -m synpo bench trainer --preset gpu --budget-s "$trainer_budget" \
-  || failures+=("bench trainer")
-
-stamp "charts, README section, scaling table"
-"$PYTHON" benchmarks/plot.py benchmarks/results/kernels_gpu.json benchmarks/results/trainer_gpu.json || failures+=("plots")
-"$PYTHON" scripts/update_readme_results.py || failures+=("readme")
-
-if [ -n "${OUT:-}" ]; then
-  stamp "copy results to \$OUT"
-  for f in kernels_gpu.json kernels_gpu.csv trainer_gpu.json trainer_gpu.csv; do
-    [ -f "benchmarks/results/$f" ] && cp "benchmarks/results/$f" "$OUT/"
-  done
-  tar czf "$OUT/gpu_results.tar.gz" benchmarks/results/plots README.md docs/scaling.md 2> /dev/null || true
+  export TORCH_CUDA_ARCH_LIST=$SYNPO_CUDA_ARCH_LIST
+  build_limit=$(($(left) - 150))
+  [ "$build_limit" -gt 300 ] && build_limit=300
+  if [ "$build_limit" -lt 60 ]; then
+    note "not enough time left for the build"
+  else
+    step "$build_limit" "$PYTHON" setup.py -q build_ext --inplace || FAILED+=("build")
+  fi
+else
+  note "SKIP_BUILD=1: using the carried build: $(ls -l synpo_kernels/_C*.so 2> /dev/null || echo 'no synpo_kernels/_C*.so in the tree')"
 fi
 
-stamp "done${failures[*]:+; failed: ${failures[*]}}"
-[ ${#failures[@]} -eq 0 ]
+note "gate: the compiled CUDA kernels must be loaded and run on this device"
+step 90 "$PYTHON" - << 'EOF'
+import os, sys
+
+import torch
+
+import synpo_kernels as sk
+
+problems = []
+print(f"synpo_kernels from {os.path.dirname(sk.__file__)}: HAS_CPP_EXT={sk.HAS_CPP_EXT} "
+      f"HAS_CUDA_KERNELS={sk.HAS_CUDA_KERNELS}" + (f" ({sk.EXT_IMPORT_ERROR})" if sk.EXT_IMPORT_ERROR else ""))
+if not torch.cuda.is_available():
+    problems.append(f"torch {torch.__version__} sees no CUDA device")
+if not sk.HAS_CUDA_KERNELS:
+    problems.append("synpo_kernels.HAS_CUDA_KERNELS is False: "
+                    + (sk.EXT_IMPORT_ERROR or "synpo_kernels._C was built without the CUDA kernels"))
+dump = torch._C._dispatch_dump("synpo_kernels::token_logprobs_fwd")
+cuda = [line.strip() for line in dump.splitlines() if line.startswith("CUDA:")]
+print("dispatch:", *(cuda or ["no CUDA key"]))
+# The compiled kernel is registered from csrc/*.cpp; the PyTorch fallback from torch/library.py.
+if not any(".py:" not in line and (".cpp:" in line or ".cu:" in line) for line in cuda):
+    problems.append("synpo_kernels::token_logprobs_fwd has no compiled CUDA kernel "
+                    f"({cuda[0] if cuda else 'no CUDA key'})")
+if not problems:
+    from synpo_kernels.reference import token_logprobs_ref
+
+    logits = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, 1000, (37,), device="cuda")
+    labels[3] = -100
+    try:
+        logp, _ = torch.ops.synpo_kernels.token_logprobs_fwd(logits, labels, -100)
+        torch.cuda.synchronize()
+        ref = token_logprobs_ref(logits, labels, shift=False, dtype=torch.float32)
+        err = (logp.float() - ref.float()).abs().max().item()
+        print(f"smoke call on {torch.cuda.get_device_name()}: max |error| vs reference {err:.2e}")
+        if not err < 1e-2:
+            problems.append(f"the CUDA kernel's output differs from the reference (max error {err:.3g})")
+    except Exception as exc:  # e.g. "no kernel image is available": built for another arch
+        problems.append(f"the CUDA kernel fails on this device: {type(exc).__name__}: {exc}")
+if problems:
+    print("GATE FAILED:", *problems, sep="\n  - ")
+    sys.exit(3)
+print("gate passed: compiled CUDA kernels loaded and running")
+EOF
+gate_rc=$?
+if [ "$gate_rc" -ne 0 ]; then
+  note "STOP at the gate (exit $gate_rc, reasons above): no tests and no benchmarks, so the PyTorch fallback"
+  note "is never benchmarked as synpo_kernels. Missing or CPU-only build: run scripts/prepare_gpu_run.sh on"
+  note "the CPU machine and carry the synpo_kernels/_C*.so it names (SKIP_BUILD=1), or build here (SKIP_BUILD=0)."
+  FAILED+=("gate")
+  end_stage "STOPPED at the gate"
+  finish 3
+fi
+end_stage "ok${FAILED[*]:+ (but: ${FAILED[*]})}"
+
+# ---------------------------------------------------------------------------------------------------
+begin_stage 2 tests "pytest tests/kernels (compiled Triton, CUDA C++ op)"
+tests_limit=$(($(left) - 150))  # the benchmarks keep at least 150 s
+if [ "$tests_limit" -lt 30 ]; then
+  note "not enough time left for the tests and the benchmarks ($(left) s)"
+  FAILED+=("tests (no time)")
+  end_stage "not run"
+  finish 1
+fi
+[ "$tests_limit" -gt "$TESTS_TIMEOUT" ] && tests_limit=$TESTS_TIMEOUT
+note "TRITON_INTERPRET=${TRITON_INTERPRET:-unset} (Triton compiles for the GPU); timeout ${tests_limit} s"
+if step "$tests_limit" "$PYTHON" -m pytest tests/kernels -q -rfEs -p no:cacheprovider --durations=5; then
+  end_stage "passed"
+else
+  FAILED+=("tests")
+  end_stage "FAILED: no benchmarks"
+  finish 1
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# The two sweeps share what is left; each stops at its --budget-s and records the rest as skipped.
+kernels_limit=$((($(left) - END_RESERVE) * KERNELS_SHARE / 100))
+begin_stage 3 kernels "synpo bench kernels --preset gpu (budget $((kernels_limit - BENCH_OVERHEAD)) s, timeout ${kernels_limit} s)"
+if [ "$((kernels_limit - BENCH_OVERHEAD))" -lt 30 ]; then
+  note "not enough time left"
+  FAILED+=("bench kernels (no time)")
+  end_stage "not run"
+else
+  verdict="done"
+  step "$kernels_limit" "$PYTHON" -m synpo bench kernels --preset gpu --budget-s "$((kernels_limit - BENCH_OVERHEAD))" \
+    --output-dir "$RESULTS" || { FAILED+=("bench kernels"); verdict=FAILED; }
+  pack_results kernels_gpu || FAILED+=("kernels results")
+  end_stage "$verdict"
+fi
+
+trainer_limit=$(($(left) - END_RESERVE))
+begin_stage 4 trainer "synpo bench trainer --preset gpu (budget $((trainer_limit - BENCH_OVERHEAD)) s, timeout ${trainer_limit} s)"
+if [ "$((trainer_limit - BENCH_OVERHEAD))" -lt 30 ]; then
+  note "not enough time left"
+  FAILED+=("bench trainer (no time)")
+  end_stage "not run"
+else
+  verdict="done"
+  step "$trainer_limit" "$PYTHON" -m synpo bench trainer --preset gpu --budget-s "$((trainer_limit - BENCH_OVERHEAD))" \
+    --output-dir "$RESULTS" || { FAILED+=("bench trainer"); verdict=FAILED; }
+  pack_results trainer_gpu || FAILED+=("trainer results")
+  end_stage "$verdict"
+fi
+
+[ ${#FAILED[@]} -eq 0 ] && finish 0
+finish 1

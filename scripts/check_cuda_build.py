@@ -49,15 +49,16 @@ def main() -> int:
 
     so = sk._ext._C.__file__
     print(f"synpo_kernels {sk.__version__} from {Path(sk.__file__).parent}")
-    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); module {so} ({os.path.getsize(so) / 2**20:.1f} MiB)")
+    size_mib = os.path.getsize(so) / 2**20
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); module {so} ({size_mib:.1f} MiB)")
     problems = []
     if not sk.HAS_CUDA_KERNELS:
         problems.append("built without the CUDA kernels")
     for op in OPS:
-        keys = _ext.dispatch_keys(op)
-        print(f"  synpo_kernels::{op}: {', '.join(sorted(keys))}")
-        if "CUDA" not in keys:
-            problems.append(f"{op} has no CUDA kernel registered")
+        sites = _ext.kernel_registrations(op)
+        print(f"  synpo_kernels::{op}: {', '.join(sorted(sites))}; CUDA from {sites.get('CUDA', 'nowhere')}")
+        if not _ext.is_compiled_site(sites.get("CUDA", "")):
+            problems.append(f"{op} has no compiled CUDA kernel registered")
     cubins, ptx = embedded(so, "elf"), embedded(so, "ptx")
     if cuobjdump() is None:
         print("  cuobjdump not found (Triton's NVIDIA backend): embedded archs not checked")

@@ -13,7 +13,6 @@ import sys
 
 import torch
 
-
 OPS = ("token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_")
 
 
@@ -44,7 +43,8 @@ def main(path: str, expect_cuda: bool = False) -> int:
     )
     if expect_cuda:
         missing = [op for op in OPS if not cuda_registered(op)]
-        print(f"CUDA kernels compiled in: {module.built_with_cuda()}; CUDA key missing for: {missing or 'none'}")
+        compiled = module.built_with_cuda()
+        print(f"CUDA kernels compiled in: {compiled}; no CUDA kernel for: {missing or 'none'}")
         ok = ok and module.built_with_cuda() and not missing
     return 0 if ok else 1
 

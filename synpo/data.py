@@ -1,4 +1,4 @@
-"""Preference data: JSONL readers, video frame sampling, tokenization, batching.
+"""Preference data: JSONL readers, video frames, tokenization, batching.
 
 Pipeline: :func:`read_preference_jsonl` (both record formats, the ``min_score_gap`` filter, malformed
 lines reported as ``file:line``) -> :class:`PairEncoder` (chat template or a plain Vicuna-style one,
@@ -45,10 +45,7 @@ __all__ = [
     "PreferenceDataset",
     "PreferenceExample",
     "ReadReport",
-    "frame_count",
-    "probe_video",
     "read_preference_jsonl",
-    "sample_video_frames",
 ]
 
 
@@ -239,81 +236,18 @@ def read_preference_jsonl(
 
 
 # ---------------------------------------------------------------------------------------------
-# Video frames (PyAV) and images (PIL).
+# Media checks (videos: synpo.pairs.video) and images (PIL).
 # ---------------------------------------------------------------------------------------------
 
 
-def frame_count(duration_s: float, *, fps: float = 0.5, min_frames: int = 8, max_frames: int = 16) -> int:
-    """Frames to sample from a video: ``duration * fps`` clamped to ``[min_frames, max_frames]``."""
-    return int(min(max(math.floor(duration_s * fps), min_frames), max_frames))
-
-
-def sample_video_frames(
-    path: str | os.PathLike, *, fps: float = 0.5, min_frames: int = 8, max_frames: int = 16
-) -> list:
-    """Decode ``frame_count(duration)`` frames at uniformly spaced times with PyAV, as PIL images.
-
-    Frame ``i`` is the first decoded frame at or after ``(i + 0.5) * duration / n``; when the stream
-    ends early the last decoded frame repeats. Raises :class:`DataError` naming the file on failure.
-    """
-    import av
+def _check_video(path: str | os.PathLike) -> None:
+    """Open and probe a video up front; :class:`DataError` if unusable."""
+    from synpo.pairs.video import VideoError, probe
 
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            duration = None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / 1_000_000  # av.time_base is microseconds
-            if not duration or duration <= 0:
-                # Unknown duration: decode once to measure it (rare: raw streams without an index).
-                times = [frame.time for frame in container.decode(stream) if frame.time is not None]
-                if not times:
-                    raise DataError(f"{path}: no decodable frames")
-                duration = max(times) + 1e-3
-                container.seek(0)
-            n = frame_count(duration, fps=fps, min_frames=min_frames, max_frames=max_frames)
-            targets = [(i + 0.5) * duration / n for i in range(n)]
-            frames: list = []
-            last = None
-            for frame in container.decode(stream):
-                last = frame
-                time = frame.time if frame.time is not None else 0.0
-                while len(frames) < n and time + 1e-6 >= targets[len(frames)]:
-                    frames.append(frame.to_image())
-                if len(frames) == n:
-                    break
-            if last is None:
-                raise DataError(f"{path}: no decodable frames")
-            if len(frames) < n:
-                image = last.to_image()
-                frames.extend(image for _ in range(n - len(frames)))
-            return frames
-    except DataError:
-        raise
-    except (av.error.FFmpegError, OSError) as exc:
-        raise DataError(f"{path}: cannot decode video ({exc})") from exc
-
-
-def probe_video(path: str | os.PathLike) -> float:
-    """Open a video with PyAV and return its duration in seconds; :class:`DataError` if unusable."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            if stream.duration is not None and stream.time_base is not None:
-                return float(stream.duration * stream.time_base)
-            return (container.duration or 0) / 1_000_000
-    except DataError:
-        raise
-    except (av.error.FFmpegError, OSError) as exc:
-        raise DataError(f"{path}: cannot open video ({exc})") from exc
+        probe(path)
+    except VideoError as exc:
+        raise DataError(f"cannot open video: {exc}") from exc
 
 
 def _load_images(paths: Sequence[str]) -> list:
@@ -383,6 +317,8 @@ class PairEncoder:
     The prompt is never learned (labels -100). Truncation: a text prompt longer than
     ``max_prompt_length`` keeps its last tokens; then a response that does not fit ``max_length`` is
     cut at the end. A pair whose prompt leaves no room for one response token is dropped (``None``).
+    A video is shown as the frames :func:`synpo.pairs.video.sample_video` picks with ``fps``,
+    ``min_frames`` and ``max_frames``: the same RGB arrays the candidates stage captioned.
     """
 
     def __init__(
@@ -463,9 +399,15 @@ class PairEncoder:
 
     def _frames(self, example: PreferenceExample) -> list:
         if example.video is not None:
-            return sample_video_frames(
-                example.video, fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames
-            )
+            from synpo.pairs.video import VideoError, sample_video
+
+            try:
+                sample = sample_video(
+                    example.video, fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames
+                )
+            except VideoError as exc:
+                raise DataError(f"cannot decode video: {exc}") from exc
+            return sample.frames
         return _load_images(example.images)
 
     def encode(self, example: PreferenceExample, index: int) -> EncodedPair | None:
@@ -570,7 +512,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def _media_ok(self, example: PreferenceExample) -> bool:
         try:
             for path in [example.video] if example.video else []:
-                probe_video(path)
+                _check_video(path)
             if example.images:
                 _load_images(example.images)
         except DataError as exc:

@@ -37,13 +37,24 @@ else:
         )
 
 
-def dispatch_keys(op: str) -> set[str]:
-    """Dispatch keys with a kernel registered for ``torch.ops.synpo_kernels.<op>`` (e.g. ``{"CPU", "CUDA"}``).
+def kernel_registrations(op: str) -> dict[str, str]:
+    """Dispatch key -> where its kernel for ``torch.ops.synpo_kernels.<op>`` was registered.
 
-    Tells whether a build's CUDA kernels are really in use, also on a machine without a GPU.
+    E.g. ``{"CPU": ".../csrc/token_logprobs_cpu.cpp:366", "CUDA": ".../token_logprobs_cuda.cpp:103",
+    ...}``. A compiled kernel is registered from a C++ source; the PyTorch fallback registers from
+    Python (``torch/library.py``), on the CUDA key too. Tells whether a build's CUDA kernels are really
+    in use, also on a machine without a GPU.
     """
     import torch
 
-    dump = torch._C._dispatch_dump(f"synpo_kernels::{op}")
-    keys = {line.split(":", 1)[0] for line in dump.splitlines() if ": registered at" in line}
-    return keys - {"debug"}  # the schema's own "debug: registered at" line
+    sites = {}
+    for line in torch._C._dispatch_dump(f"synpo_kernels::{op}").splitlines():
+        key, sep, rest = line.partition(": registered at ")
+        if sep and key != "debug":  # "debug:" is the schema's own line
+            sites[key] = rest.split(" :: ")[0].strip()
+    return sites
+
+
+def is_compiled_site(site: str) -> bool:
+    """Whether a registration site (see :func:`kernel_registrations`) is a C++/CUDA source file."""
+    return site.rsplit(":", 1)[0].endswith((".cpp", ".cu", ".cc"))

@@ -1,5 +1,5 @@
 """Data: readers (both formats, score-gap filter, malformed lines), tokenization and truncation,
-collation (padded and packed, response windows), the micro-batch plan, and video frame sampling."""
+collation (padded and packed, response windows), the micro-batch plan, and the encoder's video frames."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from synpo.data import (
     PreferenceCollator,
     PreferenceDataset,
     PreferenceExample,
-    frame_count,
     read_preference_jsonl,
-    sample_video_frames,
 )
 from synpo.tiny import build_tiny_causal_lm, build_tiny_tokenizer
 
@@ -264,12 +262,15 @@ def write_video(path, *, seconds: float, fps: int = 8, size: int = 32):
     return path
 
 
-def test_frame_count_and_uniform_sampling(tmp_path):
-    assert frame_count(10) == 8 and frame_count(24) == 12 and frame_count(100) == 16
+def test_encoder_samples_video_frames_with_the_pairs_sampler(tmp_path, tokenizer):
+    # The sampler itself (synpo.pairs.video.sample_video) is tested in test_pairs_video.py and
+    # test_video_sampling.py; here: the encoder's settings reach it and errors name the file.
+    encoder = PairEncoder(tokenizer, fps=0.5, min_frames=4, max_frames=16)
     video = write_video(tmp_path / "v.mp4", seconds=4.0)
-    frames = sample_video_frames(video, fps=0.5, min_frames=4, max_frames=16)
-    assert len(frames) == 4
-    levels = [round(float(np.asarray(f.convert("L")).mean())) for f in frames]
-    assert levels == sorted(levels) and len(set(levels)) == 4  # distinct, in time order
-    with pytest.raises(DataError, match="cannot decode"):
-        sample_video_frames(write_jsonl(tmp_path / "x.mp4", ["not a video"]))
+    frames = encoder._frames(PreferenceExample("p", "c", "r", video=str(video)))
+    assert [(f.shape, f.dtype) for f in frames] == [((32, 32, 3), np.uint8)] * 4  # round(2) -> min 4
+    # Bin centres 0.5, 1.5, 2.5, 3.5 s at 8 fps: frames 4, 12, 20, 28, whose gray level is 5 * index.
+    levels = [float(f.mean()) for f in frames]
+    assert levels == pytest.approx([20, 60, 100, 140], abs=3)  # lossy codec
+    with pytest.raises(DataError, match="cannot decode video: unreadable video"):
+        encoder._frames(PreferenceExample("p", "c", "r", video=str(write_jsonl(tmp_path / "x.mp4", ["x"]))))

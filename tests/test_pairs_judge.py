@@ -610,17 +610,25 @@ def test_cli_end_to_end_with_tiny_models_and_http_judge(tmp_path, capsys, monkey
     assert len(pairs) == sum(distinct)
     assert all(SECRET not in p.read_text() for p in work.glob("*.jsonl"))
 
-    # Running a stage again is a no-op: all ids are done.
+    # Running a stage again with the same settings is a no-op: all ids are done.
     before = {p.name: p.read_bytes() for p in work.glob("*.jsonl")}
-    assert cli(f"pairs clips {videos} {vlm} --out {work}/clips.jsonl") == 0
+    assert (
+        cli(f"pairs clips {videos} {vlm} --frames-per-clip 2 --max-new-tokens 6 --out {work}/clips.jsonl")
+        == 0
+    )
     assert "skipped 2 done" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in work.glob("*.jsonl")} == before
+    # With other settings it is refused: the records were made with the old ones.
+    assert cli(f"pairs clips {videos} {vlm} --out {work}/clips.jsonl") == 2
+    assert "frames_per_clip: 2 -> 8" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in work.glob("*.jsonl")} == before
 
 
 def test_cli_reports_bad_arguments_clearly(tmp_path, capsys):
     missing = tmp_path / "missing.mp4"
-    assert cli(f"pairs clips {missing} --model tiny --device cpu --out {tmp_path}/c.jsonl --no-progress") == 0
-    assert "video file not found" in (tmp_path / "c.jsonl").read_text()  # a missing file: a failed record
+    # A missing file is a failed record; a stage in which nothing succeeded exits 1.
+    assert cli(f"pairs clips {missing} --model tiny --device cpu --out {tmp_path}/c.jsonl --no-progress") == 1
+    assert "video file not found" in (tmp_path / "c.jsonl").read_text()
     (tmp_path / "empty").mkdir()
     assert cli(f"pairs clips {tmp_path}/empty --model tiny --out {tmp_path}/d.jsonl") == 2
     assert "error: videos: no video files" in capsys.readouterr().err

@@ -808,12 +808,32 @@ def resolve_device(requested: str | None, preset: Preset) -> str:
     return preset.device
 
 
+def require_cuda_kernels(device: str, impls) -> None:
+    """Refuse to time the PyTorch fallback as ``synpo_kernels`` on a CUDA device.
+
+    Without the compiled CUDA kernels (not built, built without CUDA, or built against another
+    torch), ``token_logprobs`` on CUDA runs the PyTorch fallback: its numbers are not the library's.
+    """
+    import synpo_kernels
+
+    if not device.startswith("cuda") or synpo_kernels.HAS_CUDA_KERNELS or (impls and OURS not in impls):
+        return
+    why = synpo_kernels.EXT_IMPORT_ERROR or "synpo_kernels._C was built without the CUDA kernels"
+    raise SystemExit(
+        f"synpo bench kernels: synpo_kernels would run on its PyTorch fallback on {device} ({why}), "
+        "and would be recorded as this library. Build the CUDA kernels first (a CUDA torch, "
+        "CUDA_HOME, SYNPO_CUDA_ARCH_LIST=9.0a for Hopper: pip install --no-build-isolation .), or "
+        f"leave {OURS} out with --impls."
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """``synpo bench kernels``: plan, run, derive, write, print."""
     from synpo.benchmarking import report, runner
 
     preset = PRESETS[args.preset]
     device = resolve_device(args.device, preset)
+    require_cuda_kernels(device, args.impls)
     ops = args.ops or None
     for name in args.impls or ():
         if name not in IMPLEMENTATIONS:

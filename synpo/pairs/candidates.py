@@ -1,6 +1,7 @@
 """Stage 2: K whole-video candidate descriptions per video, each with a sampled refinement pass.
 
-The video is shown as ``clamp(round(duration * 0.5 fps), 8, 16)`` uniform frames. K drafts are sampled
+The video is shown as ``clamp(round(duration * 0.5 fps), 8, 16)`` uniform frames, sampled by
+:func:`~synpo.pairs.video.sample_video`, the sampler training uses too. K drafts are sampled
 (upstream: K=10, temperature 0.9, top_p 0.95, top_k 32) for :data:`~synpo.pairs.prompts.VIDEO_CAPTION`,
 then each draft goes through a sampled retrospective refinement
 (:data:`~synpo.pairs.prompts.VIDEO_REFINE`). ``contrastive`` switches both passes to contrastive
@@ -32,9 +33,7 @@ from synpo.pairs.video import (
     DEFAULT_MAX_VIDEO_FRAMES,
     DEFAULT_MIN_VIDEO_FRAMES,
     DEFAULT_VIDEO_FPS,
-    probe,
-    read_frames,
-    uniform_timestamps,
+    sample_video,
     video_frame_count,
 )
 from synpo.pairs.vlm import Contrastive, Sampling, VideoCaptioner
@@ -88,12 +87,14 @@ def video_seed(seed: int, video_id: str) -> int:
 
 
 def generate_candidates(captioner: VideoCaptioner, item: VideoItem, settings: CandidateSettings) -> dict:
-    info = probe(item.video)
-    n_frames = video_frame_count(
-        info.duration, fps=settings.fps, min_frames=settings.min_frames, max_frames=settings.max_frames
+    sample = sample_video(
+        item.video,
+        fps=settings.fps,
+        min_frames=settings.min_frames,
+        max_frames=settings.max_frames,
+        max_side=settings.max_side,
     )
-    times = uniform_timestamps(0.0, info.duration, n_frames)
-    frames = read_frames(item.video, times, max_side=settings.max_side)
+    frames = sample.frames
     torch.manual_seed(video_seed(settings.seed, item.id))
     drafts = captioner.generate(
         frames,
@@ -117,8 +118,8 @@ def generate_candidates(captioner: VideoCaptioner, item: VideoItem, settings: Ca
         "video": item.video,
         "status": STATUS_OK,
         "prompt": settings.instruction,
-        "duration": round(info.duration, 3),
-        "frame_times": [round(t, 3) for t in times],
+        "duration": round(sample.info.duration, 3),
+        "frame_times": [round(t, 3) for t in sample.times],
         "candidates": candidates,
         "settings": settings.to_dict(),
     }

@@ -1,13 +1,17 @@
 """synpo pairs {clips,candidates,score,select}: the preference-pair pipeline, one stage per command.
 
 Every stage appends to its ``--out`` JSONL and skips ids already there, so re-running a command after
-an interruption continues where it stopped. See docs/pairs.md for an end-to-end walk-through.
+an interruption continues where it stopped. ``<out>.settings.json`` records the settings that made
+``--out``: a rerun with other settings is refused unless ``--overwrite`` (which starts over). A stage
+in which no item succeeded exits 1. See docs/pairs.md for an end-to-end walk-through.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 
 TINY_HELP = "'tiny' builds synpo.tiny's random test model (no download; output is gibberish)"
@@ -50,6 +54,11 @@ def _positive_float(text: str) -> float:
 
 def _common(parser: argparse.ArgumentParser, *, out_help: str, resumable: bool = True) -> None:
     parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard an existing --out made with other settings (a rerun with the same settings resumes)",
+    )
     if resumable:
         parser.add_argument(
             "--retry-failed", action="store_true", help="redo ids whose latest record in --out failed"
@@ -227,8 +236,23 @@ def _captioner(args):
     return VideoCaptioner(model, processor, frames_as=args.frames_as)
 
 
+def _claim(args, stage: str, settings: dict) -> None:
+    from synpo.pairs.io import claim_output
+
+    claim_output(args.out, stage, settings, overwrite=args.overwrite)
+
+
 def _report(summary) -> int:
+    """Print the summary; exit 1 when items were given but none has an ok record in the output."""
     print(summary)
+    if summary.stage != "select" and summary.total and not (summary.ok or summary.skipped_done):
+        failed = summary.failed + summary.skipped_failed
+        print(
+            f"synpo pairs {summary.stage}: error: no item succeeded ({failed} failed; see the errors "
+            f"above and in {summary.output})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -246,6 +270,7 @@ def _run_clips(args) -> int:
         max_side=args.max_side,
     )
     items = _items(args)
+    _claim(args, "clips", {"model": args.model, **dataclasses.asdict(settings)})
     captioner = _captioner(args)
     summary = run_clips(
         items, captioner, args.out, settings, retry_failed=args.retry_failed, progress=not args.no_progress
@@ -280,6 +305,7 @@ def _run_candidates(args) -> int:
         seed=args.seed,
     )
     items = _items(args)
+    _claim(args, "candidates", {"model": args.model, **dataclasses.asdict(settings)})
     captioner = _captioner(args)
     summary = run_candidates(
         items, captioner, args.out, settings, retry_failed=args.retry_failed, progress=not args.no_progress
@@ -293,6 +319,12 @@ def _run_score(args) -> int:
 
     _setup_logging()
     policy = RetryPolicy(max_retries=args.max_retries, backoff=args.backoff, backoff_max=args.backoff_max)
+    judge = {"judge": args.judge, "judge_model": args.judge_model, "judge_url": args.judge_url}
+    _claim(
+        args,
+        "score",
+        {**judge, "clips": os.path.abspath(args.clips), "candidates": os.path.abspath(args.candidates)},
+    )
     if args.judge == "http":
         if not args.judge_url:
             raise ValueError("--judge-url is required with --judge http")
@@ -338,6 +370,15 @@ def _run_select(args) -> int:
     from synpo.pairs.select import run_select
 
     _setup_logging()
+    _claim(
+        args,
+        "select",
+        {
+            "scores": os.path.abspath(args.scores),
+            "min_score_gap": args.min_score_gap,
+            "allow_partial": args.allow_partial,
+        },
+    )
     summary = run_select(
         args.scores,
         args.out,

@@ -83,6 +83,47 @@ def load_progress(path: str | Path, *, repair: bool = True) -> Progress:
     return progress
 
 
+def invalid_lines(path: str | Path) -> list[int]:
+    """1-based numbers of complete lines of ``path`` that are not JSON objects with a string ``id``."""
+    return _parse_lines(Path(path))[1]
+
+
+def settings_path(output: str | Path) -> Path:
+    """Where a stage records the settings that produced ``output``: ``<output>.settings.json``."""
+    output = Path(output)
+    return output.with_name(output.name + ".settings.json")
+
+
+def claim_output(output: str | Path, stage: str, settings: dict, *, overwrite: bool = False) -> None:
+    """Tie ``output`` to the stage and settings that write it, before any record is appended.
+
+    A stage resumes an existing output only if it was made with the same settings: otherwise the old
+    records would silently stand for the new settings (a rerun of ``select --min-score-gap 100`` would
+    keep pairs selected with gap 4). A mismatch raises ``ValueError`` naming the changed settings;
+    ``overwrite`` removes the old output first. An output without a settings record (older versions)
+    is adopted with the given settings.
+    """
+    output, meta = Path(output), settings_path(output)
+    wanted = {"stage": stage, **json.loads(json.dumps(settings, default=str))}
+    if overwrite:
+        for path in (output, meta):
+            path.unlink(missing_ok=True)
+    if output.exists() and output.stat().st_size and meta.exists():
+        recorded = json.loads(meta.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"--out {output} was made with other settings ({diff}); use another --out, or pass "
+                "--overwrite to discard it and start over"
+            )
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, meta)
+
+
 def read_records(path: str | Path) -> Iterator[dict]:
     """Valid records of a JSONL file in order (a partial last line and invalid lines are skipped)."""
     path = Path(path)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from synpo.pairs.io import STATUS_FAILED, STATUS_OK, JsonlWriter, latest_by_id, load_progress
+from synpo.pairs.io import STATUS_FAILED, STATUS_OK, JsonlWriter, invalid_lines, latest_by_id, load_progress
 from synpo.pairs.runner import StageSummary
 
 DEFAULT_MIN_SCORE_GAP = 4.0
@@ -108,6 +108,7 @@ def run_select(
     if min_score_gap < 0:
         raise ValueError(f"min_score_gap must be >= 0, got {min_score_gap}")
     scores = latest_by_id(scores_path)
+    bad_input = invalid_lines(scores_path)
     state = load_progress(output)
     summary = StageSummary(
         "select", str(output), truncated_lines=state.truncated_lines, bad_lines=state.bad_lines
@@ -133,4 +134,7 @@ def run_select(
             writer.write(selection.record)
             summary.ok += 1
     summary.notes.extend(f"dropped ({reason}): {count}" for reason, count in sorted(dropped.items()))
+    if bad_input:
+        shown = ", ".join(map(str, bad_input[:10])) + (", ..." if len(bad_input) > 10 else "")
+        summary.notes.append(f"{scores_path}: ignored {len(bad_input)} invalid line(s): {shown}")
     return summary

@@ -4,6 +4,10 @@ Sampling follows upstream SynPO: a video is split into ``N = clamp(floor(duratio
 equal clips, each clip is shown to the captioner as 8 frames taken uniformly across it, and the whole
 video is shown as ``clamp(round(duration * 0.5 fps), 8, 16)`` uniform frames. "Uniform" means the centre
 of each of n equal bins, so the first and last frames are never the (often black) boundary frames.
+
+:func:`sample_video` is the project's one whole-video sampler: the candidates stage captions its frames
+and training (:mod:`synpo.data`) shows the model the same frames, so a pair's captions describe exactly
+what the trained model sees.
 """
 
 from __future__ import annotations
@@ -148,6 +152,35 @@ def video_frame_count(
     if not 1 <= min_frames <= max_frames:
         raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
     return min(max(round(duration * fps), min_frames), max_frames)
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    """A whole-video view: the probed video, the chosen times (seconds) and the RGB frames shown then."""
+
+    info: VideoInfo
+    times: list[float]
+    frames: list[np.ndarray]  # uint8 (H, W, 3), one per time
+
+
+def sample_video(
+    path: str | Path,
+    *,
+    fps: float = DEFAULT_VIDEO_FPS,
+    min_frames: int = DEFAULT_MIN_VIDEO_FRAMES,
+    max_frames: int = DEFAULT_MAX_VIDEO_FRAMES,
+    max_side: int | None = None,
+) -> VideoSample:
+    """The frames of a whole video, as shown to the captioner (candidates) and to the trained model.
+
+    Rule: ``n = clamp(round(duration * fps), min_frames, max_frames)`` times at the centres of n equal
+    bins of [0, duration) (Python's ``round``: halves go to the even number), and at each time the last
+    frame shown at or before it. Raises :class:`VideoError` for a missing, unreadable or empty video.
+    """
+    info = probe(path)
+    n_frames = video_frame_count(info.duration, fps=fps, min_frames=min_frames, max_frames=max_frames)
+    times = uniform_timestamps(0.0, info.duration, n_frames)
+    return VideoSample(info, times, read_frames(path, times, max_side=max_side))
 
 
 def read_frames(

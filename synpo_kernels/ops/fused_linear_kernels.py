@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,10 +50,14 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency of the pa
 __all__ = [
     "HAS_TRITON",
     "INTERPRET",
+    "LaunchConfig",
+    "grad_config",
+    "lse_config",
     "row_grad_",
     "row_lse",
     "triton_usable_on",
     "wgrad_accumulate_",
+    "wgrad_config",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -212,40 +217,91 @@ if HAS_TRITON:
 
 # ---------------------------------------------------------------------------------------------
 # Launch configurations: one per mode (autotuning with several configs is not available in the
-# interpreter, and the row kernels are bandwidth-bound with a flat optimum).
+# interpreter, and the row kernels are bandwidth-bound with a flat optimum). Functions of plain
+# inputs, so that scripts/aot_report.py compiles exactly what the launchers launch.
 # ---------------------------------------------------------------------------------------------
+
+
+class LaunchConfig(NamedTuple):
+    """A launch's grid, constexprs (block sizes, accumulation dtype) and compile options."""
+
+    grid: tuple[int, ...]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    rows_per_split: int = 0
+    """``_row_grad_kernel`` only: rows per program along the split grid axis (a runtime argument)."""
+
+
+# Triton's CUDA default, passed explicitly so the report need not assume it.
+_NUM_STAGES_DEFAULT = 3
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _lse_config(n_rows: int, vocab: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_V, num_warps)."""
-    if INTERPRET:
-        return 64, min(8192, _next_pow2(vocab)), 4
-    # Compiled: one row per program streams V in 4096-wide vectors (16 B per thread per load in
-    # bf16 at 8 warps); thousands of rows per chunk fill the GPU.
-    return 1, min(4096, _next_pow2(vocab)), 8
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grad_config(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_V, num_warps, row splits)."""
-    if INTERPRET:
-        return 64, min(4096, _next_pow2(vocab)), 4, 1
-    # 8 x 1024 tiles at 8 warps: 32 elements per thread per live array (z, p, d), no spills.
-    block_m, block_v, warps = 8, 1024, 8
-    n_vblocks = triton.cdiv(vocab, block_v)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(4 * sms, n_vblocks)))
-    return block_m, block_v, warps, splits
+def lse_config(n_rows: int, vocab: int, dtype: torch.dtype, *, interpret: bool = INTERPRET) -> LaunchConfig:
+    """``_row_lse_kernel`` over an ``(n_rows, vocab)`` chunk of ``dtype`` logits (``n_rows >= 1``)."""
+    if interpret:
+        block_m, block_v, warps = 64, min(8192, _next_pow2(vocab)), 4
+    else:
+        # One row per program streams V in 4096-wide vectors (16 B per thread per load in bf16 at
+        # 8 warps); thousands of rows per chunk fill the GPU.
+        block_m, block_v, warps = 1, min(4096, _next_pow2(vocab)), 8
+    meta = {"ACC": _tl_dtype(_acc_dtype(dtype)), "BLOCK_M": block_m, "BLOCK_V": block_v}
+    return LaunchConfig((triton.cdiv(n_rows, block_m),), meta, warps, _NUM_STAGES_DEFAULT)
 
 
-def _wgrad_config() -> tuple[int, int, int, int, int]:
-    """(BLOCK_V, BLOCK_D, BLOCK_K, num_warps, num_stages)."""
-    if INTERPRET:
-        return 64, 64, 64, 4, 1
-    return 128, 128, 64, 8, 3
+def grad_config(
+    n_rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    *,
+    has_bias_grad: bool,
+    sm_count: int,
+    interpret: bool = INTERPRET,
+) -> LaunchConfig:
+    """``_row_grad_kernel`` over an ``(n_rows, vocab)`` chunk (``n_rows >= 1``) on a GPU with
+    ``sm_count`` SMs (ignored by the interpreter)."""
+    if interpret:
+        block_m, block_v, warps, splits = 64, min(4096, _next_pow2(vocab)), 4, 1
+    else:
+        # 8 x 1024 tiles at 8 warps: 32 elements per thread per live array (z, p, d), no spills;
+        # rows split so that ~4 programs per SM run even at small V.
+        block_m, block_v, warps = 8, 1024, 8
+        n_vblocks = triton.cdiv(vocab, block_v)
+        splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(4 * sm_count, n_vblocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
+    splits = triton.cdiv(n_rows, rows_per_split)
+    meta = {
+        "ACC": _tl_dtype(_acc_dtype(dtype)),
+        "HAS_BIAS_GRAD": has_bias_grad,
+        "BLOCK_M": block_m,
+        "BLOCK_V": block_v,
+    }
+    grid = (triton.cdiv(vocab, block_v), splits)
+    return LaunchConfig(grid, meta, warps, _NUM_STAGES_DEFAULT, rows_per_split)
+
+
+def wgrad_config(vocab: int, dim: int, dtype: torch.dtype, *, interpret: bool = INTERPRET) -> LaunchConfig:
+    """``_wgrad_kernel`` for ``acc[vocab, dim] += dlogits^T @ hidden`` with ``dtype`` operands."""
+    if interpret:
+        bv, bd, bk, warps, stages = 64, 64, 64, 4, 1
+    else:
+        bv, bd, bk, warps, stages = 128, 128, 64, 8, 3
+    # The interpreter's bf16 arithmetic is wrong, and fp32 operands need an exact (ieee) dot.
+    upcast = interpret or dtype == torch.float32
+    meta = {"UPCAST": upcast, "BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_K": bk, "GROUP_V": 8}
+    return LaunchConfig((triton.cdiv(vocab, bv) * triton.cdiv(dim, bd),), meta, warps, stages)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,21 +309,28 @@ def _wgrad_config() -> tuple[int, int, int, int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _launch(kernel, cfg: LaunchConfig, *args) -> None:
+    """Launch ``kernel`` with ``cfg``; the one place that decides how a triton op launches.
+
+    Compiled, through ``wrap_triton`` (traceable by torch.compile). Under the interpreter
+    ``@triton.jit`` returns an ``InterpretedFunction``, which torch >= 2.12's wrap_triton passes
+    through unchanged and torch 2.11's rejects: it is launched directly, the same on both.
+    """
+    fn = kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    fn[cfg.grid](*args, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _row_lse_impl(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, vocab = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(logits.dtype)
     logp = torch.full((n_rows,), float("nan"), dtype=acc, device=logits.device)
     lse = torch.full((n_rows,), float("nan"), dtype=acc, device=logits.device)
     if n_rows == 0:
         return logp, lse
-    block_m, block_v, warps = _lse_config(n_rows, vocab)
-    grid = (triton.cdiv(n_rows, block_m),)
-    torch.library.wrap_triton(_row_lse_kernel)[grid](
-        logits, logits.stride(0), labels, logp, lse, n_rows, vocab, ignore_index,
-        ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps,
-    )  # fmt: skip
+    cfg = lse_config(n_rows, vocab, logits.dtype)
+    _launch(_row_lse_kernel, cfg, logits, logits.stride(0), labels, logp, lse, n_rows, vocab, ignore_index)
     return logp, lse
 
 
@@ -282,16 +345,12 @@ def _row_grad_impl(
     n_rows, vocab = logits.shape
     if n_rows == 0:
         return
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    block_m, block_v, warps, splits = _grad_config(n_rows, vocab, logits.device)
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
-    splits = triton.cdiv(n_rows, rows_per_split)
-    grid = (triton.cdiv(vocab, block_v), splits)
     has_bias = bias_grad is not None
-    torch.library.wrap_triton(_row_grad_kernel)[grid](
+    cfg = grad_config(n_rows, vocab, logits.dtype, has_bias_grad=has_bias, sm_count=_sm_count(logits.device))
+    _launch(
+        _row_grad_kernel, cfg,
         logits, logits.stride(0), labels, lse, grad_logp, bias_grad if has_bias else lse,
-        n_rows, vocab, rows_per_split, ignore_index,
-        ACC=_tl_dtype(acc), HAS_BIAS_GRAD=has_bias, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps,
+        n_rows, vocab, cfg.rows_per_split, ignore_index,
     )  # fmt: skip
 
 
@@ -300,12 +359,10 @@ def _wgrad_impl(acc: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) 
     dim = hidden.shape[1]
     if m == 0:
         return
-    bv, bd, bk, warps, stages = _wgrad_config()
-    grid = (triton.cdiv(vocab, bv) * triton.cdiv(dim, bd),)
-    torch.library.wrap_triton(_wgrad_kernel)[grid](
+    cfg = wgrad_config(vocab, dim, dlogits.dtype)
+    _launch(
+        _wgrad_kernel, cfg,
         dlogits, dlogits.stride(0), hidden, hidden.stride(0), acc, acc.stride(0), m, vocab, dim,
-        UPCAST=INTERPRET or dlogits.dtype == torch.float32, BLOCK_V=bv, BLOCK_D=bd, BLOCK_K=bk, GROUP_V=8,
-        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 

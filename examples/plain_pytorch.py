@@ -45,12 +45,11 @@ def train(steps: int = 20, loss: str = "synpo", pairs: int = 4, lr: float = 3e-3
     model = tiny_llama(seed=seed)
     input_ids, attention_mask, labels = random_preference_batch(pairs, model.config.vocab_size, seed=seed)
     options = {}
-    if loss in ("dpo", "ipo"):
+    if sk.LOSSES[loss].needs_reference:
         with torch.no_grad():
             hidden = lm_head_inputs(model, input_ids, attention_mask)
-            ref = sk.fused_linear_sequence_logprobs(
-                hidden, model.lm_head.weight, labels, average=(loss == "ipo")
-            )  # same scale as the loss's default `average`
+            # Summed reference log-probs for every loss (a loss that normalizes divides itself).
+            ref = sk.fused_linear_sequence_logprobs(hidden, model.lm_head.weight, labels, average=False)
         options["ref_logps"] = ref
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     history = []
@@ -77,7 +76,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--loss", default="synpo", choices=sorted(sk.PREFERENCE_LOSSES))
+    parser.add_argument("--loss", default="synpo", choices=sorted(sk.LOSSES))
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)

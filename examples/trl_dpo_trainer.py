@@ -144,14 +144,14 @@ def _trainer_class():
             with torch.no_grad(), ctx:
                 hidden = self._lm_head_input(ref_model, inputs)
                 weight = unwrapped.get_output_embeddings().weight
-                average = self.loss_options.get("average", self.preference_loss == "ipo")
-                return sk.fused_linear_sequence_logprobs(hidden, weight, labels, average=average)
+                # Summed, as TRL precomputes them, whatever the loss (IPO normalizes by itself).
+                return sk.fused_linear_sequence_logprobs(hidden, weight, labels, average=False)
 
         def _compute_loss(self, model, inputs, return_outputs):
             mode = "train" if self.model.training else "eval"
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
             options = dict(self.loss_options)
-            if self.preference_loss in ("dpo", "ipo"):
+            if sk.LOSSES[self.preference_loss].needs_reference:
                 options["ref_logps"] = self._reference_logps(model, inputs, labels)
             hidden = self._lm_head_input(model, inputs)
             weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
@@ -216,7 +216,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--loss", default="synpo", choices=sorted(sk.PREFERENCE_LOSSES))
+    parser.add_argument("--loss", default="synpo", choices=sorted(sk.LOSSES))
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)
     history = train(args.loss, args.steps)

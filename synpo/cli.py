@@ -13,7 +13,7 @@ import sys
 
 # (module, help) for each command group, in the order `synpo --help` lists them.
 COMMAND_GROUPS = (
-    ("synpo.train_cli", "train a model with SynPO (or DPO/SimPO/IPO/CPO/ORPO)"),
+    ("synpo.train_cli", "train a model with SynPO or another registered loss (synpo train --help)"),
     ("synpo.bench_cli", "run the kernel and trainer benchmarks"),
     ("synpo.pairs.cli", "build preference pairs: clips, candidates, score, select"),
 )

@@ -11,14 +11,15 @@
 - ``impl="naive"``: the model's full logits for every position and ``synpo_kernels.row_stats`` on
   them, as the upstream code does; the benchmark baseline.
 
-DPO/IPO need reference log-probs: from a frozen reference model, from the policy with its LoRA
-adapters disabled (upstream), or from a precomputed cache passed in the batch as ``ref_logps``.
+Losses with ``needs_reference`` (DPO/IPO) need reference log-probs, per-row *sums* whatever the loss
+(TRL's convention; a loss that normalizes divides by the token count itself): from a frozen reference
+model, from the policy with its LoRA adapters disabled (upstream), or from a precomputed cache passed in
+the batch as ``ref_logps``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any
 
 import torch
@@ -62,15 +63,10 @@ REFERENCE_MODES = ("adapter_disabled", "copy")
 
 
 def loss_default(loss: str, option: str):
-    """The default of a loss option in synpo_kernels' reference formulas (e.g. dpo's ``average``)."""
-    from synpo_kernels.reference import PREFERENCE_LOSSES
+    """The default of a loss option (e.g. dpo's ``average``), from the loss's registry entry."""
+    from synpo_kernels.loss_registry import get_loss
 
-    if loss not in PREFERENCE_LOSSES:
-        raise ValueError(f"loss: unknown preference loss {loss!r}; one of {sorted(PREFERENCE_LOSSES)}")
-    params = inspect.signature(PREFERENCE_LOSSES[loss]).parameters
-    if option not in params:
-        raise ValueError(f"{option}: not an option of loss {loss!r}")
-    return params[option].default
+    return get_loss(loss).param(option).default
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -148,18 +144,18 @@ class PreferenceObjective(nn.Module):
 
     Args:
         policy: a transformers causal LM / VLM, optionally peft-wrapped.
-        loss: ``synpo``, ``dpo``, ``ipo``, ``simpo``, ``cpo`` or ``orpo``.
+        loss: a loss of ``synpo_kernels.LOSSES``: ``synpo``, ``dpo``, ``ipo``, ``simpo``, ``cpo``, ``orpo``.
         loss_options: that loss's hyper-parameters (``alpha``, ``beta`` ...; defaults otherwise).
         impl: ``fused`` (hidden states + lm_head weight, no logits) or ``naive`` (full logits).
-        reference_mode: for dpo/ipo, ``adapter_disabled`` (the policy without its LoRA adapters) or
-            ``copy`` (``reference`` holds a frozen model); ``None`` when log-probs come cached in
-            the batch (``ref_logps``) or the loss needs none.
+        reference_mode: for losses that need one (dpo/ipo), ``adapter_disabled`` (the policy without
+            its LoRA adapters) or ``copy`` (``reference`` holds a frozen model); ``None`` when
+            log-probs come cached in the batch (``ref_logps``) or the loss needs none.
         reference: the frozen reference model for ``copy``.
         autocast_dtype: run the model under ``torch.autocast`` with this dtype (bf16 mixed precision).
 
     ``forward`` returns the scalar loss (fp32) and a detached float64 vector of per-micro-batch sums,
     laid out as :data:`METRIC_NAMES`. ``forward(..., mode="reference")`` returns the reference
-    log-probs ``(2B,)`` instead (used to precompute the cache; runs under no_grad).
+    summed log-probs ``(2B,)`` instead (used to precompute the cache; runs under no_grad).
     """
 
     def __init__(
@@ -174,11 +170,10 @@ class PreferenceObjective(nn.Module):
         autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        from synpo_kernels.losses import make_loss_spec
-        from synpo_kernels.reference import PREFERENCE_LOSSES
+        from synpo_kernels.loss_registry import get_loss
+        from synpo_kernels.losses import loss_spec
 
-        if loss not in PREFERENCE_LOSSES:
-            raise ValueError(f"loss: unknown preference loss {loss!r}; one of {sorted(PREFERENCE_LOSSES)}")
+        definition = get_loss(loss)
         if impl not in ("fused", "naive"):
             raise ValueError(f"impl: must be 'fused' or 'naive', got {impl!r}")
         if reference_mode not in (None, *REFERENCE_MODES):
@@ -190,10 +185,9 @@ class PreferenceObjective(nn.Module):
         if reference_mode == "adapter_disabled" and not hasattr(policy, "disable_adapter"):
             raise ValueError("reference_mode: 'adapter_disabled' needs a peft (LoRA) policy")
         options = dict(loss_options or {})
-        self.needs_reference = "ref_logps" in inspect.signature(PREFERENCE_LOSSES[loss]).parameters
-        # Validate the options once, here (make_loss_spec raises TypeError/ValueError naming them).
-        dummy = {"ref_logps": torch.zeros(2)} if self.needs_reference else {}
-        make_loss_spec(loss, **options, **dummy)
+        self.needs_reference = definition.needs_reference
+        # Validate the options once, here (loss_spec raises TypeError/ValueError naming them).
+        loss_spec(loss, **options)
         self.policy = policy
         self.reference = reference
         if reference is not None:
@@ -203,9 +197,6 @@ class PreferenceObjective(nn.Module):
         self.loss_options = options
         self.impl = impl
         self.reference_mode = reference_mode if self.needs_reference else None
-        self.reference_average = (
-            options.get("average", loss_default(loss, "average")) if self.needs_reference else True
-        )
         self.autocast_dtype = autocast_dtype
         if impl == "fused":
             check_fusable(policy)
@@ -254,7 +245,7 @@ class PreferenceObjective(nn.Module):
         return weight, bias
 
     def reference_logps(self, inputs, labels, response_index, response_labels) -> torch.Tensor:
-        """Reference-model sequence log-probs ``(2B,)`` (sums or means per the loss), no grad."""
+        """Reference-model summed sequence log-probs ``(2B,)`` (for every loss), no grad."""
         if self.reference_mode is None:
             raise ValueError("ref_logps: this objective has no reference model; pass ref_logps in the batch")
         model = self.reference if self.reference_mode == "copy" else self.policy
@@ -279,11 +270,11 @@ class PreferenceObjective(nn.Module):
                             bias=bias,
                             ignore_index=IGNORE_INDEX,
                             shift=True,
-                            average=self.reference_average,
+                            average=False,
                         )
                 else:
                     stats = self._row_statistics_naive(model, inputs, labels, response_index, response_labels)
-                    out = stats.mean_logp if self.reference_average else stats.sum_logp
+                    out = stats.sum_logp
         finally:
             model.train(was_training)
         return out.float()

@@ -1,21 +1,22 @@
 """Per-row statistics -> per-pair preference loss -> per-row gradient coefficients.
 
-Every loss of the family in :data:`synpo_kernels.reference.PREFERENCE_LOSSES` is a small function of
-three statistics per row of a ``[chosen; rejected]`` batch: ``sum_logp = sum_t logp_t``,
-``sum_p = sum_t p_t`` and the token count ``n`` (plus, for DPO/IPO, a reference log-prob per row
-passed in as a tensor). Since ``d sum_logp / d logp_t = 1`` and ``d sum_p / d logp_t = p_t``, the
-gradient of the batch loss with respect to every token's log-prob is
+Every loss of :data:`synpo_kernels.loss_registry.LOSSES` is a small function of three statistics per
+row of a ``[chosen; rejected]`` batch: ``sum_logp = sum_t logp_t``, ``sum_p = sum_t p_t`` and the token
+count ``n`` (plus, for DPO/IPO, the reference model's summed log-prob per row, passed in as a tensor,
+and batch constants such as the number of chosen tokens: :class:`~synpo_kernels.loss_registry.LossContext`).
+Since ``d sum_logp / d logp_t = 1`` and ``d sum_p / d logp_t = p_t``, the gradient of the batch loss
+with respect to every token's log-prob is
 
     g_t = a_row + b_row * p_t,    a_row = dL/d sum_logp,   b_row = dL/d sum_p,
 
 and the logits gradient is ``g_t * (onehot(y_t) - softmax(z_t))``. This module computes ``(a, b)``
-for a set of whole pairs by autograd through the *reference* per-pair formulas (they are written
-once, in :mod:`synpo_kernels.reference`), in float64 on tensors of a few elements per row: exact,
-and negligible next to the ``n x V`` work of the fused ops.
+for a set of whole pairs by autograd through the per-pair formulas (written once, in the registry),
+in float64 on tensors of a few elements per row: exact, and negligible next to the ``n x V`` work of
+the fused ops.
 
-Because the batch loss is a *mean of per-pair terms*, a chunk that holds whole pairs has everything
-it needs: the fused linear ops compute the gradients of such a chunk in the same pass as its
-forward (6 n D V FLOPs in total instead of 8 for recompute-in-backward designs).
+Because the batch loss is a *sum of per-pair terms* with batch-level constants, a chunk that holds
+whole pairs has everything it needs: the fused linear ops compute the gradients of such a chunk in
+the same pass as its forward (6 n D V FLOPs in total instead of 8 for recompute-in-backward designs).
 
 Non-tensor options (``alpha``, ``beta``, ``average`` ...) live in a small frozen, hashable
 :class:`LossSpec` (as Cut Cross-Entropy keeps its non-tensor options in one params object); per-row
@@ -24,20 +25,22 @@ tensor options (``ref_logps``) travel next to it and are sliced along with the p
 
 from __future__ import annotations
 
-import inspect
-import math
 from dataclasses import dataclass, fields
 
 import torch
 
-from synpo_kernels.reference import PREFERENCE_LOSSES, RowStats, _log_odds
+from synpo_kernels.loss_registry import REFERENCE_OPTION, LossContext, get_loss
+from synpo_kernels.reference import RowStats
 
 __all__ = [
     "TENSOR_OPTIONS",
+    "LossContext",
     "LossSpec",
     "PreferenceStats",
+    "batch_context",
     "check_tensor_options",
     "loss_coefficients",
+    "loss_spec",
     "make_loss_spec",
     "pair_losses",
     "preference_stats",
@@ -45,7 +48,7 @@ __all__ = [
     "select_pairs",
 ]
 
-TENSOR_OPTIONS = ("ref_logps",)
+TENSOR_OPTIONS = (REFERENCE_OPTION,)
 """Loss options that are per-row tensors of shape ``(2B,)`` (``[chosen; rejected]`` like the batch)."""
 
 
@@ -57,63 +60,46 @@ class LossSpec:
     """
 
     name: str
-    options: tuple[tuple[str, float | bool], ...]
+    options: tuple[tuple[str, float | bool | str], ...]
     tensor_options: tuple[str, ...] = ()
 
-    def kwargs(self) -> dict[str, float | bool]:
+    def kwargs(self) -> dict[str, float | bool | str]:
         return dict(self.options)
 
     def option(self, name: str):
         return self.kwargs()[name]
 
 
-def _signature_options(loss: str) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(PREFERENCE_LOSSES[loss]).parameters
-    return {k: p for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+def loss_spec(loss: str, **options) -> LossSpec:
+    """Validate ``loss`` and its scalar options (no tensor options); the spec, defaults filled in.
+
+    ``ValueError`` for an unknown loss or a bad value, ``TypeError`` for an unknown option or a value of
+    the wrong type; messages name the option.
+    """
+    definition = get_loss(loss)
+    tensor_options = (REFERENCE_OPTION,) if definition.needs_reference else ()
+    return LossSpec(loss, tuple(sorted(definition.resolve(options).items())), tensor_options)
 
 
 def make_loss_spec(loss: str, **options) -> tuple[LossSpec, dict[str, torch.Tensor]]:
     """Validate ``loss`` and its options; return the spec and the tensor options.
 
     Raises ``ValueError`` for an unknown loss or a missing required tensor option (``ref_logps`` for
-    dpo/ipo), ``TypeError`` for an unknown option or a value of the wrong type.
+    losses that need a reference), ``TypeError`` for an unknown option or a value of the wrong type.
     """
-    if not isinstance(loss, str) or loss not in PREFERENCE_LOSSES:
-        raise ValueError(f"loss: unknown preference loss {loss!r}; one of {sorted(PREFERENCE_LOSSES)}")
-    accepted = _signature_options(loss)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"loss_options: unknown option(s) {unknown} for loss {loss!r}; accepted: {sorted(accepted)}"
-        )
-    scalars: dict[str, float | bool] = {}
+    definition = get_loss(loss)
     tensors: dict[str, torch.Tensor] = {}
-    for name, param in accepted.items():
-        if name in TENSOR_OPTIONS:
-            if name not in options or options[name] is None:
-                raise ValueError(
-                    f"{name}: loss {loss!r} needs {name}= (a (2B,) tensor of reference log-probs)"
-                )
-            value = options[name]
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-            tensors[name] = value
-            continue
-        value = options.get(name, param.default)
-        if value is inspect.Parameter.empty:
-            raise ValueError(f"{name}: loss {loss!r} needs {name}=")
-        if isinstance(param.default, bool):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-        else:
-            if isinstance(value, torch.Tensor | bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"{name}: must be finite, got {value}")
-        scalars[name] = value
-    spec = LossSpec(loss, tuple(sorted(scalars.items())), tuple(sorted(tensors)))
-    return spec, tensors
+    if definition.needs_reference:
+        value = options.pop(REFERENCE_OPTION, None)
+        if value is None:
+            raise ValueError(
+                f"{REFERENCE_OPTION}: loss {loss!r} needs {REFERENCE_OPTION}= "
+                "(a (2B,) tensor of summed reference log-probs)"
+            )
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{REFERENCE_OPTION}: expected a torch.Tensor, got {type(value).__name__}")
+        tensors[REFERENCE_OPTION] = value
+    return loss_spec(loss, **options), tensors
 
 
 def check_tensor_options(tensors: dict[str, torch.Tensor], rows: int, device: torch.device) -> None:
@@ -139,9 +125,21 @@ def select_pairs(
     return {k: torch.cat([v[start:end], v[num_pairs + start : num_pairs + end]]) for k, v in tensors.items()}
 
 
-def pair_losses(stats: RowStats, spec: LossSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-pair losses ``(P,)`` of a ``[chosen; rejected]`` block of ``2P`` rows (reference formulas)."""
-    return PREFERENCE_LOSSES[spec.name](stats, **spec.kwargs(), **tensors)
+def batch_context(count: torch.Tensor) -> LossContext:
+    """Batch constants of a whole ``[chosen; rejected]`` batch from its per-row token counts ``(2B,)``."""
+    half = count.shape[0] // 2
+    return LossContext(half, count[:half].sum())
+
+
+def pair_losses(
+    stats: RowStats, spec: LossSpec, tensors: dict[str, torch.Tensor], context: LossContext | None = None
+) -> torch.Tensor:
+    """Per-pair losses ``(P,)`` of a ``[chosen; rejected]`` block of ``2P`` rows.
+
+    ``context``: the whole batch's constants when the block is a chunk of it (default: the block is
+    the batch).
+    """
+    return get_loss(spec.name).pair_losses(stats, spec.kwargs(), tensors.get(REFERENCE_OPTION), context)
 
 
 def loss_coefficients(
@@ -151,6 +149,7 @@ def loss_coefficients(
     spec: LossSpec,
     tensors: dict[str, torch.Tensor],
     scale: float,
+    context: LossContext | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the per-row coefficients ``a = dL/dsum_logp``, ``b = dL/dsum_p``.
 
@@ -163,48 +162,23 @@ def loss_coefficients(
         sl = sum_logp.detach().to(torch.float64).requires_grad_(True)
         sp = sum_p.detach().to(torch.float64).requires_grad_(True)
         detached = {k: v.detach().to(torch.float64) for k, v in tensors.items()}
-        losses = pair_losses(RowStats(sl, sp, count.to(torch.float64)), spec, detached)
+        stats = RowStats(sl, sp, count.to(torch.float64))
+        losses = pair_losses(stats, spec, detached, context)
         grad_a, grad_b = torch.autograd.grad(losses.sum() * scale, (sl, sp), allow_unused=True)
     a = torch.zeros_like(sl) if grad_a is None else grad_a
     b = torch.zeros_like(sp) if grad_b is None else grad_b
     return losses.detach().to(out_dtype), a.to(out_dtype), b.to(out_dtype)
 
 
-def reward_margin(stats: RowStats, spec: LossSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def reward_margin(
+    stats: RowStats, spec: LossSpec, tensors: dict[str, torch.Tensor], context: LossContext | None = None
+) -> torch.Tensor:
     """Per-pair reward margin ``(P,)``: the chosen-minus-rejected quantity each loss pushes up.
 
-    - synpo: ``G_w - G_l`` (geometric-mean token probabilities, in (-1, 1));
-    - dpo: ``beta * ((pi_w - ref_w) - (pi_l - ref_l))`` (TRL's ``rewards/margins``);
-    - ipo: ``(pi_w - ref_w) - (pi_l - ref_l)`` (the margin that is regressed to ``1 / (2 tau)``);
-    - simpo: ``beta * (m_w - m_l)`` (length-normalized log-probs, before subtracting gamma);
-    - cpo: ``beta * (s_w - s_l)`` (summed log-probs, means with ``average=True``);
-    - orpo: ``log odds(m_w) - log odds(m_l)`` (TRL's ``log_odds_ratio``).
-
-    ``pi`` are sums or means of log-probs following the loss's ``average`` option, like the loss.
+    Defined per loss in the registry (``margin``; the table of docs/losses.md), e.g. TRL's
+    ``rewards/margins`` ``beta * h`` for dpo, ``G_w - G_l`` for synpo, the log odds ratio for orpo.
     """
-    chosen, rejected = stats.split_pairs()
-    opts = spec.kwargs()
-    name = spec.name
-    if name == "synpo":
-        return chosen.mean_logp.exp() - rejected.mean_logp.exp()
-    if name in ("dpo", "ipo"):
-        ref = tensors["ref_logps"].to(stats.sum_logp.dtype)
-        half = chosen.sum_logp.shape[0]
-        avg = opts["average"]
-        pi_w = chosen.mean_logp if avg else chosen.sum_logp
-        pi_l = rejected.mean_logp if avg else rejected.sum_logp
-        h = (pi_w - ref[:half]) - (pi_l - ref[half:])
-        return opts["beta"] * h if name == "dpo" else h
-    if name == "simpo":
-        return opts["beta"] * (chosen.mean_logp - rejected.mean_logp)
-    if name == "cpo":
-        avg = opts["average"]
-        s_w = chosen.mean_logp if avg else chosen.sum_logp
-        s_l = rejected.mean_logp if avg else rejected.sum_logp
-        return opts["beta"] * (s_w - s_l)
-    if name == "orpo":
-        return _log_odds(chosen.mean_logp) - _log_odds(rejected.mean_logp)
-    raise ValueError(f"loss: no reward margin defined for {name!r}")
+    return get_loss(spec.name).reward_margin(stats, spec.kwargs(), tensors.get(REFERENCE_OPTION), context)
 
 
 @dataclass(frozen=True)
@@ -216,7 +190,7 @@ class PreferenceStats:
 
     - ``chosen_logps`` / ``rejected_logps``: per-row *mean* response-token log-prob ``m(y)``;
     - ``chosen_mean_prob``: arithmetic-mean token probability of the chosen row ``P(y_w)``;
-    - ``reward_margin``: see :func:`reward_margin` (defined per loss);
+    - ``reward_margin``: see :func:`reward_margin` (defined per loss in the registry);
     - ``chosen_count`` / ``rejected_count``: response tokens per row;
     - ``pair_losses``: the per-pair loss (the returned loss is their mean).
     """

@@ -12,16 +12,19 @@ Conventions (Hugging Face):
 
 Per-row statistics: every loss in the preference family is a small function of, per row,
 ``sum_logp = sum_t logp_t``, ``sum_p = sum_t p_t`` and ``count = n`` (response tokens), optionally with
-reference-model sequence log-probs. That is what lets the fused kernels write per-token gradients as
-``a_row + b_row * p_t``.
+the reference model's *summed* log-probs per row and batch constants (the pooled chosen-token count).
+That is what lets the fused kernels write per-token gradients as ``a_row + b_row * p_t``. The loss
+formulas themselves are defined once, in :mod:`synpo_kernels.loss_registry` (pure PyTorch as well).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from synpo_kernels.loss_registry import LOSSES, get_loss
 
 IGNORE_INDEX = -100
 
@@ -166,97 +169,49 @@ def sequence_logprobs_ref(
 
 
 # ---------------------------------------------------------------------------------------------
-# The preference-loss family. Each takes per-row statistics of a [chosen; rejected] batch and
-# returns the per-pair losses (B,); the batch loss is their mean.
+# The preference-loss family: each loss is defined once, in synpo_kernels.loss_registry (formula,
+# options, defaults). Here: the per-pair reference functions of per-row statistics derived from it.
 # ---------------------------------------------------------------------------------------------
 
 
-def synpo_loss_from_stats(stats: RowStats, *, alpha: float = 30.0, beta: float = 0.2) -> torch.Tensor:
-    """SynPO: ``-sigmoid(alpha * (exp(m_w) - exp(m_l))) - beta * P(y_w)`` per pair."""
-    chosen, rejected = stats.split_pairs()
-    g_w = chosen.mean_logp.exp()
-    g_l = rejected.mean_logp.exp()
-    return -torch.sigmoid(alpha * (g_w - g_l)) - beta * chosen.mean_p
+class _PreferenceLosses(Mapping):
+    """Live view ``name -> per-pair loss function of a whole batch's RowStats`` over the registry."""
+
+    def __getitem__(self, name: str):
+        if name not in LOSSES:
+            raise KeyError(name)
+        return LOSSES[name].from_stats
+
+    def __iter__(self):
+        return iter(LOSSES)
+
+    def __len__(self) -> int:
+        return len(LOSSES)
+
+    def __repr__(self) -> str:
+        return f"PREFERENCE_LOSSES({sorted(self)})"
 
 
-def _policy_ref_margin(stats: RowStats, ref_logps: torch.Tensor, average: bool) -> torch.Tensor:
-    chosen, rejected = stats.split_pairs()
-    half = chosen.sum_logp.shape[0]
-    ref = ref_logps.to(stats.sum_logp.dtype)
-    pi_w = chosen.mean_logp if average else chosen.sum_logp
-    pi_l = rejected.mean_logp if average else rejected.sum_logp
-    return (pi_w - ref[:half]) - (pi_l - ref[half:])
+PREFERENCE_LOSSES: Mapping = _PreferenceLosses()
+"""Name -> per-pair loss of per-row statistics, ``f(stats, **options)`` (``ref_logps=`` summed reference
+log-probs for losses that need them); derived from :data:`synpo_kernels.loss_registry.LOSSES`."""
 
 
-def dpo_loss_from_stats(
-    stats: RowStats,
-    *,
-    ref_logps: torch.Tensor,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    average: bool = False,
-) -> torch.Tensor:
-    """DPO (sigmoid) on summed log-probs against reference-model log-probs ``ref_logps`` (2B,).
+def _named(name: str):
+    def loss_from_stats(stats: RowStats, **options) -> torch.Tensor:
+        return PREFERENCE_LOSSES[name](stats, **options)
 
-    ``ref_logps`` must be on the same scale as the policy side: sums when ``average=False``
-    (the DPO paper and the upstream baseline), per-token means when ``average=True``.
-    """
-    h = _policy_ref_margin(stats, ref_logps, average)
-    return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    loss_from_stats.__name__ = loss_from_stats.__qualname__ = f"{name}_loss_from_stats"
+    loss_from_stats.__doc__ = f"Per-pair {name} losses; options and formula: ``LOSSES[{name!r}]``."
+    return loss_from_stats
 
 
-def ipo_loss_from_stats(
-    stats: RowStats, *, ref_logps: torch.Tensor, tau: float = 0.1, average: bool = True
-) -> torch.Tensor:
-    """IPO: ``(h - 1/(2 tau))^2`` with ``h`` the policy/reference log-ratio margin.
-
-    Length-normalized log-probs by default (as TRL does); ``average=False`` uses sums (the paper).
-    """
-    h = _policy_ref_margin(stats, ref_logps, average)
-    return (h - 1.0 / (2.0 * tau)) ** 2
-
-
-def simpo_loss_from_stats(stats: RowStats, *, beta: float = 2.0, gamma: float = 0.5) -> torch.Tensor:
-    """SimPO: ``-logsigmoid(beta * (m_w - m_l) - gamma)`` on length-normalized log-probs."""
-    chosen, rejected = stats.split_pairs()
-    return -F.logsigmoid(beta * (chosen.mean_logp - rejected.mean_logp) - gamma)
-
-
-def cpo_loss_from_stats(
-    stats: RowStats, *, beta: float = 0.1, nll_weight: float = 1.0, average: bool = False
-) -> torch.Tensor:
-    """CPO: ``-logsigmoid(beta * (s_w - s_l)) + nll_weight * NLL(y_w)``.
-
-    ``s`` is the summed log-prob (the paper; ``average=True`` uses means). NLL is the chosen row's
-    per-token mean negative log-likelihood.
-    """
-    chosen, rejected = stats.split_pairs()
-    s_w = chosen.mean_logp if average else chosen.sum_logp
-    s_l = rejected.mean_logp if average else rejected.sum_logp
-    return -F.logsigmoid(beta * (s_w - s_l)) - nll_weight * chosen.mean_logp
-
-
-def _log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
-    # log(p / (1 - p)) with log p = mean_logp <= 0; log1p(-exp(x)) is exact for x near 0 as well.
-    return mean_logp - torch.log1p(-torch.exp(mean_logp))
-
-
-def orpo_loss_from_stats(stats: RowStats, *, lam: float = 0.1) -> torch.Tensor:
-    """ORPO: ``NLL(y_w) - lam * logsigmoid(log odds(m_w) - log odds(m_l))``, m = mean log-prob."""
-    chosen, rejected = stats.split_pairs()
-    ratio = _log_odds(chosen.mean_logp) - _log_odds(rejected.mean_logp)
-    return -chosen.mean_logp - lam * F.logsigmoid(ratio)
-
-
-PREFERENCE_LOSSES = {
-    "synpo": synpo_loss_from_stats,
-    "dpo": dpo_loss_from_stats,
-    "ipo": ipo_loss_from_stats,
-    "simpo": simpo_loss_from_stats,
-    "cpo": cpo_loss_from_stats,
-    "orpo": orpo_loss_from_stats,
-}
-"""Name -> per-pair loss of per-row statistics. Losses needing ``ref_logps`` take it as a keyword."""
+synpo_loss_from_stats = _named("synpo")
+dpo_loss_from_stats = _named("dpo")
+ipo_loss_from_stats = _named("ipo")
+simpo_loss_from_stats = _named("simpo")
+cpo_loss_from_stats = _named("cpo")
+orpo_loss_from_stats = _named("orpo")
 
 
 def preference_loss_ref(
@@ -270,10 +225,9 @@ def preference_loss_ref(
     **loss_kwargs,
 ) -> torch.Tensor:
     """Mean over pairs of a preference loss on ``(2B, T, V)`` logits, computed in ``dtype``."""
-    if loss not in PREFERENCE_LOSSES:
-        raise ValueError(f"loss: unknown preference loss {loss!r}; one of {sorted(PREFERENCE_LOSSES)}")
+    definition = get_loss(loss)
     stats = row_stats_ref(logits, labels, ignore_index=ignore_index, shift=shift, dtype=dtype)
-    return PREFERENCE_LOSSES[loss](stats, **loss_kwargs).mean()
+    return definition.from_stats(stats, **loss_kwargs).mean()
 
 
 def synpo_loss_ref(

@@ -4,10 +4,11 @@ Order: kernels (Triton row passes in :mod:`.fused_linear_kernels`, C++ token ops
 backend) -> launcher (pair-chunk planning and loop) -> autograd Function -> public functions ->
 ``nn.Module``s.
 
-Method. Every loss of the family (SynPO, DPO, IPO, SimPO, CPO, ORPO) is a mean over pairs of a
-small function of per-row (sum logp, sum p, count) (:mod:`synpo_kernels.losses`), so the gradient
-with respect to token ``t`` of row ``r`` is ``g_t = a_r + b_r * p_t`` and depends only on the rows of
-its own pair. The batch ``[chosen; rejected]`` is therefore cut into chunks of *whole pairs*
+Method. Every loss of the family (SynPO, DPO, IPO, SimPO, CPO, ORPO; :mod:`synpo_kernels.loss_registry`)
+is a mean over pairs of a small function of per-row (sum logp, sum p, count) and of batch constants
+known from the labels alone (e.g. the pooled NLL's chosen-token count; :mod:`synpo_kernels.losses`),
+so the gradient with respect to token ``t`` of row ``r`` is ``g_t = a_r + b_r * p_t`` and depends only
+on the rows of its own pair. The batch ``[chosen; rejected]`` is therefore cut into chunks of *whole pairs*
 (chosen rows ``p0..p1`` and their rejected partners), sized so the chunk's scored tokens times ``V``
 fit the chunk buffer. Per chunk, in the forward pass:
 
@@ -44,10 +45,13 @@ from synpo_kernels._validation import (
     check_pairs,
 )
 from synpo_kernels.losses import (
+    TENSOR_OPTIONS,
+    LossContext,
     LossSpec,
     PreferenceStats,
     check_tensor_options,
     loss_coefficients,
+    loss_spec,
     make_loss_spec,
     preference_stats,
     select_pairs,
@@ -145,6 +149,9 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
     acc = accumulation_dtype(weight.dtype)
     dev = weight.device
     pairs = plan.num_pairs
+    # Batch constants (e.g. the pooled NLL's chosen-token count), known from the labels: every chunk's
+    # per-pair losses are then terms of the batch loss with their final scale.
+    context = LossContext(pairs, float(plan.counts[:pairs].sum()))
     sum_logp = torch.empty(2 * pairs, dtype=acc, device=dev)
     sum_p = torch.empty(2 * pairs, dtype=acc, device=dev)
     losses = torch.empty(pairs, dtype=acc, device=dev)
@@ -168,7 +175,7 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
         s_p = torch.zeros(n_rows, dtype=acc, device=dev).index_add_(0, local, p)
         count = plan.group_counts(g0, g1, acc, dev)
         chunk_losses, a, b = loss_coefficients(
-            s_logp, s_p, count, spec, select_pairs(tensors, pairs, g0, g1), scale=1.0 / pairs
+            s_logp, s_p, count, spec, select_pairs(tensors, pairs, g0, g1), 1.0 / pairs, context
         )
         sum_logp[g0:g1], sum_logp[pairs + g0 : pairs + g1] = s_logp[: g1 - g0], s_logp[g1 - g0 :]
         sum_p[g0:g1], sum_p[pairs + g0 : pairs + g1] = s_p[: g1 - g0], s_p[g1 - g0 :]
@@ -266,10 +273,11 @@ def fused_linear_preference_loss(
         hidden: ``(2B, T, D)`` lm_head input of a ``[chosen_0..chosen_{B-1}, rejected_0..]`` batch.
         weight: ``(V, D)`` lm_head weight (same dtype/device); ``bias`` optional ``(V,)``.
         labels: ``(2B, T)`` Hugging Face labels (``ignore_index`` on prompt/video/padding).
-        loss: ``synpo`` | ``dpo`` | ``ipo`` | ``simpo`` | ``cpo`` | ``orpo``.
-        loss_options: that loss's options, as in :data:`synpo_kernels.reference.PREFERENCE_LOSSES`
-            (``alpha``/``beta`` for synpo; ``ref_logps=`` a ``(2B,)`` tensor of reference log-probs
-            for dpo/ipo, sums or means as the loss's ``average`` option says; not differentiated).
+        loss: a loss of :data:`synpo_kernels.loss_registry.LOSSES`: ``synpo`` | ``dpo`` | ``ipo`` |
+            ``simpo`` | ``cpo`` | ``orpo`` (formulas, options and defaults: docs/losses.md).
+        loss_options: that loss's options (``alpha``/``beta`` for synpo ...; ``ref_logps=`` a ``(2B,)``
+            tensor of per-row *summed* reference log-probs for dpo/ipo, whatever ``average`` says;
+            not differentiated).
         return_stats: also return :class:`~synpo_kernels.losses.PreferenceStats` (chosen/rejected
             mean log-prob, chosen mean probability, reward margin, counts, per-pair losses),
             computed in the same pass.
@@ -347,12 +355,8 @@ class FusedLinearPreferenceLoss(nn.Module):
         **loss_options,
     ):
         super().__init__()
-        scalar_options = {k: v for k, v in loss_options.items() if not isinstance(v, torch.Tensor)}
-        # Validate now (tensor options such as ref_logps usually come per call).
-        probe = dict(scalar_options)
-        if loss in ("dpo", "ipo"):
-            probe.setdefault("ref_logps", torch.zeros(2))
-        make_loss_spec(loss, **probe)
+        # Validate the scalar options now (tensor options such as ref_logps usually come per call).
+        loss_spec(loss, **{k: v for k, v in loss_options.items() if k not in TENSOR_OPTIONS})
         self.loss = loss
         self.ignore_index = ignore_index
         self.shift = shift

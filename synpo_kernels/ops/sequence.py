@@ -3,7 +3,7 @@ preference losses (SynPO and the comparison family) of a ``[chosen; rejected]`` 
 
 Order: statistics helper -> public functions -> ``nn.Module``s. The kernels are the token op's; the
 loss itself is a function of per-row (sum logp, sum p, count), evaluated in fp32 with the formulas in
-:mod:`synpo_kernels.reference`, so autograd through those few scalars per row gives every token its
+:mod:`synpo_kernels.loss_registry`, so autograd through those few scalars per row gives every token its
 ``a_row + b_row * p_t`` gradient.
 """
 
@@ -13,14 +13,9 @@ import torch
 from torch import nn
 
 from synpo_kernels._validation import check_nonempty_rows, check_pairs
+from synpo_kernels.losses import TENSOR_OPTIONS, check_tensor_options, loss_spec, make_loss_spec, pair_losses
 from synpo_kernels.ops.token_logprobs import token_logprobs
-from synpo_kernels.reference import (
-    IGNORE_INDEX,
-    PREFERENCE_LOSSES,
-    RowStats,
-    response_mask,
-    row_stats_from_token_logprobs,
-)
+from synpo_kernels.reference import IGNORE_INDEX, RowStats, response_mask, row_stats_from_token_logprobs
 
 __all__ = [
     "PreferenceLoss",
@@ -69,11 +64,6 @@ def sequence_logprobs(
     return total / count.to(total.dtype)
 
 
-def _check_loss_name(loss: str) -> None:
-    if loss not in PREFERENCE_LOSSES:
-        raise ValueError(f"loss: unknown preference loss {loss!r}; one of {sorted(PREFERENCE_LOSSES)}")
-
-
 def preference_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -85,16 +75,18 @@ def preference_loss(
 ) -> torch.Tensor:
     """Mean over pairs of a preference loss on ``(2B, T, V)`` logits (rows = [chosen; rejected]).
 
-    ``loss`` is one of ``synpo, dpo, ipo, simpo, cpo, orpo``; ``loss_kwargs`` are that loss's
-    options (``ref_logps`` for dpo/ipo). See :mod:`synpo_kernels.reference` for the formulas.
+    ``loss`` is a loss of :data:`synpo_kernels.loss_registry.LOSSES` (``synpo, dpo, ipo, simpo, cpo,
+    orpo``); ``loss_kwargs`` are that loss's options (``ref_logps=`` summed reference log-probs for
+    dpo/ipo). See docs/losses.md for the formulas, options and defaults.
     """
-    _check_loss_name(loss)
+    spec, tensors = make_loss_spec(loss, **loss_kwargs)
     if logits.dim() != 3:
         raise ValueError(f"logits: expected (2B, T, V), got shape {tuple(logits.shape)}")
     check_pairs("logits", logits.shape[0])
+    check_tensor_options(tensors, logits.shape[0], logits.device)
     stats = row_stats(logits, labels, ignore_index=ignore_index, shift=shift)
     check_nonempty_rows("labels", stats.count)
-    return PREFERENCE_LOSSES[loss](stats, **loss_kwargs).mean()
+    return pair_losses(stats, spec, tensors).mean()
 
 
 def synpo_loss(
@@ -117,7 +109,7 @@ class PreferenceLoss(nn.Module):
 
     def __init__(self, loss: str = "synpo", ignore_index: int = IGNORE_INDEX, shift: bool = True, **options):
         super().__init__()
-        _check_loss_name(loss)
+        loss_spec(loss, **{k: v for k, v in options.items() if k not in TENSOR_OPTIONS})  # validate now
         self.loss = loss
         self.ignore_index = ignore_index
         self.shift = shift

@@ -150,9 +150,11 @@ def test_weight_grad_accumulation_modes(accumulation, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_chunking_invariance_and_oversized_pairs(impl, monkeypatch):
+@pytest.mark.parametrize("loss", ["synpo", "orpo"])
+def test_chunking_invariance_and_oversized_pairs(loss, impl, monkeypatch):
     """One chunk, chunks of several pairs, a buffer grown to fit a pair, and pairs split over
-    sub-chunks (two passes, buffer growth disabled) all agree."""
+    sub-chunks (two passes, buffer growth disabled) all agree (orpo: its pooled NLL is a batch
+    constant passed to every chunk)."""
     from synpo_kernels.ops import fused_linear_preference as P
 
     hidden, weight, bias, labels = make_batch(4, 15, 24, 61, torch.float64, seed=5)
@@ -166,7 +168,7 @@ def test_chunking_invariance_and_oversized_pairs(impl, monkeypatch):
             assert any(t1 - t0 > 3 for *_, t0, t1 in plan.groups)  # some pairs are split: two passes
         else:
             assert plan.max_rows >= largest  # every pair fits the (grown) buffer
-        results.append(run_fused(hidden, weight, bias, labels, "synpo", {}, impl, chunk_bytes=rows * 61 * 8))
+        results.append(run_fused(hidden, weight, bias, labels, loss, {}, impl, chunk_bytes=rows * 61 * 8))
     for out, grads, _ in results[1:]:
         torch.testing.assert_close(out, results[0][0], rtol=1e-12, atol=1e-13)
         for g, g0 in zip(grads, results[0][1]):
@@ -259,9 +261,9 @@ def test_stats_match_reference(loss):
     torch.testing.assert_close(stats.pair_losses, R.PREFERENCE_LOSSES[loss](rs, **opts))
     m_w, m_l, s_w, s_l = chosen.mean_logp, rejected.mean_logp, chosen.sum_logp, rejected.sum_logp
     if loss in ("dpo", "ipo"):
-        ref = opts["ref_logps"]
-        avg = loss == "ipo"  # each loss's default
-        h = ((m_w if avg else s_w) - ref[:3]) - ((m_l if avg else s_l) - ref[3:])
+        ref = opts["ref_logps"]  # summed reference log-probs, whatever the loss's `average`
+        n_w, n_l = (chosen.count, rejected.count) if loss == "ipo" else (1.0, 1.0)  # each loss's default
+        h = (s_w - ref[:3]) / n_w - (s_l - ref[3:]) / n_l
     expected = {
         "synpo": m_w.exp() - m_l.exp(),
         "dpo": 0.1 * h if loss == "dpo" else None,
@@ -333,7 +335,7 @@ def test_input_errors():
         sk.fused_linear_preference_loss(hidden, weight, labels, loss="synpo", gamma=1.0)
     with pytest.raises(ValueError, match="loss: unknown preference loss"):
         sk.fused_linear_preference_loss(hidden, weight, labels, loss="kto")
-    with pytest.raises(TypeError, match="alpha: expected a Python number"):
+    with pytest.raises(TypeError, match="alpha: expected a number, got str"):
         f(hidden, weight, labels, alpha="30")
     with pytest.raises(ValueError, match="impl"):
         f(hidden, weight, labels, impl="cuda")

@@ -30,37 +30,48 @@ def logsig(x):
 
 
 def formula(loss, logp, mask, opts):
-    """Per-pair losses written from the papers' definitions, on token log-probs."""
+    """Per-pair losses written from the papers' definitions, on token log-probs, with the TRL/Liger
+    conventions: ``ref_logps`` are per-row sums; the NLL term is by default the pooled mean over all
+    chosen tokens of the batch (per pair: its share ``-s_w * P / N_w``)."""
     pairs = logp.shape[0] // 2
     n = mask.sum(1).double()
     s = torch.where(mask, logp, 0.0).sum(1)
     m = s / n
     mean_p = torch.where(mask, logp.exp(), 0.0).sum(1) / n
     w, lo = slice(0, pairs), slice(pairs, 2 * pairs)
+
+    def nll():
+        if opts.get("nll_reduction", "pooled") == "per_row":
+            return -m[w]
+        return -s[w] * pairs / n[w].sum()
+
+    def smoothed(x, eps):
+        return -(1 - eps) * logsig(x) - eps * logsig(-x)
+
     if loss == "synpo":
         a, b = opts.get("alpha", 30.0), opts.get("beta", 0.2)
         return -torch.sigmoid(a * (m[w].exp() - m[lo].exp())) - b * mean_p[w]
-    if loss == "dpo":
-        ref, beta, ls = opts["ref_logps"], opts.get("beta", 0.1), opts.get("label_smoothing", 0.0)
-        pi = m if opts.get("average", False) else s
-        h = (pi[w] - ref[w]) - (pi[lo] - ref[lo])
-        return -(1 - ls) * logsig(beta * h) - ls * logsig(-beta * h)
-    if loss == "ipo":
-        ref, tau = opts["ref_logps"], opts.get("tau", 0.1)
-        pi = m if opts.get("average", True) else s
-        h = (pi[w] - ref[w]) - (pi[lo] - ref[lo])
-        return (h - 1 / (2 * tau)) ** 2
+    if loss in ("dpo", "ipo"):
+        ref = opts["ref_logps"]  # summed reference log-probs
+        average = opts.get("average", loss == "ipo")
+        norm = n if average else torch.ones_like(n)
+        h = (s[w] - ref[w]) / norm[w] - (s[lo] - ref[lo]) / norm[lo]
+        if loss == "dpo":
+            return smoothed(opts.get("beta", 0.1) * h, opts.get("cdpo_smoothing", 0.0))
+        return (h - 1 / (2 * opts.get("tau", 0.1))) ** 2
     if loss == "simpo":
-        beta, gamma = opts.get("beta", 2.0), opts.get("gamma", 0.5)
-        return -logsig(beta * (m[w] - m[lo]) - gamma)
+        beta, gamma = opts.get("beta", 0.1), opts.get("gamma", 0.5)
+        pref = smoothed(beta * (m[w] - m[lo]) - gamma, opts.get("label_smoothing", 0.0))
+        return pref + opts.get("nll_weight", 0.0) * nll()
     if loss == "cpo":
-        beta, nll = opts.get("beta", 0.1), opts.get("nll_weight", 1.0)
+        beta = opts.get("beta", 0.1)
         pi = m if opts.get("average", False) else s
-        return -logsig(beta * (pi[w] - pi[lo])) + nll * (-m[w])
+        pref = smoothed(beta * (pi[w] - pi[lo]), opts.get("label_smoothing", 0.0))
+        return pref + opts.get("nll_weight", 1.0) * nll()
     if loss == "orpo":
         lam = opts.get("lam", 0.1)
         odds = lambda x: torch.log(x.exp() / (1 - x.exp()))
-        return -m[w] - lam * logsig(odds(m[w]) - odds(m[lo]))
+        return nll() - lam * logsig(odds(m[w]) - odds(m[lo]))
     raise AssertionError(loss)
 
 
@@ -68,15 +79,16 @@ CASES = [
     ("synpo", {}),
     ("synpo", {"alpha": 7.0, "beta": 0.9}),
     ("dpo", {"ref": True}),
-    ("dpo", {"ref": True, "beta": 0.5, "label_smoothing": 0.1, "average": True}),
+    ("dpo", {"ref": True, "beta": 0.5, "cdpo_smoothing": 0.1, "average": True}),
     ("ipo", {"ref": True}),
     ("ipo", {"ref": True, "tau": 0.3, "average": False}),
     ("simpo", {}),
-    ("simpo", {"beta": 1.5, "gamma": 1.0}),
+    ("simpo", {"beta": 1.5, "gamma": 1.0, "label_smoothing": 0.1, "nll_weight": 0.5}),
     ("cpo", {}),
-    ("cpo", {"beta": 0.4, "nll_weight": 0.5, "average": True}),
+    ("cpo", {"beta": 0.4, "nll_weight": 0.5, "average": True, "label_smoothing": 0.2}),
+    ("cpo", {"nll_reduction": "per_row"}),
     ("orpo", {}),
-    ("orpo", {"lam": 0.7}),
+    ("orpo", {"lam": 0.7, "nll_reduction": "per_row"}),
 ]
 
 
@@ -84,7 +96,7 @@ def options(opts, rows, seed=3):
     opts = dict(opts)
     if opts.pop("ref", False):
         gen = torch.Generator().manual_seed(seed)
-        opts["ref_logps"] = -torch.rand(rows, generator=gen, dtype=torch.float64) * 6
+        opts["ref_logps"] = -torch.rand(rows, generator=gen, dtype=torch.float64) * 30  # sums
     return opts
 
 
@@ -125,7 +137,14 @@ def test_synpo_coefficients_match_closed_form():
 
 def test_make_loss_spec_validation():
     spec, tensors = L.make_loss_spec("simpo", beta=3)
-    assert spec.kwargs() == {"beta": 3.0, "gamma": 0.5} and tensors == {}
+    assert spec.kwargs() == {
+        "beta": 3.0,
+        "gamma": 0.5,
+        "label_smoothing": 0.0,
+        "nll_weight": 0.0,
+        "nll_reduction": "pooled",
+    }
+    assert tensors == {}
     assert hash(spec) == hash(L.make_loss_spec("simpo", beta=3.0)[0])
     with pytest.raises(ValueError, match="loss: unknown preference loss 'kto'"):
         L.make_loss_spec("kto")
@@ -137,8 +156,18 @@ def test_make_loss_spec_validation():
         L.make_loss_spec("dpo", ref_logps=[0.0, 1.0])
     with pytest.raises(TypeError, match="average: expected a bool"):
         L.make_loss_spec("cpo", average=1)
-    with pytest.raises(TypeError, match="beta: expected a Python number"):
+    with pytest.raises(TypeError, match="beta: expected a number, got Tensor"):
         L.make_loss_spec("synpo", beta=torch.tensor(0.2))
+    with pytest.raises(TypeError, match="alpha: expected a number, got str"):
+        L.make_loss_spec("synpo", alpha="30")
+    with pytest.raises(ValueError, match="beta: must be > 0, got -1"):
+        L.make_loss_spec("simpo", beta=-1)
+    with pytest.raises(ValueError, match=r"label_smoothing: must be in \[0, 0.5\), got 0.5"):
+        L.make_loss_spec("cpo", label_smoothing=0.5)
+    with pytest.raises(ValueError, match=r"nll_reduction: must be one of \['pooled', 'per_row'\]"):
+        L.make_loss_spec("orpo", nll_reduction="mean")
+    with pytest.raises(TypeError, match=r"sigmoid DPO loss; conservative DPO .* is cdpo_smoothing="):
+        L.make_loss_spec("dpo", ref_logps=torch.zeros(2), label_smoothing=0.1)
     with pytest.raises(ValueError, match="alpha: must be finite"):
         L.make_loss_spec("synpo", alpha=float("inf"))
     with pytest.raises(ValueError, match=r"ref_logps: expected shape \(4,\)"):

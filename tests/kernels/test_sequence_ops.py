@@ -121,18 +121,20 @@ def test_loss_formulas_against_their_papers():
     n = mask.sum(-1).double()
     m = s / n
     w, lo = slice(0, 4), slice(4, 8)
-    ref_logps = torch.randn(8, dtype=torch.float64) - 20
+    ref_logps = torch.randn(8, dtype=torch.float64) - 20  # summed reference log-probs (TRL's convention)
     r_w, r_l = ref_logps[w], ref_logps[lo]
     h_sum = (s[w] - r_w) - (s[lo] - r_l)
+    h_mean = (s[w] - r_w) / n[w] - (s[lo] - r_l) / n[lo]  # IPO normalizes each row's log-ratio itself
+    pooled_nll = -s[w].sum() / n[w].sum()  # CPO/ORPO: mean over all chosen tokens of the batch
     expected = {
         "dpo": -F.logsigmoid(0.1 * h_sum).mean(),
-        "ipo": ((((m[w] - r_w) - (m[lo] - r_l)) - 1 / (2 * 0.1)) ** 2).mean(),
-        "simpo": -F.logsigmoid(2.0 * (m[w] - m[lo]) - 0.5).mean(),
-        "cpo": (-F.logsigmoid(0.1 * (s[w] - s[lo])) - m[w]).mean(),
-        "orpo": (
-            -m[w]
-            - 0.1
-            * F.logsigmoid((m[w] - torch.log1p(-torch.exp(m[w]))) - (m[lo] - torch.log1p(-torch.exp(m[lo]))))
+        "ipo": ((h_mean - 1 / (2 * 0.1)) ** 2).mean(),
+        "simpo": -F.logsigmoid(0.1 * (m[w] - m[lo]) - 0.5).mean(),
+        "cpo": -F.logsigmoid(0.1 * (s[w] - s[lo])).mean() + pooled_nll,
+        "orpo": pooled_nll
+        - 0.1
+        * F.logsigmoid(
+            (m[w] - torch.log1p(-torch.exp(m[w]))) - (m[lo] - torch.log1p(-torch.exp(m[lo])))
         ).mean(),
     }
     for name, value in expected.items():

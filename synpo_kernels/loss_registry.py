@@ -1,0 +1,610 @@
+"""The preference losses, each defined once: formula, hyper-parameters, margin, peers' names.
+
+Every loss of the family is a *mean over pairs* of a small function of per-row statistics of a
+``[chosen; rejected]`` batch (``sum_logp``, ``sum_p``, ``count``; see
+:class:`synpo_kernels.reference.RowStats`), of the reference model's per-row log-probs for the losses
+that need them, and of batch constants (:class:`LossContext`: the number of pairs and of chosen
+response tokens, both known from the labels before any logits exist). That is what the fused ops
+exploit (gradients ``a_row + b_row * p_t``, chunks of whole pairs); see :mod:`synpo_kernels.losses`.
+
+One :class:`LossDef` per loss holds everything about it: the per-pair formula, its hyper-parameters
+(:class:`Param`: default, type, allowed range), the reward margin logged next to it, whether it needs
+reference log-probs, a one-line formula for the docs, and the corresponding TRL / Liger-Kernel
+arguments. Everything else is derived from :data:`LOSSES`: ``reference.PREFERENCE_LOSSES``, option
+validation (``losses.make_loss_spec``), the trainer config (``synpo.config``) and the tables of
+``docs/losses.md`` (:func:`render_docs`; ``python -m synpo_kernels.loss_registry docs/losses.md``
+rewrites them, ``--check`` verifies them).
+
+Conventions (the ones TRL and Liger-Kernel users bring):
+
+- ``ref_logps`` are per-row *summed* reference log-probs for every loss (what TRL precomputes); a loss
+  that length-normalizes divides by the row's token count itself (the reference scores the same labels).
+- The NLL term of CPO/ORPO (and SimPO's optional one) is by default the pooled mean over all chosen
+  response tokens of the batch, ``-sum_b s_w,b / sum_b n_w,b``: per pair, ``-s_w * B / N_w``.
+
+Adding a loss is one :func:`register_loss` call (:func:`registered_loss` for a temporary one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LOSSES",
+    "LossContext",
+    "LossDef",
+    "Param",
+    "Peer",
+    "get_loss",
+    "loss_tables",
+    "register_loss",
+    "registered_loss",
+    "render_docs",
+    "unregister_loss",
+]
+
+REFERENCE_OPTION = "ref_logps"
+"""The per-row tensor option of losses with ``needs_reference``: ``(2B,)`` summed reference log-probs."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The argument of a peer library (TRL, Liger-Kernel) that corresponds to one of ours."""
+
+    name: str
+    default: Any
+    note: str = ""
+
+    def render(self) -> str:
+        text = f"`{self.name}={self.default!r}`"
+        return f"{text} ({self.note})" if self.note else text
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter: default, type (from the default: float, bool or one of ``choices``) and range.
+
+    ``check`` raises ``TypeError`` for a wrong type and ``ValueError`` for a bad value, both naming it.
+    ``trl`` / ``liger``: the peer's corresponding argument (:class:`Peer`), a note (str), or None.
+    """
+
+    name: str
+    default: float | bool | str
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    trl: Peer | str | None = None
+    liger: Peer | str | None = None
+
+    @property
+    def type(self) -> type:
+        return bool if isinstance(self.default, bool) else str if self.choices else float
+
+    def allowed(self) -> str:
+        """The allowed values, for messages and docs (``"> 0"``, ``"[0, 0.5)"``, ``"true/false"`` ...)."""
+        if self.type is bool:
+            return "true/false"
+        if self.type is str:
+            return " / ".join(self.choices)
+        if self.low is not None and self.high is not None:
+            return (
+                f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            )
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "finite"
+
+    def check(self, value: Any) -> float | bool | str:
+        """``value`` validated (numbers become Python floats)."""
+        name = self.name
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected a string, got {type(value).__name__}")
+            if value not in self.choices:
+                raise ValueError(f"{name}: must be one of {list(self.choices)}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: must be finite, got {value}")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            allowed = self.allowed()
+            where = f"in {allowed}" if allowed[0] in "[(" else allowed
+            raise ValueError(f"{name}: must be {where}, got {value:g}")
+        return value
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What a pair's loss may need beyond its own two rows.
+
+    ``ref_w`` / ``ref_l``: summed reference log-probs of the chosen / rejected rows (None without a
+    reference). ``num_pairs`` / ``chosen_tokens``: pairs and chosen response tokens of the *whole batch*
+    (not of the chunk being processed), for pooled means.
+    """
+
+    num_pairs: int
+    chosen_tokens: float | torch.Tensor
+    ref_w: torch.Tensor | None = None
+    ref_l: torch.Tensor | None = None
+
+
+Formula = Callable[[Any, Any, types.SimpleNamespace, LossContext], torch.Tensor]
+"""``(chosen, rejected, options, context) -> (P,)``; chosen/rejected are RowStats of the pairs' rows."""
+
+
+@dataclass(frozen=True)
+class LossDef:
+    """A preference loss: everything the package, the trainer and the docs know about it."""
+
+    name: str
+    formula: Formula
+    margin: Formula
+    params: tuple[Param, ...]
+    needs_reference: bool
+    summary: str  # one-line formula for the docs
+    margin_doc: str
+    description: str
+    trl: str | None = None  # the TRL class/config and settings that compute this loss
+    liger: str | None = None  # the Liger-Kernel class (or why there is none)
+    hints: Mapping[str, str] = field(default_factory=dict)  # option -> why it is not ours
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise ValueError(f"{name}: not an option of loss {self.name!r}")
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def unknown_option(self, name: str) -> str:
+        """The message for an option this loss does not take (with a hint where a peer has it)."""
+        hint = self.hints.get(name)
+        return f"{name}: not an option of loss {self.name!r}" + (f"; {hint}" if hint else "")
+
+    def resolve(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """All hyper-parameters, checked, defaults filled in. ``TypeError`` for an unknown option."""
+        unknown = sorted(set(options) - set(self.param_names))
+        if unknown:
+            hints = "".join(f"; {self.hints[u]}" for u in unknown if u in self.hints)
+            raise TypeError(
+                f"loss_options: unknown option(s) {unknown} for loss {self.name!r}; "
+                f"accepted: {sorted(self.param_names)}{hints}"
+            )
+        return {p.name: p.check(options[p.name]) if p.name in options else p.default for p in self.params}
+
+    def _apply(self, fn, stats, options, ref_logps, context) -> torch.Tensor:
+        chosen, rejected = stats.split_pairs()
+        if context is None:
+            context = LossContext(chosen.count.shape[0], chosen.count.sum())
+        if ref_logps is not None:
+            ref = ref_logps.to(stats.sum_logp.dtype)
+            half = chosen.count.shape[0]
+            context = LossContext(context.num_pairs, context.chosen_tokens, ref[:half], ref[half:])
+        return fn(chosen, rejected, types.SimpleNamespace(**options), context)
+
+    def pair_losses(self, stats, options, ref_logps=None, context=None) -> torch.Tensor:
+        """Per-pair losses ``(P,)`` of a ``[chosen; rejected]`` block, ``options`` already resolved.
+
+        ``context`` defaults to the block itself being the whole batch.
+        """
+        return self._apply(self.formula, stats, options, ref_logps, context)
+
+    def reward_margin(self, stats, options, ref_logps=None, context=None) -> torch.Tensor:
+        return self._apply(self.margin, stats, options, ref_logps, context)
+
+    def from_stats(self, stats, **options) -> torch.Tensor:
+        """Per-pair losses of a whole batch's statistics; ``options`` as keywords (``ref_logps=``)."""
+        ref = options.pop(REFERENCE_OPTION, None)
+        if self.needs_reference and ref is None:
+            raise ValueError(f"{REFERENCE_OPTION}: loss {self.name!r} needs {REFERENCE_OPTION}=")
+        if ref is not None and not self.needs_reference:
+            raise TypeError(f"{REFERENCE_OPTION}: loss {self.name!r} takes no reference log-probs")
+        return self.pair_losses(stats, self.resolve(options), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, LossDef] = {}
+LOSSES: Mapping[str, LossDef] = types.MappingProxyType(_REGISTRY)
+"""Name -> :class:`LossDef`, in registration order (read-only view; use :func:`register_loss`)."""
+
+
+def get_loss(name: Any, key: str = "loss") -> LossDef:
+    """The registered loss ``name``; the one place an unknown loss is reported (``ValueError``)."""
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.5)
+    suggestion = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{key}: unknown preference loss {name!r}; one of {sorted(_REGISTRY)}{suggestion}")
+
+
+def register_loss(loss: LossDef, *, replace: bool = False) -> LossDef:
+    """Add ``loss`` to :data:`LOSSES` (every API, the trainer config and the docs pick it up)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", loss.name):
+        raise ValueError(f"name: expected a lower-case identifier, got {loss.name!r}")
+    if loss.name in _REGISTRY and not replace:
+        raise ValueError(f"name: loss {loss.name!r} is already registered")
+    names = [p.name for p in loss.params]
+    if len(set(names)) != len(names) or REFERENCE_OPTION in names:
+        raise ValueError(f"params: duplicate or reserved option names in {names}")
+    for p in loss.params:
+        if p.check(p.default) != p.default:
+            raise ValueError(f"{p.name}: default {p.default!r} is not a valid value")
+    _REGISTRY[loss.name] = loss
+    return loss
+
+
+def unregister_loss(name: str) -> None:
+    get_loss(name)
+    del _REGISTRY[name]
+
+
+@contextlib.contextmanager
+def registered_loss(loss: LossDef) -> Iterator[LossDef]:
+    """Register ``loss`` for the duration of a ``with`` block (tests, experiments)."""
+    register_loss(loss)
+    try:
+        yield loss
+    finally:
+        _REGISTRY.pop(loss.name, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of the formulas
+# ---------------------------------------------------------------------------------------------
+
+
+def smoothed_logsigmoid_loss(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``-(1 - eps) logsigmoid(x) - eps logsigmoid(-x)`` (label smoothing, conservative DPO)."""
+    loss = -F.logsigmoid(x)
+    return loss if eps == 0.0 else (1.0 - eps) * loss - eps * F.logsigmoid(-x)
+
+
+def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` with ``log p = mean_logp < 0``; ``log(1 - p)`` branches as TRL's log1mexp."""
+    log1mexp = torch.where(
+        mean_logp < -math.log(2.0), torch.log1p(-torch.exp(mean_logp)), torch.log(-torch.expm1(mean_logp))
+    )
+    return mean_logp - log1mexp
+
+
+def chosen_nll(chosen, o: types.SimpleNamespace, ctx: LossContext) -> torch.Tensor:
+    """Per-pair share of the NLL of the chosen rows: pooled (``-s_w * B / N_w``) or per-row mean."""
+    if o.nll_reduction == "per_row":
+        return -chosen.mean_logp
+    return -chosen.sum_logp * (ctx.num_pairs / ctx.chosen_tokens)
+
+
+def _pick(row, average: bool) -> torch.Tensor:
+    return row.mean_logp if average else row.sum_logp
+
+
+def _reference_margin(w, lo, o, ctx) -> torch.Tensor:
+    """``h = (s_w - r_w) - (s_l - r_l)``, each side divided by its row's token count with ``average``."""
+    dw, dl = w.sum_logp - ctx.ref_w, lo.sum_logp - ctx.ref_l
+    if o.average:
+        dw, dl = dw / w.count, dl / lo.count
+    return dw - dl
+
+
+def _sigmoid_plus_nll(score, margin_offset: str | None = None) -> dict[str, Formula]:
+    """Formula and margin of ``-(1-ε) logσ(x) - ε logσ(-x) + nll_weight * NLL``, ``x = β score - γ``
+    (``γ`` the option named ``margin_offset``, if any); the margin is ``β score``."""
+
+    def formula(w, lo, o, ctx):
+        x = o.beta * score(w, lo, o) - (getattr(o, margin_offset) if margin_offset else 0.0)
+        return smoothed_logsigmoid_loss(x, o.label_smoothing) + o.nll_weight * chosen_nll(w, o, ctx)
+
+    return {"formula": formula, "margin": lambda w, lo, o, ctx: o.beta * score(w, lo, o)}
+
+
+def _beta(doc: str) -> Param:
+    """A positive ``beta``, called ``beta`` (default 0.1) by TRL and Liger alike."""
+    return Param("beta", 0.1, doc, low=0.0, low_open=True, trl=Peer("beta", 0.1), liger=Peer("beta", 0.1))
+
+
+def _nll_weight(default: float, trl: Peer, liger: Peer) -> Param:
+    return Param(
+        "nll_weight", default, "weight of the NLL term on the chosen rows", low=0.0, trl=trl, liger=liger
+    )
+
+
+_SMOOTHING = dict(low=0.0, high=0.5, high_open=True)
+_LABEL_SMOOTHING = Param(
+    "label_smoothing",
+    0.0,
+    "label smoothing of the preference term",
+    **_SMOOTHING,
+    trl=Peer("label_smoothing", 0.0),
+    liger=Peer("label_smoothing", 0.0),
+)
+_NLL_REDUCTION = Param(
+    "nll_reduction",
+    "pooled",
+    "NLL as the mean over all chosen tokens of the batch (pooled) or the mean of per-row means",
+    choices=("pooled", "per_row"),
+    trl="pooled (`nn.CrossEntropyLoss` mean)",
+    liger="pooled (sum / chosen tokens of the whole target)",
+)
+_LIGER = "liger_kernel.chunked_loss."
+
+# ---------------------------------------------------------------------------------------------
+# The losses
+# ---------------------------------------------------------------------------------------------
+
+register_loss(
+    LossDef(
+        name="synpo",
+        formula=lambda w, lo, o, ctx: (
+            -torch.sigmoid(o.alpha * (w.mean_logp.exp() - lo.mean_logp.exp())) - o.beta * w.mean_p
+        ),
+        margin=lambda w, lo, o, ctx: w.mean_logp.exp() - lo.mean_logp.exp(),
+        params=(
+            Param("alpha", 30.0, "scale of the geometric-mean probability gap", low=0.0, low_open=True),
+            Param("beta", 0.2, "weight of the chosen row's mean token probability", low=0.0),
+        ),
+        needs_reference=False,
+        summary="-σ(α (G_w − G_l)) − β P_w",
+        margin_doc="G_w − G_l",
+        description="SynPO (arXiv 2506.00835): bounded in [-1-β, 0], no reference model.",
+    )
+)
+
+register_loss(
+    LossDef(
+        name="dpo",
+        formula=lambda w, lo, o, ctx: smoothed_logsigmoid_loss(
+            o.beta * _reference_margin(w, lo, o, ctx), o.cdpo_smoothing
+        ),
+        margin=lambda w, lo, o, ctx: o.beta * _reference_margin(w, lo, o, ctx),
+        params=(
+            _beta("inverse temperature"),
+            Param(
+                "average",
+                False,
+                "divide each row's policy-minus-reference log-ratio by its token count",
+                trl='`loss_type="sigmoid_norm"` when true',
+                liger=Peer("average_log_prob", False),
+            ),
+            Param(
+                "cdpo_smoothing",
+                0.0,
+                "conservative DPO: probability that a preference label is flipped",
+                **_SMOOTHING,
+                trl="— (`sigmoid` ignores `label_smoothing`)",
+                liger="— (`sigmoid` ignores `label_smoothing`)",
+            ),
+        ),
+        needs_reference=True,
+        summary="-(1−ε) logσ(β h) − ε logσ(−β h), h = (s_w − r_w) − (s_l − r_l)",
+        margin_doc="β h",
+        description="DPO with the sigmoid loss on summed log-probs (per-token means with `average`).",
+        trl='`trl.DPOConfig(loss_type="sigmoid")`',
+        liger=f'`{_LIGER}LigerFusedLinearDPOLoss(loss_type="sigmoid")`',
+        hints={
+            "label_smoothing": "TRL 1.16 and Liger ignore label_smoothing in the sigmoid DPO loss; "
+            "conservative DPO (the old TRL meaning) is cdpo_smoothing="
+        },
+    )
+)
+
+register_loss(
+    LossDef(
+        name="ipo",
+        formula=lambda w, lo, o, ctx: (_reference_margin(w, lo, o, ctx) - 1.0 / (2.0 * o.tau)) ** 2,
+        margin=_reference_margin,
+        params=(
+            Param(
+                "tau",
+                0.1,
+                "regularization (the margin target is 1 / (2 tau))",
+                low=0.0,
+                low_open=True,
+                trl=Peer("beta", 0.1),
+            ),
+            Param(
+                "average",
+                True,
+                "length-normalize each row's log-ratio (false: the paper's sums)",
+                trl="always normalized",
+            ),
+        ),
+        needs_reference=True,
+        summary="(h − 1/(2τ))², h = (s_w − r_w)/n_w − (s_l − r_l)/n_l",
+        margin_doc="h",
+        description="IPO, length-normalized as in TRL (confirmed with the IPO authors); `average=false` "
+        "uses the paper's sums.",
+        trl='`trl.DPOConfig(loss_type="ipo")`',
+        liger='none (`loss_type="ipo"` raises NotImplementedError in 0.8.5)',
+    )
+)
+
+register_loss(
+    LossDef(
+        name="simpo",
+        **_sigmoid_plus_nll(lambda w, lo, o: w.mean_logp - lo.mean_logp, margin_offset="gamma"),
+        params=(
+            _beta("scale of the length-normalized reward"),
+            Param(
+                "gamma", 0.5, "target reward margin", trl=Peer("simpo_gamma", 0.5), liger=Peer("gamma", 0.5)
+            ),
+            _LABEL_SMOOTHING,
+            _nll_weight(
+                0.0,
+                trl=Peer("cpo_alpha", 1.0, "CPO-SimPO; `cpo_alpha=0` is SimPO"),
+                liger=Peer("alpha", 1.0, "applied when `compute_nll_loss`, default True in the module"),
+            ),
+            _NLL_REDUCTION,
+        ),
+        needs_reference=False,
+        summary="-(1−ε) logσ(β (m_w − m_l) − γ) − ε logσ(γ − β (m_w − m_l)) + λ NLL",
+        margin_doc="β (m_w − m_l)",
+        description="SimPO on per-token mean log-probs; no NLL term unless `nll_weight` (CPO-SimPO).",
+        trl='`trl.experimental.cpo.CPOConfig(loss_type="simpo")`',
+        liger=f"`{_LIGER}LigerFusedLinearSimPOLoss`",
+    )
+)
+
+register_loss(
+    LossDef(
+        name="cpo",
+        **_sigmoid_plus_nll(lambda w, lo, o: _pick(w, o.average) - _pick(lo, o.average)),
+        params=(
+            _beta("inverse temperature"),
+            _LABEL_SMOOTHING,
+            Param(
+                "average",
+                False,
+                "per-token mean log-probs instead of sums",
+                trl="sums",
+                liger=Peer("average_log_prob", False),
+            ),
+            _nll_weight(1.0, trl=Peer("cpo_alpha", 1.0), liger=Peer("alpha", 1.0)),
+            _NLL_REDUCTION,
+        ),
+        needs_reference=False,
+        summary="-(1−ε) logσ(β (s_w − s_l)) − ε logσ(−β (s_w − s_l)) + λ NLL",
+        margin_doc="β (s_w − s_l)",
+        description="CPO: sigmoid preference term on summed log-probs plus NLL on the chosen rows.",
+        trl='`trl.experimental.cpo.CPOConfig(loss_type="sigmoid")`',
+        liger=f"`{_LIGER}LigerFusedLinearCPOLoss`",
+    )
+)
+
+register_loss(
+    LossDef(
+        name="orpo",
+        formula=lambda w, lo, o, ctx: (
+            chosen_nll(w, o, ctx) - o.lam * F.logsigmoid(log_odds(w.mean_logp) - log_odds(lo.mean_logp))
+        ),
+        margin=lambda w, lo, o, ctx: log_odds(w.mean_logp) - log_odds(lo.mean_logp),
+        params=(
+            Param(
+                "lam",
+                0.1,
+                "weight of the odds-ratio term",
+                low=0.0,
+                trl=Peer("beta", 0.1),
+                liger=Peer("beta", 0.1),
+            ),
+            _NLL_REDUCTION,
+        ),
+        needs_reference=False,
+        summary="NLL − λ logσ(logodds(m_w) − logodds(m_l))",
+        margin_doc="logodds(m_w) − logodds(m_l)",
+        description="ORPO: NLL on the chosen rows plus the odds-ratio term on per-token mean log-probs.",
+        trl="`trl.experimental.orpo.ORPOConfig`",
+        liger=f"`{_LIGER}LigerFusedLinearORPOLoss`",
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Docs: the tables of docs/losses.md
+# ---------------------------------------------------------------------------------------------
+
+BEGIN_MARK = "<!-- BEGIN GENERATED by `python -m synpo_kernels.loss_registry docs/losses.md` -->"
+END_MARK = "<!-- END GENERATED -->"
+
+
+def _peer(value: Peer | str | None) -> str:
+    if value is None:
+        return "—"
+    return value.render() if isinstance(value, Peer) else value
+
+
+def loss_tables() -> str:
+    """A list of the losses and two Markdown tables (losses; arguments) generated from :data:`LOSSES`."""
+    lines = [f"- `{d.name}`: {d.description}" for d in LOSSES.values()]
+    lines += [
+        "",
+        "| Loss | Per-pair loss | Reward margin | `ref_logps` | TRL 1.16 | Liger-Kernel 0.8.5 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in LOSSES.values():
+        ref = "summed, required" if d.needs_reference else "—"
+        lines.append(
+            f"| `{d.name}` | `{d.summary}` | `{d.margin_doc}` | {ref} | {d.trl or '—'} | {d.liger or '—'} |"
+        )
+    lines += [
+        "",
+        "| Loss | Argument | Default | Allowed | Meaning | TRL | Liger |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in LOSSES.values():
+        for p in d.params:
+            default = str(p.default).lower() if p.type is bool else p.default
+            lines.append(
+                f"| `{d.name}` | `{p.name}` | `{default}` | {p.allowed()} | {p.doc} "
+                f"| {_peer(p.trl)} | {_peer(p.liger)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def render_docs(text: str) -> str:
+    """``text`` (docs/losses.md) with the part between the markers replaced by :func:`loss_tables`."""
+    start, end = text.find(BEGIN_MARK), text.find(END_MARK)
+    if start < 0 or end < start:
+        raise ValueError("docs: the generated-table markers are missing")
+    return text[: start + len(BEGIN_MARK)] + "\n" + loss_tables() + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m synpo_kernels.loss_registry [--check] docs/losses.md``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    check = "--check" in args
+    paths = [a for a in args if a != "--check"] or ["docs/losses.md"]
+    path = Path(paths[0])
+    text = path.read_text()
+    new = render_docs(text)
+    if check:
+        if new != text:
+            print(f"{path}: out of date; run python -m synpo_kernels.loss_registry {path}", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    # `python -m` runs a second copy of this module; use the package's (the registry everyone sees).
+    from synpo_kernels.loss_registry import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,169 @@
+"""The loss registry: one entry per loss, everything else derived from it. A toy loss registered here
+works through every entry point (sequence op, fused op, trainer config) without any other code, and
+docs/losses.md holds the tables generated from the registry."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import synpo_kernels as sk
+from synpo_kernels import loss_registry as LR
+from synpo_kernels import reference as R
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
+
+
+def toy_loss() -> LR.LossDef:
+    """A squared-hinge-like loss with a new option name and the pooled NLL (a batch constant)."""
+    return LR.LossDef(
+        name="toy",
+        formula=lambda w, lo, o, ctx: (
+            (o.delta - o.scale * (w.mean_logp - lo.mean_logp)) ** 2
+            - o.nll * w.sum_logp * ctx.num_pairs / ctx.chosen_tokens
+        ),
+        margin=lambda w, lo, o, ctx: o.scale * (w.mean_logp - lo.mean_logp),
+        params=(
+            LR.Param("delta", 1.0, "target margin"),
+            LR.Param("scale", 0.5, "scale", low=0.0, low_open=True),
+            LR.Param("nll", 0.3, "NLL weight", low=0.0),
+        ),
+        needs_reference=False,
+        summary="(δ − c (m_w − m_l))² + ν NLL",
+        margin_doc="c (m_w − m_l)",
+        description="a toy loss for the registry test",
+    )
+
+
+def toy_by_hand(hidden, weight, labels, delta=1.0, scale=0.5, nll=0.3):
+    logits = R.linear_logits_ref(hidden, weight)
+    tok = R.token_logprobs_ref(logits, labels)
+    mask = R.response_mask(labels)
+    s, n = (tok * mask).sum(-1), mask.sum(-1).double()
+    m, half = s / n, labels.shape[0] // 2
+    pref = ((delta - scale * (m[:half] - m[half:])) ** 2).mean()
+    return pref + nll * (-s[:half].sum() / n[:half].sum())
+
+
+def batch(pairs=3, seq=11, dim=8, vocab=23, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * pairs
+    hidden = torch.randn(rows, seq, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, dim, generator=gen, dtype=torch.float64).requires_grad_(True)
+    labels = torch.randint(0, vocab, (rows, seq), generator=gen)
+    for r in range(rows):
+        labels[r, : 1 + r % 4] = -100
+        labels[r, seq - r % 3 :] = -100
+    return hidden, weight, labels
+
+
+def test_a_registered_loss_works_everywhere_without_other_code():
+    from synpo.config import ConfigError, config_from_dict, config_to_dict, load_config
+
+    hidden, weight, labels = batch()
+    with sk.registered_loss(toy_loss()):
+        assert "toy" in sk.LOSSES and "toy" in sk.PREFERENCE_LOSSES and "toy" in LR.loss_tables()
+        expected = toy_by_hand(hidden, weight, labels, delta=2.0)
+        eh, ew = torch.autograd.grad(expected, (hidden, weight))
+        # Sequence op on full logits.
+        logits = R.linear_logits_ref(hidden, weight)
+        seq = sk.preference_loss(logits, labels, loss="toy", delta=2.0)
+        torch.testing.assert_close(seq, expected, rtol=1e-10, atol=1e-12)
+        # Fused op, in several chunks of whole pairs: the pooled NLL is a batch constant.
+        for chunk_bytes in (None, 12 * 23 * 8):
+            fused, stats = sk.fused_linear_preference_loss(
+                hidden, weight, labels, loss="toy", delta=2.0, return_stats=True, chunk_bytes=chunk_bytes
+            )
+            gh, gw = torch.autograd.grad(fused, (hidden, weight))
+            torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(gh, eh, rtol=1e-8, atol=1e-11)
+            torch.testing.assert_close(gw, ew, rtol=1e-8, atol=1e-11)
+            torch.testing.assert_close(stats.reward_margin, 0.5 * (stats.chosen_logps - stats.rejected_logps))
+        with pytest.raises(TypeError, match="delta: expected a number, got str"):
+            sk.fused_linear_preference_loss(hidden, weight, labels, loss="toy", delta="2")
+        with pytest.raises(ValueError, match="scale: must be > 0, got 0"):
+            sk.preference_loss(logits, labels, loss="toy", scale=0)
+        # Trainer config: the loss, its options (flat under `loss:`), their checks.
+        cfg = config_from_dict({"loss": {"name": "toy", "delta": 2}})
+        assert cfg.loss.options() == {"delta": 2.0} and not cfg.loss.needs_reference
+        assert config_from_dict(config_to_dict(cfg)) == cfg
+        assert load_config(None, ["--loss.name", "toy", "--loss.scale", "3"]).loss.options() == {"scale": 3.0}
+        with pytest.raises(ConfigError, match=r"loss\.scale: must be > 0"):
+            config_from_dict({"loss": {"name": "toy", "scale": -1.0}})
+        with pytest.raises(ConfigError, match=r"loss\.alpha: does not apply to loss 'toy'"):
+            config_from_dict({"loss": {"name": "toy", "alpha": 1.0}})
+    assert "toy" not in sk.LOSSES and "toy" not in sk.PREFERENCE_LOSSES
+    with pytest.raises(ConfigError, match=r"loss\.name: unknown preference loss 'toy'"):
+        config_from_dict({"loss": {"name": "toy"}})
+    with pytest.raises(ValueError, match="loss: unknown preference loss 'toy'"):
+        sk.preference_loss(logits, labels, loss="toy")
+
+
+def test_registration_errors():
+    with pytest.raises(ValueError, match="already registered"):
+        sk.register_loss(LR.get_loss("dpo"))
+    bad = toy_loss()
+    with pytest.raises(ValueError, match="reserved option names"):
+        sk.register_loss(
+            LR.LossDef(**{**bad.__dict__, "params": (*bad.params, LR.Param("ref_logps", 0.0, "x"))})
+        )
+    with pytest.raises(ValueError, match="name: expected a lower-case identifier"):
+        sk.register_loss(LR.LossDef(**{**bad.__dict__, "name": "Toy Loss"}))
+    with pytest.raises(ValueError, match=r"unknown preference loss 'orpoo'.*did you mean 'orpo'"):
+        LR.get_loss("orpoo")
+
+
+def test_param_checks_name_the_argument():
+    beta = LR.get_loss("dpo").param("beta")
+    assert beta.check(1) == 1.0 and isinstance(beta.check(1), float)
+    for value, error, message in [
+        ("0.1", TypeError, "beta: expected a number, got str"),
+        (True, TypeError, "beta: expected a number, got bool"),
+        (torch.tensor(0.1), TypeError, "beta: expected a number, got Tensor"),
+        (math.nan, ValueError, "beta: must be finite"),
+        (0.0, ValueError, "beta: must be > 0, got 0"),
+    ]:
+        with pytest.raises(error, match=message):
+            beta.check(value)
+    with pytest.raises(TypeError, match="average: expected a bool, got int"):
+        LR.get_loss("cpo").param("average").check(1)
+
+
+def test_reference_functions_are_derived_from_the_registry():
+    assert list(sk.PREFERENCE_LOSSES) == list(sk.LOSSES)
+    gen = torch.Generator().manual_seed(0)
+    stats = R.RowStats(
+        -torch.rand(4, generator=gen, dtype=torch.float64) * 9 - 1,
+        torch.rand(4),
+        torch.tensor([3.0, 5, 2, 4]),
+    )
+    for name, definition in sk.LOSSES.items():
+        opts = (
+            {"ref_logps": -torch.rand(4, generator=gen, dtype=torch.float64) * 9}
+            if definition.needs_reference
+            else {}
+        )
+        named = getattr(R, f"{name}_loss_from_stats")
+        torch.testing.assert_close(named(stats, **opts), R.PREFERENCE_LOSSES[name](stats, **opts))
+
+
+def test_docs_tables_are_generated_from_the_registry():
+    text = DOCS.read_text()
+    assert LR.render_docs(text) == text, (
+        "docs/losses.md is stale: python -m synpo_kernels.loss_registry docs/losses.md"
+    )
+    for name in sk.LOSSES:
+        assert f"| `{name}` |" in text
+
+
+def test_cli_help_lists_the_registry(capsys):
+    from synpo.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name, definition in sk.LOSSES.items():
+        assert f"  {name}" in out and all(f"{p.name}=" in out for p in definition.params)

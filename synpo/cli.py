@@ -19,8 +19,20 @@ COMMAND_GROUPS = (
 )
 
 
+def _version() -> str:
+    """``synpo-kernels X`` and what is compiled in (no torch import: --version stays instant)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("synpo-kernels")
+    except metadata.PackageNotFoundError:  # a source checkout that was never installed
+        from synpo import __version__ as version
+    return f"synpo-kernels {version}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synpo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name, _help in COMMAND_GROUPS:
         try:

@@ -40,3 +40,56 @@ def test_setup_refuses_clashing_stems(tmp_path):
     )
     assert result.returncode != 0
     assert "same object file (token_logprobs_cpu.o)" in result.stdout + result.stderr
+
+
+def _find_cuda_home_with(env_overrides: dict, tmp_path) -> str:
+    """setup.py's CUDA_HOME detection, run in a subprocess with a controlled PATH and environment."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import runpy, setuptools\n"
+        "setuptools.setup = lambda **kwargs: None\n"  # load setup.py's functions without building
+        f"ns = runpy.run_path({str(CSRC.parent / 'setup.py')!r})\n"
+        "print(ns['_find_cuda_home']())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env.update(SYNPO_BUILD_EXT="0", **env_overrides)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _fake_toolkit(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\necho fake nvcc\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    (root / "include" / "cuda_runtime.h").write_text("// fake\n")
+    return root
+
+
+def test_cuda_home_looks_through_a_wrapper_nvcc_on_path(tmp_path):
+    toolkit = _fake_toolkit(tmp_path / "opt" / "cuda-99.0")
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    (wrappers / "nvcc").write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    (wrappers / "nvcc").chmod(0o755)
+    # torch would guess dirname(dirname(wrapper)) = tmp_path, which holds no toolkit.
+    found = _find_cuda_home_with({"PATH": f"{wrappers}:/usr/bin:/bin"}, tmp_path)
+    assert found == str(toolkit)
+
+
+def test_explicit_cuda_home_wins_and_is_checked(tmp_path):
+    toolkit = _fake_toolkit(tmp_path / "cuda")
+    assert _find_cuda_home_with({"CUDA_HOME": str(toolkit), "PATH": "/usr/bin:/bin"}, tmp_path) == str(
+        toolkit
+    )
+    not_a_toolkit = tmp_path / "empty"
+    not_a_toolkit.mkdir()
+    assert (
+        _find_cuda_home_with({"CUDA_HOME": str(not_a_toolkit), "PATH": "/usr/bin:/bin"}, tmp_path) == "None"
+    )

@@ -153,17 +153,37 @@ def parse_ptxas_log(log: str) -> list[dict]:
 
 
 def sass_counts(sass: str) -> dict[tuple[str, str], dict]:
-    """``{(arch, function): {"ldg128": n, "bar_sync": n}}`` from ``cuobjdump -sass`` output."""
+    """``{(arch, function): {"ldg128": n, "bar_sync": n, "bar_sync_loop": n}}`` from ``cuobjdump -sass``.
+
+    ``bar_sync_loop`` counts the barriers inside loop bodies, a loop body being the address range
+    from a backward branch's target to the branch: a block-wide reduction per iteration shows there.
+    """
     counts: dict[tuple[str, str], dict] = {}
-    arch, cur = "", None
+    code: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    arch, key = "", None
     for line in sass.splitlines():
         if m := re.match(r"\s*arch = (sm_\w+)", line):
             arch = m[1]
         elif m := re.match(r"\s*Function : (\S+)", line):
-            cur = counts.setdefault((arch, m[1]), {"ldg128": 0, "bar_sync": 0})
-        elif cur is not None:
-            cur["ldg128"] += len(LDG128.findall(line))
-            cur["bar_sync"] += len(BAR_SYNC.findall(line))
+            key = (arch, m[1])
+            counts.setdefault(key, {"ldg128": 0, "bar_sync": 0, "bar_sync_loop": 0})
+            code.setdefault(key, [])
+        elif key is not None:
+            counts[key]["ldg128"] += len(LDG128.findall(line))
+            counts[key]["bar_sync"] += len(BAR_SYNC.findall(line))
+            if m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*)", line):
+                code[key].append((int(m[1], 16), m[2]))
+    for key, instructions in code.items():
+        loops = [
+            (int(t[1], 16), addr)
+            for addr, text in instructions
+            if (t := re.search(r"\bBRA(?:\.\w+)*\s+(?:`\()?0x([0-9a-f]+)", text)) and int(t[1], 16) <= addr
+        ]
+        counts[key]["bar_sync_loop"] = sum(
+            1
+            for addr, text in instructions
+            if BAR_SYNC.search(text) and any(lo <= addr <= hi for lo, hi in loops)
+        )
     return counts
 
 
@@ -216,10 +236,12 @@ def compile_triton(spec: tuple) -> dict:
                 log, res, sass = ex.map(run_tool, cmds)
         (info,) = parse_ptxas_log(log)
         row = {"smem": compiled.metadata.shared, "regs": info["regs"]}
-        row.update(spill_st=info["spill_st"], spill_ld=info["spill_ld"], ldg128=0, bar_sync=0)
+        row.update(
+            spill_st=info["spill_st"], spill_ld=info["spill_ld"], ldg128=0, bar_sync=0, bar_sync_loop=0
+        )
         for counts in sass_counts(sass).values():  # one function per Triton cubin
-            row["ldg128"] += counts["ldg128"]
-            row["bar_sync"] += counts["bar_sync"]
+            for name in ("ldg128", "bar_sync", "bar_sync_loop"):
+                row[name] += counts[name]
         cubin_regs = int(m[1]) if (m := re.search(r"REG:(\d+)", res)) else None
         if cubin_regs != info["regs"]:
             row["note"] = f"ptxas -v: {info['regs']} registers, Triton's cubin: {cubin_regs}"
@@ -283,7 +305,7 @@ def finish_nvcc(proc: subprocess.Popen, cmd: list[str], tmp: str) -> list[dict]:
         row = {"kernel": name, "arch": info["arch"], "dtype": dtype, "V": "any", "source": "nvcc"}
         row.update(config="nvcc -O3 --use_fast_math", regs=info["regs"], smem=info["smem"])
         row.update(spill_st=info["spill_st"], spill_ld=info["spill_ld"])
-        row.update(counts.get((info["arch"], info["name"]), {"ldg128": 0, "bar_sync": 0}))
+        row.update(counts.get((info["arch"], info["name"]), {"ldg128": 0, "bar_sync": 0, "bar_sync_loop": 0}))
         rows.append(row)
     return rows
 
@@ -308,7 +330,7 @@ COLUMNS = (
     "spills (st/ld B)",
     "smem B",
     "LDG.E.128",
-    "BAR.SYNC",
+    "BAR.SYNC (in loops)",
 )
 
 
@@ -326,7 +348,7 @@ def print_table(rows: list[dict]) -> None:
                 f"{r['spill_st']}/{r['spill_ld']}",
                 str(r["smem"]),
                 ldg,
-                str(r["bar_sync"]),
+                f"{r['bar_sync']} ({r.get('bar_sync_loop', '-')})",
             ]
         print("| " + " | ".join(cells) + " |")
 

@@ -93,24 +93,32 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        # One program: BLOCK_M rows, streamed over V in BLOCK_V columns. Row max and sum of exp are
-        # kept in ACC (fp32, fp64 for fp64 logits): one exp per logit. Ignored rows are never read.
+        # One program: BLOCK_M rows, streamed over V in BLOCK_V columns. Every lane keeps its own
+        # running (max, sum of exp) in ACC (fp32, fp64 for fp64 logits) and the lanes are reduced once
+        # per row after the loop: no block-wide reduction (barrier) inside the loop. One exp per logit:
+        # exp(-|z - m|) either rescales the running sum (new max) or is added to it. Ignored rows are
+        # never read.
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
         active = row_ok & (labels != ignore_index)
         row_base = logits_ptr + rows.to(tl.int64) * stride_row
-        m = tl.full([BLOCK_M], float("-inf"), ACC)
-        s = tl.zeros([BLOCK_M], ACC)
+        m_lane = tl.full([BLOCK_M, BLOCK_V], float("-inf"), ACC)
+        s_lane = tl.zeros([BLOCK_M, BLOCK_V], ACC)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = active[:, None] & (cols[None, :] < V)
             z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-            m = m_new
+            new_max = z > m_lane
+            # -inf logits (and masked lanes) add exp(-inf) = 0; NaN propagates into the sum.
+            diff = tl.where(z == float("-inf"), float("-inf"), tl.where(new_max, m_lane - z, z - m_lane))
+            e = tl.exp(diff)
+            s_lane = tl.where(new_max, s_lane * e + 1.0, s_lane + e)
+            m_lane = tl.maximum(m_lane, z)
+        m = tl.max(m_lane, axis=1)
+        m_safe = tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
+        s = tl.sum(s_lane * tl.exp(m_lane - m_safe[:, None]), axis=1)
         lse = m + tl.log(tl.where(active, s, 1.0))
         safe_labels = tl.where(active, labels, 0)
         target = tl.load(row_base + safe_labels, mask=active, other=0.0).to(ACC)

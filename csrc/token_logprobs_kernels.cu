@@ -6,7 +6,9 @@
 // torch's build names object files by stem.
 //
 // Memory-bound design: one thread block per row. Forward reads the row once with 16-byte vector
-// loads, keeping a per-thread online (max, sum of exp) in fp32, then reduces across the block;
+// loads (a scalar prologue up to the row's first 16-byte boundary, so any vocabulary and row stride
+// vectorizes; two independent loads in flight per thread), keeping a per-thread online (max, sum of
+// exp) in fp32 that is rescaled only when the max grows, then reduces across the block once;
 // rows whose label is ignore_index exit before reading anything. Backward reads the row once and
 // writes grad = g * (onehot - exp(z - lse)) with 16-byte stores, in the logits' dtype. Bytes moved
 // for forward + backward: read 2 x N x V, write 1 x N x V (the floor for an out-of-place gradient).
@@ -110,6 +112,40 @@ __device__ __forceinline__ void accumulate(MaxSum& acc, float x2) {
   }
 }
 
+// Adds one 16-byte vector of logits. The running sum is rescaled only when the vector raises the
+// max (rare once the first vectors are in), so a vector costs kElems exponentials, not kElems + 1.
+template <typename T>
+__device__ __forceinline__ void accumulate_vector(MaxSum& acc, const uint4& raw) {
+  constexpr int kElems = VecTraits<T>::kElems;
+  const T* elems = reinterpret_cast<const T*>(&raw);
+  float x2[kElems];
+  float vmax = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) {
+    x2[k] = to_float(elems[k]) * kLog2e;
+    vmax = fmaxf(vmax, x2[k]);  // fmaxf skips NaN; the NaN then reaches the sum below
+  }
+  if (vmax > acc.max) {
+    if (acc.max != -INFINITY) acc.sum *= fast_exp2(acc.max - vmax);
+    acc.max = vmax;
+  }
+  if (acc.max == -INFINITY) {  // all -inf so far: contributes nothing (a NaN lane still poisons)
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) acc.sum += x2[k] != x2[k] ? x2[k] : 0.0f;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) acc.sum += fast_exp2(x2[k] - acc.max);
+}
+
+// Elements before the first 16-byte boundary of a row: rows of any stride (V = 32001, say) get a
+// short scalar prologue, then 16-byte vectors.
+template <typename T>
+__device__ __forceinline__ int64_t misaligned_head(const T* row, int64_t vocab) {
+  const int64_t bytes = static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(row) % 16) % 16);
+  return bytes / static_cast<int64_t>(sizeof(T)) < vocab ? bytes / static_cast<int64_t>(sizeof(T)) : vocab;
+}
+
 template <typename T, bool kVectorized>
 __global__ void __launch_bounds__(kThreads)
     token_logprobs_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels, int64_t vocab,
@@ -130,30 +166,20 @@ __global__ void __launch_bounds__(kThreads)
   int64_t tail_start = 0;
   if constexpr (kVectorized) {
     constexpr int kElems = VecTraits<T>::kElems;
-    const int64_t n_vec = vocab / kElems;
-    const uint4* zv = reinterpret_cast<const uint4*>(z);
-    for (int64_t i = threadIdx.x; i < n_vec; i += blockDim.x) {
-      const uint4 raw = __ldg(zv + i);
-      const T* elems = reinterpret_cast<const T*>(&raw);
-      float vmax = -INFINITY;
-      float x2[kElems];
-#pragma unroll
-      for (int k = 0; k < kElems; ++k) {
-        x2[k] = to_float(elems[k]) * kLog2e;
-        vmax = fmaxf(vmax, x2[k]);  // fmaxf skips NaN; the NaN then reaches the sum below
-      }
-      const float m = fmaxf(acc.max, vmax);
-      if (m == -INFINITY) {  // all -inf so far: contributes nothing (a NaN lane still poisons)
-#pragma unroll
-        for (int k = 0; k < kElems; ++k) acc.sum += x2[k] != x2[k] ? x2[k] : 0.0f;
-        continue;
-      }
-      float s = acc.max == -INFINITY ? acc.sum : acc.sum * fast_exp2(acc.max - m);
-#pragma unroll
-      for (int k = 0; k < kElems; ++k) s += fast_exp2(x2[k] - m);
-      acc = {m, s};
+    const int64_t head = misaligned_head(z, vocab);
+    for (int64_t j = threadIdx.x; j < head; j += blockDim.x) accumulate(acc, to_float(z[j]) * kLog2e);
+    const int64_t n_vec = (vocab - head) / kElems;
+    const uint4* zv = reinterpret_cast<const uint4*>(z + head);
+    // Two independent 16-byte loads in flight per thread per iteration.
+    int64_t i = threadIdx.x;
+    for (; i + blockDim.x < n_vec; i += 2 * static_cast<int64_t>(blockDim.x)) {
+      const uint4 first = __ldg(zv + i);
+      const uint4 second = __ldg(zv + i + blockDim.x);
+      accumulate_vector<T>(acc, first);
+      accumulate_vector<T>(acc, second);
     }
-    tail_start = n_vec * kElems;
+    if (i < n_vec) accumulate_vector<T>(acc, __ldg(zv + i));
+    tail_start = head + n_vec * kElems;
   }
   for (int64_t j = tail_start + threadIdx.x; j < vocab; j += blockDim.x) {
     accumulate(acc, to_float(z[j]) * kLog2e);
@@ -184,10 +210,16 @@ __global__ void __launch_bounds__(kThreads)
   const bool zero_row = g == 0.0f;  // ignored rows and zero gradients: exact zeros, nothing read
   int64_t tail_start = 0;
   if constexpr (kVectorized) {
+    // The launcher guarantees `out` rows share the logits rows' offset to a 16-byte boundary.
     constexpr int kElems = VecTraits<T>::kElems;
-    const int64_t n_vec = vocab / kElems;
-    const uint4* zv = reinterpret_cast<const uint4*>(z);
-    uint4* ov = reinterpret_cast<uint4*>(o);
+    const int64_t head = misaligned_head(z, vocab);
+    for (int64_t j = threadIdx.x; j < head; j += blockDim.x) {
+      const float p = zero_row ? 0.0f : fast_exp2(fmaf(to_float(z[j]), kLog2e, -shift2));
+      o[j] = from_float<T>(zero_row ? 0.0f : (j == label ? g - g * p : -g * p));
+    }
+    const int64_t n_vec = (vocab - head) / kElems;
+    const uint4* zv = reinterpret_cast<const uint4*>(z + head);
+    uint4* ov = reinterpret_cast<uint4*>(o + head);
     for (int64_t i = threadIdx.x; i < n_vec; i += blockDim.x) {
       uint4 result;
       T* res = reinterpret_cast<T*>(&result);
@@ -197,7 +229,7 @@ __global__ void __launch_bounds__(kThreads)
       } else {
         const uint4 raw = zv[i];
         const T* elems = reinterpret_cast<const T*>(&raw);
-        const int64_t base = i * kElems;
+        const int64_t base = head + i * kElems;
 #pragma unroll
         for (int k = 0; k < kElems; ++k) {
           const float p = fast_exp2(fmaf(to_float(elems[k]), kLog2e, -shift2));
@@ -206,7 +238,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       ov[i] = result;
     }
-    tail_start = n_vec * kElems;
+    tail_start = head + n_vec * kElems;
   }
   for (int64_t j = tail_start + threadIdx.x; j < vocab; j += blockDim.x) {
     if (zero_row) {
@@ -218,10 +250,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Vector loads need element-aligned rows and a row long enough to hold one vector after its
+// misaligned head; any row stride works (each row computes its own head).
 template <typename T>
-bool aligned_for_vectors(const void* ptr, int64_t row_stride, int64_t vocab) {
+bool aligned_for_vectors(const void* ptr, int64_t vocab) {
   constexpr int kElems = VecTraits<T>::kElems;
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride % kElems) == 0 && vocab >= kElems;
+  return reinterpret_cast<uintptr_t>(ptr) % sizeof(T) == 0 && vocab >= 2 * kElems;
+}
+
+// The backward reads logits and writes `out` with the same per-row head: every row of both must sit
+// at the same offset from a 16-byte boundary.
+template <typename T>
+bool same_row_alignment(const void* a, int64_t a_stride, const void* b, int64_t b_stride) {
+  const auto offset = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
+  const int64_t bytes = static_cast<int64_t>(sizeof(T));
+  return offset(a) == offset(b) && (a_stride * bytes) % 16 == (b_stride * bytes) % 16;
 }
 
 int threads_for(int64_t vocab, int elems_per_thread) {
@@ -235,7 +278,7 @@ template <typename T>
 cudaError_t fwd_typed(const RowsArgs& a, float* logp, float* lse) {
   const T* logits = static_cast<const T*>(a.logits);
   const int threads = threads_for(a.vocab, VecTraits<T>::kElems);
-  if (aligned_for_vectors<T>(a.logits, a.row_stride, a.vocab)) {
+  if (aligned_for_vectors<T>(a.logits, a.vocab)) {
     token_logprobs_fwd_kernel<T, true><<<a.rows, threads, 0, a.stream>>>(logits, a.labels, a.vocab, a.row_stride,
                                                                           a.ignore_index, logp, lse);
   } else {
@@ -250,7 +293,8 @@ cudaError_t bwd_typed(const RowsArgs& a, const float* grad, const float* lse, vo
   const T* logits = static_cast<const T*>(a.logits);
   T* o = static_cast<T*>(out);
   const int threads = threads_for(a.vocab, VecTraits<T>::kElems);
-  if (aligned_for_vectors<T>(a.logits, a.row_stride, a.vocab) && aligned_for_vectors<T>(out, out_stride, a.vocab)) {
+  if (aligned_for_vectors<T>(a.logits, a.vocab) && aligned_for_vectors<T>(out, a.vocab) &&
+      same_row_alignment<T>(a.logits, a.row_stride, out, out_stride)) {
     token_logprobs_bwd_kernel<T, true><<<a.rows, threads, 0, a.stream>>>(grad, logits, a.labels, lse, a.vocab,
                                                                           a.row_stride, a.ignore_index, o, out_stride);
   } else {

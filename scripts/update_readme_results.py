@@ -43,33 +43,27 @@ def bench_section(draw: bool) -> str:
         "Results: long-format JSON/CSV in `benchmarks/results/` with device, driver, versions, commit "
         "and date; charts: `python benchmarks/plot.py`.",
     ]
-    kernels = [RESULTS / f"kernels_{p}.json" for p in ("gpu", "cpu")]
-    trainers = [RESULTS / f"trainer_{p}.json" for p in ("gpu", "cpu")]
-    if not kernels[0].is_file() or not trainers[0].is_file():
+    if not (RESULTS / "kernels_gpu.json").is_file() or not (RESULTS / "trainer_gpu.json").is_file():
         lines += [
             "",
             "> No GPU results are committed yet: the tables below are from the CPU machine. The GPU "
             "sweep (n=16384, D=4096, V=152064/262144, bf16; a 7B-class model with LoRA) is "
             "`benchmarks/gpu_suite.sh`.",
         ]
-    for path in kernels:
-        if not path.is_file():
-            continue
-        data = load_results(path)
-        kind = "GPU" if data["meta"].get("device_kind") == "cuda" else "CPU"
-        lines += ["", f"### Kernels ({kind}, `{_rel(path)}`)", ""]
-        lines.append(report.kernels_markdown(data["records"], data["meta"], heading_level=4))
-        pngs = plots.kernel_charts(path, RESULTS / "plots") if draw else _existing(path, "kernels")
-        lines += [""] + [f"![{png.stem}]({_rel(png)})" for png in pngs]
-    for path in trainers:
-        if not path.is_file():
-            continue
-        data = load_results(path)
-        kind = "GPU" if data["meta"].get("device_kind") == "cuda" else "CPU"
-        lines += ["", f"### Trainer step ({kind}, `{_rel(path)}`)", ""]
-        lines.append(report.trainer_markdown(data["records"], data["meta"], heading_level=4))
-        pngs = plots.trainer_chart(path, RESULTS / "plots") if draw else _existing(path, "trainer")
-        lines += [""] + [f"![{png.stem}]({_rel(png)})" for png in pngs]
+    sections = (
+        ("kernels", "Kernels", report.kernels_markdown, plots.kernel_charts),
+        ("trainer", "Trainer step", report.trainer_markdown, plots.trainer_chart),
+    )
+    for kind, title, markdown, draw_charts in sections:
+        for path in (RESULTS / f"{kind}_{preset}.json" for preset in ("gpu", "cpu")):
+            if not path.is_file():
+                continue
+            data = load_results(path)
+            device = "GPU" if data["meta"].get("device_kind") == "cuda" else "CPU"
+            lines += ["", f"### {title} ({device}, `{_rel(path)}`)", ""]
+            lines.append(markdown(data["records"], data["meta"], heading_level=4))
+            pngs = draw_charts(path, RESULTS / "plots") if draw else _existing(path, kind)
+            lines += [""] + [f"![{png.stem}]({_rel(png)})" for png in pngs]
     lines += [
         "",
         "How step time and memory scale with GPUs under DeepSpeed ZeRO-3, and where the reference-free "

@@ -26,20 +26,21 @@ def _synpo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def kernels_smoke(tmp_path_factory):
+def _smoke(benchmark: str, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench")
-    proc = _synpo("bench", "kernels", "--preset", "smoke", "--output-dir", str(out), cwd=out)
+    proc = _synpo("bench", benchmark, "--preset", "smoke", "--output-dir", str(out), cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def kernels_smoke(tmp_path_factory):
+    return _smoke("kernels", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def trainer_smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    proc = _synpo("bench", "trainer", "--preset", "smoke", "--output-dir", str(out), cwd=out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    return _smoke("trainer", tmp_path_factory)
 
 
 def test_kernels_smoke_writes_results_and_reports_every_implementation(kernels_smoke):
@@ -55,9 +56,9 @@ def test_kernels_smoke_writes_results_and_reports_every_implementation(kernels_s
                 rec = by[(op, impl, pass_name)]
                 assert rec["status"] == "ok", rec
                 assert rec["median_s"] > 0 and rec["peak_bytes"] is not None
-        # every implementation of the op is listed, run or not
+        # every implementation of the op is listed, run or not (settings of ours only when asked for)
         assert {r["impl"] for r in records if r["op"] == op} == {
-            name for name, impl in kernels.IMPLEMENTATIONS.items() if op in impl.ops
+            name for name, impl in kernels.IMPLEMENTATIONS.items() if op in impl.ops and not impl.opt_in
         }
         assert by[(op, "naive", "fwd+bwd")]["check"] == "ok"
         assert by[(op, kernels.OURS, "fwd+bwd")]["time_vs_ours"] == pytest.approx(1.0)
@@ -165,6 +166,59 @@ def test_a_failing_run_is_recorded_and_the_next_one_still_runs():
     assert results[0]["status"] == "failed" and "no_such_impl" in results[0]["reason"]
     assert results[1]["status"] == "failed" and "illegal memory access" in results[1]["reason"]
     assert results[2]["status"] == "ok" and results[2]["passes"]["fwd"]["status"] == "ok"
+
+
+def test_cpu_large_preset_runs_ours_and_naive_at_the_larger_shapes_each_in_a_fresh_process():
+    preset = kernels.PRESETS["cpu-large"]
+    assert preset.isolation == "task"  # per-process peak RSS
+    tasks, settled = kernels.plan_tasks(preset, "cpu", None, None, None)
+    assert {t["impl"] for t in tasks} == {kernels.OURS, "naive"}
+    sizes = {kernels.Case(**t["case"]).label for t in tasks}
+    assert "n=4096 V=32000 fp32" in sizes
+    assert "2B=16 T=257 prompt=1 (n=4096) D=1024 V=32768 fp32" in sizes
+    assert "video 2B=4 T=2304 prompt=2048 (n=1024) D=512 V=16384 fp32" in sizes
+    assert all(res["status"] in ("skipped", "unsupported", "missing") for *_c, res in settled)
+
+
+def test_settings_of_ours_run_only_when_named():
+    preset = kernels.PRESETS["smoke"]
+    tasks, settled = kernels.plan_tasks(preset, "cpu", ["synpo_loss"], None, None)
+    assert not {t["impl"] for t in tasks} & {"synpo_kernels_fp32acc", "synpo_kernels_torch"}
+    assert not {impl for _c, impl, _p, _r in settled} & {"synpo_kernels_fp32acc", "synpo_kernels_torch"}
+    named = [kernels.OURS, "synpo_kernels_fp32acc", "synpo_kernels_torch"]
+    tasks, _settled = kernels.plan_tasks(preset, "cpu", ["synpo_loss"], named, None)
+    assert {t["impl"] for t in tasks} == set(named)
+    case = kernels.Case(**tasks[0]["case"])
+    inputs = kernels.make_inputs(case, "cpu", requires_grad=True)
+    losses = {
+        name: kernels._call(kernels.build_impl(name, case.op, {})[0], inputs, "fwd+bwd").detach().item()
+        for name in named
+    }
+    assert losses["synpo_kernels_fp32acc"] == pytest.approx(losses[kernels.OURS], rel=1e-5)
+    assert losses["synpo_kernels_torch"] == pytest.approx(losses[kernels.OURS], rel=1e-5)
+
+
+def test_interleaved_trainer_steps_time_every_method_in_one_process():
+    spec, batch = trainer.PRESETS["smoke"].models[0]
+    task = {"group": spec.name, "model": kernels.asdict(spec), "batch": kernels.asdict(batch)}
+    task["methods"] = [trainer.BASELINE, trainer.OURS]
+    settings = {"device": "cpu", "warmup_steps": 1, "steps": 2, "autocast_bf16": False, "threads": None}
+    result = trainer.run_task(task, settings, {})
+    assert set(result["methods"]) == {trainer.BASELINE, trainer.OURS}
+    tasks, results = trainer.per_method([task], [result])
+    records = trainer.build_records(trainer.PRESETS["smoke"], tasks, results, "rss")
+    assert [r["method"] for r in records] == [trainer.BASELINE, trainer.OURS]
+    assert all(r["status"] == "ok" and len(r["times_s"]) == 2 and r["peak_bytes"] > 0 for r in records)
+    assert records[1]["synpo_fused_vs_dpo_reference"]["speedup"] > 0
+    assert "timed in turn" in report.trainer_markdown(records, {"interleaved": True})
+
+
+def test_worker_env_settings_are_added_to_the_cpu_defaults():
+    env = common.worker_env("cpu", ["THP_MEM_ALLOC_ENABLE=1"])
+    assert env["THP_MEM_ALLOC_ENABLE"] == "1" and "MALLOC_MMAP_THRESHOLD_" in env
+    assert common.worker_env("cuda", None) is None
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        common.worker_env("cpu", ["THP_MEM_ALLOC_ENABLE"])
 
 
 def test_out_of_memory_errors_are_recognised():

@@ -8,6 +8,7 @@ process's peak resident set size over the call minus its RSS just before (``VmHW
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import ctypes
@@ -305,6 +306,19 @@ def cpu_worker_env() -> dict:
     return {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
 
 
+def worker_env(device: str, settings: list[str] | None = None) -> dict | None:
+    """Environment added to the worker processes: :func:`cpu_worker_env` on CPU, then ``--worker-env
+    KEY=VALUE`` settings (e.g. ``THP_MEM_ALLOC_ENABLE=1``: transparent huge pages for every torch CPU
+    allocation). None when there is nothing to add."""
+    env = {} if device.startswith("cuda") else cpu_worker_env()
+    for item in settings or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--worker-env: expected KEY=VALUE, got {item!r}")
+        env[key] = value
+    return env or None
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether an exception means the device (or host) ran out of memory."""
     import torch
@@ -367,14 +381,6 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_results(name: str, records: list[dict], meta: dict, results_dir: Path | None = None) -> Path:
-    """JSON ``{"benchmark", "meta", "records"}`` at ``<results_dir>/<name>_<device_kind>.json``."""
-    tag = meta.get("device_kind", "cpu")
-    path = Path(results_dir or default_results_dir()) / f"{name}_{tag}.json"
-    _atomic_write(path, json.dumps({"benchmark": name, "meta": meta, "records": records}, indent=2) + "\n")
-    return path
-
-
 def _columns(records: Iterable[dict]) -> list[str]:
     cols: dict[str, None] = {}
     for rec in records:
@@ -424,3 +430,69 @@ def fmt_seconds(s: float | None) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.1f} ms"
     return f"{s * 1e6:.0f} µs"
+
+
+# ---------------------------------------------------------------------------------------------
+# What ``synpo bench kernels`` and ``synpo bench trainer`` share: options, metadata, output
+# ---------------------------------------------------------------------------------------------
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a sweep's driver (processes, limits, output), after the benchmark's own."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per worker (0: all; default: the preset's)",
+    )
+    parser.add_argument(
+        "--isolation",
+        choices=("task", "group", "none"),
+        default=None,
+        help="worker processes: one per run, per group, or one for all (default: the preset's)",
+    )
+    parser.add_argument(
+        "--worker-env",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="environment of the worker processes (e.g. THP_MEM_ALLOC_ENABLE=1), recorded in the results",
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is stopped")
+    parser.add_argument("--budget-s", type=float, default=None, help="stop the sweep after this many seconds")
+    parser.add_argument("--output-dir", default=None, help="where results go (default: benchmarks/results)")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+
+
+def run_meta(device: str, preset, isolation: str, threads: int | None, env: dict | None) -> dict:
+    """Provenance plus the settings every sweep records (``preset``: a kernels or trainer preset)."""
+    return {
+        **provenance(device),
+        "preset": preset.name,
+        "preset_description": preset.description,
+        "isolation": isolation,
+        "worker_env": env,
+        "cpu_threads": threads or default_threads(),
+    }
+
+
+def finish(args: argparse.Namespace, stem: str, records: list[dict], meta: dict, table: str) -> int:
+    """Print the table and, unless ``--no-save``, write ``<stem>.json`` and ``<stem>.csv``."""
+    print()
+    print(table)
+    if not args.no_save:
+        out_dir = Path(args.output_dir) if args.output_dir else default_results_dir()
+        json_path, csv_path = write_long_results(stem, records, meta, out_dir)
+        print(f"\nresults: {json_path} and {csv_path}")
+    return 0
+
+
+def standalone_main(name: str, module, argv: list[str] | None = None) -> int:
+    """``python -m synpo.benchmarking.<name>``: the same options as ``synpo bench <name>``."""
+    parser = argparse.ArgumentParser(
+        prog=f"synpo bench {name}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))

@@ -8,7 +8,9 @@ Ops (all three with the Hugging Face label convention, ``-100`` = not scored):
 - ``synpo_loss``: the fused lm_head -> SynPO loss on a ``[chosen; rejected]`` batch ``(2B, T, D)``
   whose first ``prompt`` positions per row are prompt/video tokens.
 
-Implementations (``IMPLEMENTATIONS``): ``synpo_kernels`` (ours), ``naive`` (the upstream path: full
+Implementations (``IMPLEMENTATIONS``): ``synpo_kernels`` (ours; two settings of it run when named in
+``--impls``: ``synpo_kernels_fp32acc``, fp32 weight-gradient accumulation, and ``synpo_kernels_torch``,
+the torch backend), ``naive`` (the upstream path: full
 logits over every position, fp32 log_softmax and softmax materialized), ``torch_compile`` (the
 reference of :mod:`synpo_kernels.reference` under ``torch.compile``), Liger-Kernel (cross entropy /
 fused linear cross entropy with ``reduction='none'``, and its chunked SimPO loss: the closest
@@ -23,6 +25,13 @@ implementation's own process), achieved TFLOP/s of the useful work (``2nDV`` for
 forward+backward, ``n`` = scored tokens) and its % of the floor at the GEMM rate measured in the same
 run (for ``token_logprobs``: bytes at the measured copy bandwidth), the ratio of each implementation's
 time and memory to ours, and a check of its outputs and gradient norms against ours.
+
+Presets (``--preset``): ``smoke`` (CI, seconds), ``cpu`` (the sweep in the README), ``cpu-large``
+(fused vs naive at the larger CPU shapes: token op n=4096 V=32000, SynPO n=4096 D=1024 V=32768 as 8
+pairs of 256-token or 4 pairs of 512-token responses, a video batch of 4 rows x (2048 + 256) positions,
+each run in a fresh process; ~10 min) and ``gpu``. ``--worker-env THP_MEM_ALLOC_ENABLE=1`` runs the
+workers with transparent huge pages for every allocation (which speeds up the naive path's large
+temporaries the most).
 """
 
 from __future__ import annotations
@@ -31,8 +40,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
 from synpo.benchmarking import common
 
@@ -51,12 +59,25 @@ class Implementation:
     module: str | None = None  # importable module that must exist (peers)
     cuda_only: str | None = None  # why it cannot run on CPU, when it cannot
     loss_differs: bool = False  # computes a different loss (its values are not comparable)
+    opt_in: bool = False  # a setting of ours: run and listed only when named in --impls
 
 
 IMPLEMENTATIONS = {
     impl.name: impl
     for impl in (
         Implementation(OURS, "synpo_kernels (this library)", OPS),
+        Implementation(
+            "synpo_kernels_fp32acc",
+            "synpo_kernels, weight_grad_accumulation='fp32' (an fp32 V x D buffer; bf16 weights)",
+            ("synpo_loss",),
+            opt_in=True,
+        ),
+        Implementation(
+            "synpo_kernels_torch",
+            "synpo_kernels, impl='torch' (cuBLAS GEMMs + the compiled token op instead of Triton on CUDA)",
+            ("synpo_loss",),
+            opt_in=True,
+        ),
         Implementation(
             "naive",
             "naive upstream path: full fp32 logits, log_softmax and softmax materialized",
@@ -254,6 +275,25 @@ PRESETS = {
     ),
 }
 
+# The cpu sweep's settings at the larger CPU shapes, ours vs naive, a fresh process per run.
+PRESETS["cpu-large"] = replace(
+    PRESETS["cpu"],
+    name="cpu-large",
+    cases=(
+        _tl(4096, 32000, "float32", priority=0),
+        _sl(16, 257, 1, 1024, 32768, "float32"),
+        _sl(8, 513, 1, 1024, 32768, "float32"),
+        _sl(4, 2304, 2048, 512, 16384, "float32", "video", priority=0),
+    ),
+    isolation="task",
+    max_pass_s=60.0,
+    run_impls=(OURS, "naive"),
+    why_not_run="not in the cpu-large preset (ours vs naive; the peers: --preset cpu)",
+    description="CPU, larger shapes: token op n=4096 V=32000; SynPO n=4096 D=1024 V=32768 (8 pairs x 256 "
+    "or 4 pairs x 512 response tokens); a video batch of 4 rows x (2048 prompt/video + 256 response) "
+    "D=512 V=16384; ours vs naive, a fresh process per run (its own peak RSS)",
+)
+
 
 # ---------------------------------------------------------------------------------------------
 # Worker side: inputs, implementations, one task
@@ -362,6 +402,9 @@ def build_impl(name: str, op: str, context: dict):
                 lambda x: sk.fused_linear_token_logprobs(x["hidden"], x["weight"], x["labels"], shift=False)
             ), note
         return (lambda x: sk.fused_linear_synpo_loss(x["hidden"], x["weight"], x["labels"])), note
+    if name in ("synpo_kernels_fp32acc", "synpo_kernels_torch"):
+        options = {"weight_grad_accumulation": "fp32"} if name.endswith("fp32acc") else {"impl": "torch"}
+        return (lambda x: sk.fused_linear_synpo_loss(x["hidden"], x["weight"], x["labels"], **options)), note
     if name == "naive":
         if op == "token_logprobs":
             return (
@@ -611,7 +654,7 @@ def _status_for(
         return {"status": "unsupported", "reason": f"unsupported on cpu: {impl.cuda_only}"}
     if selected is not None and impl_name not in selected:
         return {"status": "skipped", "reason": "not selected (--impls)"}
-    if preset.run_impls is not None and impl_name not in preset.run_impls:
+    if preset.run_impls is not None and impl_name not in preset.run_impls and not impl.opt_in:
         return {"status": "skipped", "reason": preset.why_not_run}
     return None
 
@@ -624,7 +667,7 @@ def plan_tasks(preset: Preset, device: str, ops, impls, max_memory: int | None):
         if ops and case.op not in ops:
             continue
         for impl_name, impl in IMPLEMENTATIONS.items():
-            if case.op not in impl.ops:
+            if case.op not in impl.ops or (impl.opt_in and (selected is None or impl_name not in selected)):
                 continue
             fixed = _status_for(impl_name, case.op, preset, device, selected)
             if fixed is None and max_memory is not None and not device.startswith("cuda"):
@@ -857,16 +900,12 @@ def run(args: argparse.Namespace) -> int:
         "rates": {"dtype": dtype, "gemm_size": preset.gemm_size, "copy_bytes": preset.copy_bytes},
     }
     isolation = args.isolation or preset.isolation
+    env = common.worker_env(device, args.worker_env)
     meta = {
-        **common.provenance(device),
-        "preset": preset.name,
-        "preset_description": preset.description,
+        **common.run_meta(device, preset, isolation, settings["threads"], env),
         "warmup": settings["warmup"],
         "repeats": settings["repeats"],
-        "isolation": isolation,
-        "worker_env": None if device.startswith("cuda") else common.cpu_worker_env(),
         "max_pass_s": settings["max_pass_s"],
-        "cpu_threads": settings["threads"] or common.default_threads(),
         "implementations": {k: v.label for k, v in IMPLEMENTATIONS.items()},
     }
     print(
@@ -887,7 +926,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         summarize=_summarize_task,
         desc="kernels",
-        env=None if device.startswith("cuda") else common.cpu_worker_env(),
+        env=env,
     )
     rates = results[0] if results[0].get("status") == "ok" else {}
     meta["gemm_rate_flops_per_s"] = rates.get("flops_per_s")
@@ -908,17 +947,16 @@ def run(args: argparse.Namespace) -> int:
     if device.startswith("cuda"):
         memory_method = "cuda max_memory_allocated - allocated before the call"
     else:
-        processes = "one process per implementation and op" if isolation != "none" else "shared process"
+        processes = {
+            "task": "a fresh process per run",
+            "group": "one process per implementation and op",
+            "none": "shared process",
+        }[isolation]
         memory_method = f"peak RSS - RSS before the call ({processes}; glibc mmap threshold fixed)"
     meta["memory_method"] = memory_method
     records = build_records(preset, tasks, results[1:], settled, rates, memory_method)
-    print()
-    print(report.kernels_markdown(records, meta))
-    if not args.no_save:
-        out_dir = Path(args.output_dir) if args.output_dir else common.default_results_dir()
-        json_path, csv_path = common.write_long_results(f"kernels_{preset.name}", records, meta, out_dir)
-        print(f"\nresults: {json_path} and {csv_path}")
-    return 0
+    table = report.kernels_markdown(records, meta)
+    return common.finish(args, f"kernels_{preset.name}", records, meta, table)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -926,40 +964,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=None, help="subset of ops")
     parser.add_argument(
-        "--impls", nargs="+", default=None, metavar="IMPL", help=f"subset of {list(IMPLEMENTATIONS)}"
+        "--impls",
+        nargs="+",
+        default=None,
+        metavar="IMPL",
+        help=f"subset of {[k for k, v in IMPLEMENTATIONS.items() if not v.opt_in]}, plus the opt-in "
+        f"{[k for k, v in IMPLEMENTATIONS.items() if v.opt_in]}",
     )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: the preset's)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads per worker (0: all; default: the preset's)",
-    )
-    parser.add_argument(
-        "--isolation",
-        choices=("task", "group", "none"),
-        default=None,
-        help="worker processes (default: preset's)",
-    )
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is stopped")
-    parser.add_argument("--budget-s", type=float, default=None, help="stop the sweep after this many seconds")
     parser.add_argument(
         "--max-memory-gb",
         type=float,
         default=None,
         help="CPU: skip runs estimated above this (default 70%% of free)",
     )
-    parser.add_argument("--output-dir", default=None, help="where results go (default: benchmarks/results)")
-    parser.add_argument("--no-save", action="store_true", help="print only")
+    common.add_run_arguments(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="bench_kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return common.standalone_main("kernels", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -145,8 +145,9 @@ def trainer_markdown(records: list[dict], meta: dict, heading_level: int = 3) ->
     out = [provenance_line(meta), ""]
     out.append(
         f"Preset `{meta.get('preset')}`: median step time of {meta.get('steps')} optimizer steps after "
-        f"{meta.get('warmup_steps')} warm-up (forward, backward, clip, AdamW step); peak memory = "
-        f"{meta.get('memory_method')}."
+        f"{meta.get('warmup_steps')} warm-up (forward, backward, clip, AdamW step)"
+        f"{'; the methods timed in turn, step by step, in one process' if meta.get('interleaved') else ''}"
+        f"; peak memory = {meta.get('memory_method')}."
     )
     models = []
     for r in records:

@@ -18,6 +18,11 @@ caption per row, ``[chosen; rejected]``, collated by the trainer's own collator.
 Reported per method: median step time, steps/s, tokens/s (all sequence tokens of the batch),
 peak memory (GPU: ``max_memory_allocated`` in the step, weights included; CPU: peak RSS in the
 method's own process) and the part added by the step itself, and SynPO-fused vs DPO-reference.
+
+``--interleave`` (the ``cpu-interleaved`` preset's default) runs the methods of a model in one
+process and times them in turn, one step each per round, so that the load of a shared machine hits
+every method alike. ``cpu-interleaved``: a Llama with hidden 256, 4 layers, V=32000, LoRA r=64, one
+pair of 1024 prompt/video positions + a ~128-token caption, 10 steps.
 """
 
 from __future__ import annotations
@@ -26,8 +31,7 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
 from synpo.benchmarking import common
 
@@ -85,6 +89,7 @@ class TrainerPreset:
     isolation: str  # "group": a process per (model, method) on CPU (own RSS); per model on GPU
     per_method_process: bool
     autocast_bf16: bool = False
+    interleave: bool = False  # all methods of a model in one process, timed in turn step by step
     budget_s: float | None = None
     threads: int | None = None  # torch CPU threads per worker; see synpo.benchmarking.kernels.Preset
     description: str = ""
@@ -102,6 +107,17 @@ OURS = "synpo_fused"
 TINY = ModelSpec("tiny", "llama", hidden=64, layers=2, heads=4, lora_r=8, lora_alpha=16)
 SMALL = ModelSpec(
     "small", "qwen2", hidden=256, layers=4, heads=4, intermediate=704, vocab=32768, lora_r=16, lora_alpha=32
+)
+LLAMA_256 = ModelSpec(
+    "llama-256",
+    "llama",
+    hidden=256,
+    layers=4,
+    heads=4,
+    intermediate=1024,
+    vocab=32000,
+    lora_r=64,
+    lora_alpha=32,
 )
 QWEN_7B = ModelSpec(
     "7b",
@@ -154,6 +170,18 @@ PRESETS = {
         "positions + ~256 caption tokens per row",
     ),
 }
+
+# The smoke preset's settings (one process, one thread) for a larger Llama, 10 steps interleaved.
+PRESETS["cpu-interleaved"] = replace(
+    PRESETS["smoke"],
+    name="cpu-interleaved",
+    models=((LLAMA_256, BatchSpec(1, 1024, 128, 104)),),
+    steps=10,
+    isolation="group",
+    interleave=True,
+    description="CPU: a Llama (hidden 256, 4 layers, V=32000, LoRA r=64), 1024 prompt/video positions + "
+    "~128 caption tokens, the four methods timed in turn step by step in one process",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,51 +288,78 @@ def make_step(model, batch: dict, method: str, autocast: bool = False):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)  # one host sync per step, as the trainer's finiteness check
+        return loss.detach().item()  # one host sync per step, as the trainer's finiteness check
 
     return step, optimizer
 
 
-def _measure_method(model, batch, method: str, device: str, warmup: int, steps: int, autocast: bool) -> dict:
-    step, optimizer = make_step(model, batch, method, autocast)
+def _oom(exc: BaseException, what: str = "") -> dict:
+    if not common.is_out_of_memory(exc):
+        raise exc
+    return {"status": "oom", "reason": f"{what}{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+
+
+def _measure_methods(model, batch, methods, device: str, warmup: int, steps: int, autocast: bool) -> dict:
+    """``{method: result}``. Several methods are timed in turn, one step each per round (load on a
+    shared machine hits them alike); then one more step each under :class:`common.PeakMemory`."""
+    runs = {method: make_step(model, batch, method, autocast) for method in methods}
+    out: dict[str, dict] = {}
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    losses: dict[str, float] = {}
+
+    def attempt(method: str, phase: str) -> None:
+        step = runs[method][0]
+        try:
+            if phase == "warmup":
+                step()
+            elif phase == "timed":
+                common.synchronize(device)
+                t0 = time.perf_counter()
+                losses[method] = step()
+                common.synchronize(device)
+                times[method].append(time.perf_counter() - t0)
+            else:
+                with common.PeakMemory(device) as mem:
+                    step()
+                out[method] = _step_result(times[method], losses[method], mem, batch)
+        except Exception as exc:
+            out[method] = _oom(exc)  # re-raises anything but out of memory
+            runs.pop(method)[1].zero_grad(set_to_none=True)
+            common.release_free_memory(device)
+
     try:
-        for _ in range(warmup):
-            step()
-        times, loss = [], None
-        for _ in range(steps):
-            common.synchronize(device)
-            t0 = time.perf_counter()
-            loss = step()
-            common.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        with common.PeakMemory(device) as mem:
-            step()
-        step_s = statistics.median(times)
-        tokens = batch["num_tokens"]
-        return {
-            "status": "ok",
-            "step_s": step_s,
-            "min_step_s": min(times),
-            "times_s": times,
-            "steps_per_s": 1.0 / step_s,
-            "tokens_per_s": tokens / step_s,
-            "response_tokens_per_s": batch["num_response_tokens"] / step_s,
-            "tokens_per_step": tokens,
-            "peak_bytes": mem.total_bytes,
-            "step_bytes": mem.peak_bytes,
-            "memory_exact": mem.exact,
-            "loss": loss,
-        }
-    except Exception as exc:
-        if not common.is_out_of_memory(exc):
-            raise
-        return {"status": "oom", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        for phase, rounds in (("warmup", warmup), ("timed", steps), ("memory", 1)):
+            for _ in range(rounds):
+                for method in list(runs):
+                    attempt(method, phase)
     finally:
-        optimizer.zero_grad(set_to_none=True)
+        for _step, optimizer in runs.values():
+            optimizer.zero_grad(set_to_none=True)
+    return {method: out[method] for method in methods}
+
+
+def _step_result(times: list[float], loss: float, mem: common.PeakMemory, batch: dict) -> dict:
+    step_s = statistics.median(times)
+    tokens = batch["num_tokens"]
+    return {
+        "status": "ok",
+        "step_s": step_s,
+        "min_step_s": min(times),
+        "times_s": times,
+        "steps_per_s": 1.0 / step_s,
+        "tokens_per_s": tokens / step_s,
+        "response_tokens_per_s": batch["num_response_tokens"] / step_s,
+        "tokens_per_step": tokens,
+        "peak_bytes": mem.total_bytes,
+        "step_bytes": mem.peak_bytes,
+        "memory_exact": mem.exact,
+        "loss": loss,
+    }
 
 
 def run_task(task: dict, settings: dict, context: dict) -> dict:
-    """Worker entry: one (model, method); the model and batch are reused by the next task of the
+    """Worker entry: one (model, method), or with ``methods`` all of them interleaved (the result
+    then holds ``methods: {method: result}``). The model and batch are reused by the next task of the
     same model in this process (LoRA weights drift between methods, which timing does not see)."""
     import torch
 
@@ -321,25 +376,42 @@ def run_task(task: dict, settings: dict, context: dict) -> dict:
             model, pad, vocab = build_model(spec, device)
             context["build_s"] = time.perf_counter() - t0
         except Exception as exc:
-            if not common.is_out_of_memory(exc):
-                raise
-            return {"status": "oom", "reason": f"building the model: {str(exc).splitlines()[0][:200]}"}
+            return _oom(exc, "building the model: ")
         context.update(model_name=spec.name, model=model, batch=build_batch(batch_spec, vocab, pad, device))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         context["params"] = (trainable, sum(p.numel() for p in model.parameters()))
     common.release_free_memory(device)  # the previous method's optimizer state and graphs
-    result = _measure_method(
+    results = _measure_methods(
         context["model"],
         context["batch"],
-        task["method"],
+        task.get("methods") or [task["method"]],
         device,
         settings["warmup_steps"],
         settings["steps"],
         settings["autocast_bf16"],
     )
-    result["trainable_params"], result["total_params"] = context["params"]
-    result["model_build_s"] = context["build_s"]
-    return result
+    for result in results.values():
+        result["trainable_params"], result["total_params"] = context["params"]
+        result["model_build_s"] = context["build_s"]
+    return {"status": "ok", "methods": results} if "methods" in task else results[task["method"]]
+
+
+def per_method(tasks: list[dict], results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Interleaved tasks (several ``methods``) and their results, split into one per method."""
+    out_tasks, out_results = [], []
+    for task, result in zip(tasks, results):
+        for method in task.get("methods") or [task["method"]]:
+            out_tasks.append({**task, "method": method})
+            out_results.append(result["methods"][method] if "methods" in result else result)
+    return out_tasks, out_results
+
+
+def _summarize(result: dict) -> str:
+    if "methods" in result:
+        return "; ".join(f"{m} {_summarize(r)}" for m, r in result["methods"].items())
+    if result.get("status") != "ok":
+        return f"{result.get('status')} {result.get('reason') or ''}"
+    return f"{common.fmt_seconds(result['step_s'])}/step, peak {common.fmt_bytes(result['peak_bytes'])}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,13 +493,18 @@ def run(args: argparse.Namespace) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; one of {list(METHODS)}")
+    interleave = args.interleave or preset.interleave
     tasks = []
     for spec, batch in preset.models:
         if args.models and spec.name not in args.models:
             continue
+        task = {"group": spec.name, "model": asdict(spec), "batch": asdict(batch)}
+        if interleave:
+            tasks.append({**task, "methods": methods})
+            continue
         for method in methods:
             group = f"{spec.name}/{method}" if preset.per_method_process else spec.name
-            tasks.append({"group": group, "model": asdict(spec), "batch": asdict(batch), "method": method})
+            tasks.append({**task, "group": group, "method": method})
     settings = {
         "device": device,
         "warmup_steps": args.warmup_steps if args.warmup_steps is not None else preset.warmup_steps,
@@ -442,23 +519,20 @@ def run(args: argparse.Namespace) -> int:
             "step memory = above what was allocated before it"
         )
     else:
-        separate = preset.per_method_process and isolation != "none"
+        separate = preset.per_method_process and isolation != "none" and not interleave
         processes = "one process per method" if separate else "shared process"
         memory_method = (
             "peak RSS of the step (weights included); step memory = above the RSS before it "
             f"({processes}; glibc mmap threshold fixed)"
         )
+    env = common.worker_env(device, args.worker_env)
     meta = {
-        **common.provenance(device),
-        "preset": preset.name,
-        "preset_description": preset.description,
+        **common.run_meta(device, preset, isolation, settings["threads"], env),
         "warmup_steps": settings["warmup_steps"],
         "steps": settings["steps"],
-        "isolation": isolation,
-        "worker_env": None if device.startswith("cuda") else common.cpu_worker_env(),
+        "interleaved": interleave,
         "memory_method": memory_method,
         "autocast": "bf16" if preset.autocast_bf16 else None,
-        "cpu_threads": settings["threads"] or common.default_threads(),
         "methods": {k: v[2] for k, v in METHODS.items()},
     }
     print(
@@ -473,23 +547,14 @@ def run(args: argparse.Namespace) -> int:
         isolation=isolation,
         timeout_s=args.timeout,
         budget_s=args.budget_s if args.budget_s is not None else preset.budget_s,
-        describe=lambda t: f"{t['model']['name']} {t['method']}",
-        summarize=lambda r: (
-            f"{common.fmt_seconds(r['step_s'])}/step, peak {common.fmt_bytes(r['peak_bytes'])}"
-            if r.get("status") == "ok"
-            else f"{r.get('status')} {r.get('reason') or ''}"
-        ),
+        describe=lambda t: f"{t['model']['name']} {t.get('method') or ' + '.join(t['methods'])}",
+        summarize=_summarize,
         desc="trainer",
-        env=None if device.startswith("cuda") else common.cpu_worker_env(),
+        env=env,
     )
-    records = build_records(preset, tasks, results, memory_method)
-    print()
-    print(report.trainer_markdown(records, meta))
-    if not args.no_save:
-        out_dir = Path(args.output_dir) if args.output_dir else common.default_results_dir()
-        json_path, csv_path = common.write_long_results(f"trainer_{preset.name}", records, meta, out_dir)
-        print(f"\nresults: {json_path} and {csv_path}")
-    return 0
+    records = build_records(preset, *per_method(tasks, results), memory_method)
+    table = report.trainer_markdown(records, meta)
+    return common.finish(args, f"trainer_{preset.name}", records, meta, table)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -497,7 +562,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", choices=sorted(PRESETS), default="cpu", help="models and batches (default: cpu)"
     )
     parser.add_argument(
-        "--models", nargs="+", default=None, help="subset of the preset's models (tiny, small, 7b)"
+        "--models",
+        nargs="+",
+        default=None,
+        help="subset of the preset's models (tiny, small, llama-256, 7b)",
     )
     parser.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD", help=f"subset of {list(METHODS)}"
@@ -507,28 +575,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the preset's)")
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads per worker (0: all; default: the preset's)",
+        "--interleave",
+        action="store_true",
+        help="the methods of a model in one process, timed in turn step by step (default: the preset's)",
     )
-    parser.add_argument(
-        "--isolation", choices=("task", "group", "none"), default=None, help=argparse.SUPPRESS
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=1800.0, help="seconds per method before it is stopped"
-    )
-    parser.add_argument("--budget-s", type=float, default=None, help="stop after this many seconds")
-    parser.add_argument("--output-dir", default=None, help="where results go (default: benchmarks/results)")
-    parser.add_argument("--no-save", action="store_true", help="print only")
+    common.add_run_arguments(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="bench_trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return common.standalone_main("trainer", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,21 @@ def _report(summary) -> int:
     return 0
 
 
+def _run_video_stage(args, stage: str, settings, run) -> int:
+    """The VLM stages: resolve the videos, claim --out for these settings, load the model, run."""
+    items = _items(args)
+    _claim(args, stage, {"model": args.model, **dataclasses.asdict(settings)})
+    summary = run(
+        items,
+        _captioner(args),
+        args.out,
+        settings,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+    )
+    return _report(summary)
+
+
 def _run_clips(args) -> int:
     from synpo.pairs.clips import ClipSettings, run_clips
 
@@ -269,13 +284,7 @@ def _run_clips(args) -> int:
         refine=not args.no_refine,
         max_side=args.max_side,
     )
-    items = _items(args)
-    _claim(args, "clips", {"model": args.model, **dataclasses.asdict(settings)})
-    captioner = _captioner(args)
-    summary = run_clips(
-        items, captioner, args.out, settings, retry_failed=args.retry_failed, progress=not args.no_progress
-    )
-    return _report(summary)
+    return _run_video_stage(args, "clips", settings, run_clips)
 
 
 def _run_candidates(args) -> int:
@@ -304,13 +313,7 @@ def _run_candidates(args) -> int:
         max_side=args.max_side,
         seed=args.seed,
     )
-    items = _items(args)
-    _claim(args, "candidates", {"model": args.model, **dataclasses.asdict(settings)})
-    captioner = _captioner(args)
-    summary = run_candidates(
-        items, captioner, args.out, settings, retry_failed=args.retry_failed, progress=not args.no_progress
-    )
-    return _report(summary)
+    return _run_video_stage(args, "candidates", settings, run_candidates)
 
 
 def _run_score(args) -> int:

@@ -1,6 +1,6 @@
 """The README's 'from any PyTorch trainer' examples, run on a tiny offline Llama: a plain PyTorch loop,
-a Hugging Face ``Trainer`` subclass, and TRL's ``DPOTrainer`` with the loss swapped for the fused one
-(checked against TRL's own DPO loss on the same batch)."""
+a Hugging Face ``Trainer`` subclass, and a TRL-style preference trainer with the fused loss
+(``synpo.integrations.trl.SynPOTrainer``; checked against TRL's own DPO loss on the same batch)."""
 
 from __future__ import annotations
 
@@ -67,24 +67,39 @@ def test_trl_dpo_trainer_synpo():
 
 
 def test_trl_fused_dpo_matches_trl_dpo(tmp_path):
-    """Same batch, same model: the fused DPO loss (reference via the disabled LoRA adapter) equals
-    TRL's own DPOTrainer loss, and so do the gradients of the trainable (LoRA) parameters."""
+    """Same batch, same model: the example's fused DPO loss (``SynPOTrainer``, reference via the
+    disabled LoRA adapter) equals TRL's own DPOTrainer loss, and so do the gradients of the trainable
+    (LoRA) parameters. Public APIs only (``compute_loss``)."""
     trl = _trl()
+    from peft import LoraConfig
+
     example = load("trl_dpo_trainer")
-    trainer = example.build_trainer(str(tmp_path), "dpo", steps=1)
+    trainer = example.build_trainer(str(tmp_path / "ours"), "dpo", steps=1)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, report_to=[], use_cpu=True, seed=0
+    )
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    tokenizer = example.tiny_tokenizer()
+    theirs = trl.DPOTrainer(
+        model=example.tiny_llama(vocab_size=len(tokenizer), seed=0),
+        args=args,
+        train_dataset=example.caption_pairs(8, seed=0),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     # Move the LoRA B matrices off zero so the policy differs from the reference.
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         for name, p in trainer.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    ours = trainer._compute_loss(trainer.model, batch, return_outputs=False)
-    ours_grads = torch.autograd.grad(ours, params)
-    theirs = trl.DPOTrainer._compute_loss(trainer, trainer.model, batch, return_outputs=False)
-    theirs_grads = torch.autograd.grad(theirs, params)
+    theirs.model.load_state_dict(trainer.model.state_dict())
+    batch = next(iter(trainer.get_train_dataloader()))
+    ours = trainer.compute_loss(trainer.model, batch)
+    ours_grads = torch.autograd.grad(ours, [p for p in trainer.model.parameters() if p.requires_grad])
+    their_loss = theirs.compute_loss(theirs.model, batch)
+    theirs_grads = torch.autograd.grad(their_loss, [p for p in theirs.model.parameters() if p.requires_grad])
     assert abs(ours.item() - math.log(2)) > 1e-4  # a non-trivial margin
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
+    assert ours.item() == pytest.approx(their_loss.item(), rel=1e-5, abs=1e-6)
     for a, b in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,573 @@
+"""SynPO (and the rest of the preference-loss family) as a TRL-style trainer, on public APIs only.
+
+``SynPOTrainer`` is used exactly like TRL's preference trainers::
+
+    from synpo.integrations.trl import SynPOConfig, SynPOTrainer
+
+    trainer = SynPOTrainer(
+        model=model,  # a causal LM (or a model id), optionally with peft_config
+        args=SynPOConfig(output_dir="out", alpha=30.0, beta=0.2),
+        train_dataset=dataset,  # "prompt"/"chosen"/"rejected": plain text or conversational
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=None,
+    )
+    trainer.train()
+
+How it is built (so that it does not break when TRL's trainers change inside):
+
+- it subclasses :class:`transformers.Trainer` and overrides only its public ``compute_loss``, ``log``,
+  ``prediction_step`` and ``evaluate``; it uses TRL's public data utilities
+  (``trl.data_utils.maybe_extract_prompt``, ``is_conversational``) and TRL's public
+  ``DataCollatorForPreference`` (``input_ids``/``attention_mask``/``completion_mask`` of ``[chosen;
+  rejected]`` rows, as TRL's ``DPOTrainer`` sees them). Tokenization follows TRL's ``DPOTrainer``
+  (EOS appended to plain-text completions, the chat template for conversational rows, the completion
+  starting where prompt and prompt+completion tokens diverge), so both trainers see the same batches.
+- the loss is :func:`synpo_kernels.fused_linear_preference_loss` on the backbone's last hidden state
+  (``model(..., output_hidden_states=True, logits_to_keep=1)``: one forward, no ``N x V`` logits)
+  and the lm_head weight as is (tied embeddings included); labels are ``input_ids`` with ``-100``
+  outside the completion, shifted by the op.
+- reference-free: for ``synpo`` (default), ``simpo``, ``cpo`` and ``orpo`` no reference model is
+  created or loaded and the model runs once per step. ``dpo`` / ``ipo`` need reference log-probs,
+  taken, in this order, from ``ref_chosen_logps`` / ``ref_rejected_logps`` dataset columns (TRL's
+  names; ``precompute_ref_log_probs=True`` fills them before training from the initial policy), or
+  from the same model with its PEFT adapter disabled (no second model in memory). Otherwise
+  construction fails with a message; for a separate reference model use ``trl.DPOTrainer``.
+
+Logged metrics (TRL's names; batch means; ``eval_`` prefixed in evaluation), with ``s`` the summed and
+``m = s / n`` the per-token mean response log-prob of a row, ``r`` its summed reference log-prob:
+
+- ``loss``; ``logps/chosen``, ``logps/rejected``: ``s`` (TRL's DPO meaning);
+  ``logps/chosen_per_token``, ``logps/rejected_per_token``: ``m``; ``probs/chosen``: ``P(y_w)``, the
+  chosen row's mean token probability (SynPO's ``beta`` term).
+- ``rewards/chosen`` / ``rewards/rejected``: the per-row *reward* the loss compares, defined so that
+  ``rewards/margins = rewards/chosen - rewards/rejected`` is the registry's reward margin
+  (:attr:`synpo_kernels.PreferenceStats.reward_margin`, docs/losses.md):
+
+  ========= ============================================================================
+  synpo     ``G = exp(m)``, the geometric-mean token probability (unscaled by ``alpha``;
+            margin ``G_w - G_l``, the quantity inside ``sigmoid(alpha * .)``)
+  dpo       ``beta * (s - r)`` (``/ n`` with ``average``), as TRL's DPOTrainer
+  ipo       ``(s - r) / n`` (``s - r`` with ``average=False``)
+  simpo     ``beta * m``, as TRL's CPOTrainer with ``loss_type="simpo"``
+  cpo       ``beta * s`` (``beta * m`` with ``average``), as TRL's CPOTrainer
+  orpo      ``log(p / (1 - p))`` with ``log p = m`` (TRL's ORPOTrainer logs ``beta * m``
+            instead; the odds-ratio margin is what ORPO pushes up)
+  ========= ============================================================================
+
+- ``rewards/accuracies``: the fraction of pairs with ``rewards/chosen > rewards/rejected``.
+
+TRL >= 1.0, < 2 (the ``trl`` extra): the public ``DataCollatorForPreference`` with ``max_length`` /
+``truncation_mode`` and the ``trl.data_utils`` helpers used here exist unchanged over that range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainingArguments, set_seed
+
+import synpo_kernels as sk
+from synpo_kernels.loss_registry import Peer, get_loss
+
+__all__ = ["SynPOConfig", "SynPOTrainer", "row_rewards"]
+
+_TOKENIZED = ("prompt_ids", "chosen_ids", "rejected_ids")
+_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _import_trl():
+    try:
+        import trl.data_utils as data_utils
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+    except ImportError as e:  # pragma: no cover - exercised only without TRL
+        raise ImportError('synpo.integrations.trl needs TRL >= 1.0: pip install "synpo-kernels[trl]"') from e
+    return data_utils, DataCollatorForPreference
+
+
+@dataclass
+class SynPOConfig(TrainingArguments):
+    """:class:`transformers.TrainingArguments` plus the preference-loss settings (TRL's names).
+
+    Loss:
+        loss_type: a loss of :data:`synpo_kernels.LOSSES`: ``"synpo"`` (default), ``"dpo"``, ``"ipo"``,
+            ``"simpo"``, ``"cpo"``, ``"orpo"``.
+        alpha: SynPO's scale of the geometric-mean probability gap (default 30.0; synpo only).
+        beta: the loss's ``beta`` (SynPO: weight of ``P(y_w)``, default 0.2; DPO/SimPO/CPO: inverse
+            temperature, default 0.1); as in TRL, ``beta`` is IPO's ``tau`` and ORPO's ``lam``.
+            ``None``: the loss's default.
+        loss_options: the loss's other options (``gamma``, ``average``, ``nll_weight``,
+            ``label_smoothing``, ``cdpo_smoothing``, ``nll_reduction``; docs/losses.md).
+        precompute_ref_log_probs: dpo/ipo: compute the reference log-probs of the datasets once, before
+            training, with the initial policy (adapter disabled for a PEFT model).
+        precompute_ref_batch_size: batch size of that pass (default: the per-device batch sizes).
+        fused_impl / fused_chunk_bytes: execution options of the fused op (``impl`` / ``chunk_bytes``).
+
+    Data (as TRL's ``DPOConfig``): ``max_length`` (1024; ``None``: no truncation), ``truncation_mode``
+    (``"keep_start"`` / ``"keep_end"``), ``pad_to_multiple_of``, ``pad_token``, ``dataset_num_proc``.
+    Model: ``model_init_kwargs`` (when ``model`` is a string), ``disable_dropout`` (True).
+
+    ``remove_unused_columns`` defaults to False: the trainer keeps only the columns it needs itself.
+    """
+
+    loss_type: str = field(default="synpo", metadata={"help": "Preference loss (synpo_kernels.LOSSES)."})
+    alpha: float | None = field(default=None, metadata={"help": "SynPO alpha (default 30.0)."})
+    beta: float | None = field(default=None, metadata={"help": "The loss's beta (None: its default)."})
+    loss_options: dict[str, Any] | None = field(default=None, metadata={"help": "Other loss options."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "dpo/ipo: precompute refs."})
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Precompute batch."})
+    fused_impl: str | None = field(default=None, metadata={"help": "impl= of the fused op."})
+    fused_chunk_bytes: int | None = field(default=None, metadata={"help": "chunk_bytes= of the fused op."})
+    max_length: int | None = field(default=1024, metadata={"help": "Max tokens of prompt+completion."})
+    truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start or keep_end."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad to a multiple of this."})
+    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: tokenizer's)."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "from_pretrained kw."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False (see docstring)."})
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode: 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+        self.resolved_loss_options()  # fail at construction on a bad loss or option
+        super().__post_init__()
+
+    def resolved_loss_options(self) -> dict[str, Any]:
+        """The loss's options, checked, defaults filled in (``alpha``/``beta`` mapped as documented)."""
+        loss = get_loss(self.loss_type, "loss_type")
+        options = dict(self.loss_options or {})
+        for key, value in (("alpha", self.alpha), ("beta", self.beta)):
+            if value is None:
+                continue
+            name = key if key in loss.param_names else _trl_alias(loss, key)
+            if name is None:
+                raise ValueError(
+                    f"{key}: not an option of loss_type={self.loss_type!r}; "
+                    f"its options: {list(loss.param_names)}"
+                )
+            if name in options and options[name] != value:
+                raise ValueError(
+                    f"{key}: given both as {key}={value} and loss_options[{name!r}]={options[name]}"
+                )
+            options[name] = value
+        return loss.resolve(options)
+
+
+def _trl_alias(loss, key: str) -> str | None:
+    """The option of ``loss`` that TRL calls ``key`` (IPO's ``tau`` and ORPO's ``lam`` are TRL's ``beta``)."""
+    for p in loss.params:
+        if isinstance(p.trl, Peer) and p.trl.name == key:
+            return p.name
+    return None
+
+
+def row_rewards(loss_type: str, options: dict[str, Any], mean_logp, count, ref_logps=None):
+    """Per-row rewards (float64) of one side of the pairs, as logged in ``rewards/chosen|rejected``.
+
+    ``mean_logp``/``count``: the rows' per-token mean response log-prob and token count; ``ref_logps``:
+    their summed reference log-probs (dpo/ipo). ``None`` for a loss without a per-row reward (a loss
+    registered elsewhere): then only ``rewards/margins`` and ``rewards/accuracies`` are logged.
+    """
+    m, n = mean_logp.double(), count.double()
+    s = m * n
+    o = options
+    if loss_type == "synpo":
+        return m.exp()
+    if loss_type in ("dpo", "ipo"):
+        d = s - ref_logps.double()
+        d = d / n if o["average"] else d
+        return o["beta"] * d if loss_type == "dpo" else d
+    if loss_type == "simpo":
+        return o["beta"] * m
+    if loss_type == "cpo":
+        return o["beta"] * (m if o["average"] else s)
+    if loss_type == "orpo":
+        return sk.loss_registry.log_odds(m)
+    return None
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _is_tuner_layer(module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
+class SynPOTrainer(Trainer):
+    """A reference-free preference trainer (SynPO by default) with TRL's constructor and metrics.
+
+    Args:
+        model: a causal LM, a ``peft.PeftModel``, or a model id / path (loaded with
+            ``AutoModelForCausalLM.from_pretrained(model, **args.model_init_kwargs)``).
+        args: a :class:`SynPOConfig` (default: ``SynPOConfig("<model name>-SynPO")``).
+        data_collator: default TRL's ``DataCollatorForPreference`` (right padding, ``completion_mask``).
+        train_dataset / eval_dataset: ``datasets.Dataset`` (or a dict of them for evaluation) with
+            ``prompt``/``chosen``/``rejected`` (plain text or conversational; an implicit prompt is
+            extracted), or already tokenized ``prompt_ids``/``chosen_ids``/``rejected_ids``; optional
+            ``ref_chosen_logps``/``ref_rejected_logps`` (summed) for dpo/ipo.
+        processing_class: the tokenizer (a processor's tokenizer is used for text-only data).
+        callbacks, optimizers: as :class:`transformers.Trainer`.
+        peft_config: a ``peft.PeftConfig`` to wrap ``model`` with (the lm_head must not be a target).
+
+    See the module docstring for the loss wiring, the reference handling of dpo/ipo and the metrics.
+    """
+
+    # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model,
+        args: SynPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        data_utils, collator_cls = _import_trl()
+        self._data_utils = data_utils
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = SynPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-SynPO")
+        elif not isinstance(args, SynPOConfig):
+            raise TypeError(f"args: expected a SynPOConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        if args.remove_unused_columns:
+            warnings.warn(
+                "SynPOConfig.remove_unused_columns=True is ignored: the trainer keeps only the tokenized "
+                "columns it needs itself.",
+                stacklevel=2,
+            )
+            args.remove_unused_columns = False
+        self.loss_type = args.loss_type
+        self.loss_options = args.resolved_loss_options()
+        self._loss_def = get_loss(self.loss_type)
+
+        set_seed(args.seed)  # PEFT initializes adapters randomly
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            from transformers import AutoTokenizer
+
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        tokenizer = (
+            processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+        )
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError("processing_class: expected a tokenizer or a processor with a tokenizer")
+        self._tokenizer = tokenizer
+        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+        if pad_token is None or pad_token not in tokenizer.get_vocab():
+            raise ValueError(f"pad_token: {pad_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = pad_token
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if _is_peft_model(model):
+                raise ValueError("peft_config: the model is already a PeftModel; pass the base model")
+            model = get_peft_model(model, peft_config)
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()
+        if _is_peft_model(model) and _is_tuner_layer(model.get_output_embeddings()):
+            raise ValueError(
+                "peft_config: an adapter on lm_head is not supported (the fused loss reads lm_head.weight); "
+                "remove 'lm_head' from target_modules"
+            )
+        if args.disable_dropout:
+            _disable_dropout(model)
+
+        if self._loss_def.needs_reference:
+            has_columns = all(c in next(iter(train_dataset)) for c in _REF_COLUMNS)
+            if not (has_columns or args.precompute_ref_log_probs or _is_peft_model(model)):
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} needs reference log-probs, and SynPOTrainer never "
+                    "creates a reference model: set precompute_ref_log_probs=True (the initial policy, "
+                    "computed once before training), train a PEFT adapter (peft_config=...; the reference "
+                    "is the model with the adapter disabled), or add ref_chosen_logps/ref_rejected_logps "
+                    "columns (summed); for a separate reference model use trl.DPOTrainer"
+                )
+        elif args.precompute_ref_log_probs:
+            warnings.warn(
+                f"precompute_ref_log_probs=True is ignored: loss_type={self.loss_type!r} uses no reference",
+                stacklevel=2,
+            )
+
+        if data_collator is None:
+            data_collator = collator_cls(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        self._prep_args = args
+        train_dataset = self._prepare_dataset(train_dataset, "train")
+        eval_dataset = self._prepare_dataset(eval_dataset, "eval")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.model_accepts_loss_kwargs = False  # transformers < 5.19 reads this instead of the class flag
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+        if self._loss_def.needs_reference and args.precompute_ref_log_probs:
+            self.train_dataset = self._with_reference(self.train_dataset, args.per_device_train_batch_size)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    k: self._with_reference(v, args.per_device_eval_batch_size)
+                    for k, v in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference(self.eval_dataset, args.per_device_eval_batch_size)
+
+    # ------------------------------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, name: str):
+        """Tokenize a preference dataset as TRL's DPOTrainer does (idempotent; dicts per split)."""
+        if dataset is None:
+            return None
+        if isinstance(dataset, dict):
+            return {k: self._prepare_dataset(v, k) for k, v in dataset.items()}
+        args = self._prep_args
+        first = next(iter(dataset))
+        if all(k in first for k in _TOKENIZED):
+            return dataset
+        if "image" in first or "images" in first:
+            raise ValueError("image preference data is not supported by SynPOTrainer; use synpo.Trainer")
+        from datasets import Dataset
+
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        dataset = dataset.map(self._data_utils.maybe_extract_prompt, **map_kwargs)
+        keep = set(_TOKENIZED) | set(_REF_COLUMNS)
+        columns = dataset.column_names or list(first)
+        dataset = dataset.map(
+            self._tokenize_row, remove_columns=[c for c in columns if c not in keep], **map_kwargs
+        )
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            # The collator would cut every completion token of these: no learning signal (as TRL).
+            dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, **map_kwargs)
+        return dataset
+
+    def _tokenize_row(self, example: dict[str, Any]) -> dict[str, list[int]]:
+        tok = self._tokenizer
+        if self._data_utils.is_conversational(example):
+            tools = example.get("tools")
+            tools = json.loads(tools) if isinstance(tools, str) else tools
+            kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+
+            def encode(messages, **extra):
+                out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs, **extra)
+                return list(out["input_ids"])
+
+            prompt = encode(example["prompt"], add_generation_prompt=True)
+            chosen = encode(example["prompt"] + example["chosen"])
+            rejected = encode(example["prompt"] + example["rejected"])
+        else:
+            eos = tok.eos_token or ""
+            c, r = example["chosen"], example["rejected"]
+            c, r = (c if c.endswith(eos) else c + eos), (r if r.endswith(eos) else r + eos)
+            prompt = tok(text=example["prompt"])["input_ids"]
+            chosen = tok(text=example["prompt"] + c)["input_ids"]
+            rejected = tok(text=example["prompt"] + r)["input_ids"]
+        # The completion starts where prompt and prompt+completion tokens diverge (merges, templates).
+        n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+        return {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
+
+    @torch.no_grad()
+    def _with_reference(self, dataset, batch_size: int):
+        """``dataset`` plus ``ref_chosen_logps``/``ref_rejected_logps`` from the current (initial) model.
+
+        Every process computes the whole dataset with its own copy of the model (not for ZeRO-3).
+        """
+        if dataset is None or all(c in dataset.column_names for c in _REF_COLUMNS):
+            return dataset
+        from torch.utils.data import DataLoader
+
+        size = self.args.precompute_ref_batch_size or batch_size
+        loader = DataLoader(dataset, batch_size=size, collate_fn=self.data_collator, shuffle=False)
+        chosen, rejected = [], []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in loader:
+                batch = {k: v.to(self.args.device) for k, v in batch.items()}
+                ref = self._reference_logps(self.model, batch, _labels(batch))
+                w, lo = ref.chunk(2)
+                chosen += w.tolist()
+                rejected += lo.tolist()
+        finally:
+            self.model.train(was_training)
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+    # ------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------
+
+    def _lm_head(self, model):
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    @staticmethod
+    def _hidden_states(model, inputs) -> torch.Tensor:
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        return out.hidden_states[-1]
+
+    def _reference_logps(self, model, inputs, labels) -> torch.Tensor:
+        """``(2B,)`` summed reference log-probs: dataset columns, else the model with its adapter disabled."""
+        if all(c in inputs for c in _REF_COLUMNS):
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+        unwrapped = self.accelerator.unwrap_model(model)
+        with (
+            torch.no_grad(),
+            unwrapped.disable_adapter() if _is_peft_model(unwrapped) else contextlib.nullcontext(),
+        ):
+            hidden = self._hidden_states(model, inputs)
+            weight, bias = self._lm_head(model)
+            return sk.fused_linear_sequence_logprobs(hidden, weight, labels, bias=bias, average=False).float()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The fused preference loss of a ``[chosen; rejected]`` batch; metrics are kept for ``log``."""
+        mode = "train" if self.model.training else "eval"
+        labels = _labels(inputs)
+        options = dict(self.loss_options)
+        ref = None
+        if self._loss_def.needs_reference:
+            ref = self._reference_logps(model, inputs, labels)
+            options["ref_logps"] = ref
+        hidden = self._hidden_states(model, inputs)
+        weight, bias = self._lm_head(model)
+        loss, stats = sk.fused_linear_preference_loss(
+            hidden,
+            weight,
+            labels,
+            loss=self.loss_type,
+            bias=bias,
+            return_stats=True,
+            impl=self.args.fused_impl,
+            chunk_bytes=self.args.fused_chunk_bytes,
+            **options,
+        )
+        self._record(mode, stats, ref)
+        return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def _record(self, mode: str, stats, ref) -> None:
+        gather = self.accelerator.gather
+        half = stats.chosen_count.shape[0]
+        ref_w, ref_l = (ref[:half], ref[half:]) if ref is not None else (None, None)
+        r_w = row_rewards(self.loss_type, self.loss_options, stats.chosen_logps, stats.chosen_count, ref_w)
+        r_l = row_rewards(
+            self.loss_type, self.loss_options, stats.rejected_logps, stats.rejected_count, ref_l
+        )
+        values = {
+            "logps/chosen": stats.chosen_logps.double() * stats.chosen_count,
+            "logps/rejected": stats.rejected_logps.double() * stats.rejected_count,
+            "logps/chosen_per_token": stats.chosen_logps,
+            "logps/rejected_per_token": stats.rejected_logps,
+            "probs/chosen": stats.chosen_mean_prob,
+            "rewards/margins": stats.reward_margin,
+        }
+        if r_w is not None:
+            values["rewards/chosen"] = r_w
+            values["rewards/rejected"] = r_l
+            values["rewards/accuracies"] = (r_w > r_l).double()
+        else:
+            values["rewards/accuracies"] = (stats.reward_margin > 0).double()
+        for key, value in values.items():
+            self._metrics[mode][key].append(gather(value.detach().double()).mean().item())
+
+    # ------------------------------------------------------------------------------------------
+    # Logging and evaluation (public Trainer hooks)
+    # ------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averaged preference metrics since the last log (``eval_`` prefixed in evaluation)."""
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss only (the fused op builds no logits to return)."""
+        inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """As :meth:`transformers.Trainer.evaluate`; a raw dataset passed here is tokenized first."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._prepare_dataset(eval_dataset, "eval")
+            if self._loss_def.needs_reference and self.args.precompute_ref_log_probs:
+                if self.state.global_step > 0 and not _is_peft_model(
+                    self.accelerator.unwrap_model(self.model)
+                ):
+                    raise ValueError(
+                        "evaluate(eval_dataset=...): the reference log-probs of a new dataset cannot be "
+                        "precomputed after training started (the initial policy is gone); pass it as "
+                        "eval_dataset at construction or add ref_chosen_logps/ref_rejected_logps columns"
+                    )
+                if isinstance(eval_dataset, dict):
+                    eval_dataset = {
+                        k: self._with_reference(v, self.args.per_device_eval_batch_size)
+                        for k, v in eval_dataset.items()
+                    }
+                else:
+                    eval_dataset = self._with_reference(eval_dataset, self.args.per_device_eval_batch_size)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+def _labels(inputs) -> torch.Tensor:
+    return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, sk.IGNORE_INDEX)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

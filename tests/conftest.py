@@ -32,3 +32,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-model tests: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+
+    Tiny models are latency-bound: on a busy 2-core CI machine multi-threaded tiny ops oversubscribe
+    the cores (4x slower measured), so these modules run on one thread (their subprocesses get
+    OMP_NUM_THREADS=1).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -21,19 +21,9 @@ from safetensors.torch import load_file
 
 from synpo.trainer import Trainer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 COMPARED = ("loss", "chosen_logps", "rejected_logps", "reward_margin", "chosen_mean_prob", "grad_norm", "lr")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny models run fastest on one thread, and on a busy CI machine multi-threaded tiny ops
-    # oversubscribe the cores (4x slower measured); the subprocesses below get OMP_NUM_THREADS=1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def free_port() -> int:

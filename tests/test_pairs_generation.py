@@ -27,13 +27,7 @@ SAMPLING = Sampling(do_sample=True, temperature=0.9, top_p=0.95, top_k=32, max_n
 FAST_CANDIDATES = CandidateSettings(num_candidates=3, sampling=SAMPLING, min_frames=2, max_frames=4, seed=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models are latency-bound; with 2 cores shared by parallel jobs, one thread is much faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

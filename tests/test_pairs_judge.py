@@ -32,13 +32,7 @@ FAST_RETRY = RetryPolicy(max_retries=3, backoff=0.01, backoff_max=0.05)
 SECRET = "sk-test-0123456789-never-print-me"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models are latency-bound; with 2 cores shared by parallel jobs, one thread is much faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,15 +17,7 @@ from synpo.models import apply_lora
 from synpo.tiny import build_tiny_vlm, vision_parameter_prefixes
 from synpo.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny models run fastest on one thread, and on a busy CI machine multi-threaded tiny ops
-    # oversubscribe the cores (4x slower measured); the subprocesses below get OMP_NUM_THREADS=1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_video(path, *, seconds: float = 5.0, fps: int = 6, size: int = 40):

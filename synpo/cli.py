@@ -1,4 +1,4 @@
-"""The ``synpo`` command line: ``synpo train``, ``synpo bench ...``, ``synpo pairs ...``.
+"""The ``synpo`` command line: ``synpo train``, ``synpo bench ...``, ``synpo plot``, ``synpo pairs ...``.
 
 Each command group lives in its own module and exposes ``add_parser(subparsers)``; its parser sets
 ``func`` to a callable taking the parsed namespace and returning an exit code. A group whose module
@@ -15,6 +15,7 @@ import sys
 COMMAND_GROUPS = (
     ("synpo.train_cli", "train a model with SynPO or another registered loss (synpo train --help)"),
     ("synpo.bench_cli", "run the kernel and trainer benchmarks"),
+    ("synpo.plot_cli", "draw a training run's curves (metrics.jsonl) to a PNG"),
     ("synpo.pairs.cli", "build preference pairs: clips, candidates, score, select"),
 )
 

@@ -3,12 +3,13 @@
 Layout of ``<output_dir>/checkpoints/``::
 
     step-00000010/
-        trainer_state.json      step, epoch, data position, counters, config (written last)
+        trainer_state.json      step, epoch, data position, LR schedule, counters, resolved config
         model.safetensors       trainable weights (LoRA adapters or the full model), plain runs
         optimizer.pt            optimizer state (torch.save; loaded with weights_only=True)
         scheduler.pt            LR scheduler state
         rng/rank-00000.pt       Python, NumPy and torch (CPU + CUDA) RNG states, one file per rank
         deepspeed/              engine.save_checkpoint output under DeepSpeed (ZeRO partitions)
+        manifest.json           size and sha256 of every other file (written last)
     latest                      name of the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step-...`` and renamed into place with ``os.replace`` only when
@@ -16,11 +17,17 @@ complete, then ``latest`` is replaced atomically, so a run killed at any moment 
 previous checkpoint or the new one, never a partial one. Every load uses a safe format: safetensors
 for weights and ``torch.load(weights_only=True)`` for optimizer/scheduler/RNG state (DeepSpeed's own
 loader is switched to ``weights_only=True`` as well).
+
+The manifest catches what the atomic publish cannot: a file damaged after it was written (a disk
+error, a partial copy, a truncated sync). :func:`find_resume_checkpoint` verifies it and falls back
+to the newest intact checkpoint, warning about each damaged one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -36,6 +43,7 @@ __all__ = [
     "capture_rng_state",
     "checkpoint_root",
     "find_checkpoint",
+    "find_resume_checkpoint",
     "list_checkpoints",
     "load_rng_state",
     "load_torch_state",
@@ -46,10 +54,15 @@ __all__ = [
     "save_rng_state",
     "save_torch_state",
     "temp_checkpoint_dir",
+    "verify_checkpoint",
     "write_json_atomic",
+    "write_manifest",
 ]
 
+logger = logging.getLogger("synpo.checkpoint")
+
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -81,11 +94,15 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no stray temp file
+        raise
     _fsync_dir(path.parent)
 
 
@@ -117,11 +134,13 @@ def temp_checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def publish_checkpoint(tmp_dir: Path, output_dir: str | os.PathLike, step: int) -> Path:
-    """Rename a complete temp checkpoint into ``step-...`` and point ``latest`` at it."""
+    """Write the manifest of a complete temp checkpoint (its last file), rename the directory into
+    ``step-...`` and point ``latest`` at it."""
     root = checkpoint_root(output_dir)
     final = root / step_dir_name(step)
     if not (tmp_dir / STATE_FILE).is_file():
         raise CheckpointError(f"{tmp_dir}: incomplete checkpoint (no {STATE_FILE})")
+    write_manifest(tmp_dir)
     _fsync_dir(tmp_dir)
     if final.exists():
         # Re-saving a step (e.g. after resuming from it): swap, then drop the old copy.
@@ -189,6 +208,105 @@ def read_trainer_state(checkpoint: Path) -> dict:
         return json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{checkpoint}: cannot read {STATE_FILE} ({exc})") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest: size and sha256 of every file, verified before resuming.
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(checkpoint: Path) -> list[Path]:
+    return sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(checkpoint: Path) -> Path:
+    """List every file of ``checkpoint`` (relative path, size, sha256) in ``manifest.json``; call it
+    after everything else is written (it is the checkpoint's last file)."""
+    files = {}
+    for path in _checkpoint_files(checkpoint):
+        files[path.relative_to(checkpoint).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": _sha256(path),
+        }
+    path = checkpoint / MANIFEST_FILE
+    write_json_atomic(path, {"version": 1, "files": files})
+    return path
+
+
+def verify_checkpoint(checkpoint: Path) -> str | None:
+    """None when every file listed in the manifest is present with its size and checksum; otherwise
+    what is wrong (``optimizer.pt: size 812 bytes, expected 1630``, ``missing manifest.json`` ...)."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"missing {MANIFEST_FILE} (an unfinished copy, or written before checkpoints had one)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST_FILE} unreadable ({type(exc).__name__}: {exc})"
+    if STATE_FILE not in files:
+        return f"{MANIFEST_FILE} does not list {STATE_FILE}"
+    problems = []
+    for name, expected in sorted(files.items()):
+        path = checkpoint / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        if size != expected["size"]:
+            problems.append(f"{name}: size {size} bytes, manifest says {expected['size']} (truncated?)")
+        elif _sha256(path) != expected["sha256"]:
+            problems.append(f"{name}: sha256 checksum mismatch (corrupted)")
+    return "; ".join(problems) or None
+
+
+def _resume_candidates(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints of ``output_dir``, the one ``latest`` names first, then newest to oldest."""
+    found = list(reversed(list_checkpoints(output_dir)))
+    root = checkpoint_root(output_dir)
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if candidate in found:
+            found.remove(candidate)
+            found.insert(0, candidate)
+    return found
+
+
+def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path | None:
+    """:func:`find_checkpoint`, verified: a checkpoint given by path must be intact; for ``auto`` or an
+    output directory the newest intact checkpoint is chosen, with a warning naming each damaged one
+    skipped. ``CheckpointError`` when none is intact (``auto`` with no checkpoint at all: None)."""
+    path = Path(resume)
+    if resume != "auto" and (path / STATE_FILE).is_file():
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {path} is damaged: {problem}")
+        return path
+    directory = output_dir if resume == "auto" else path
+    candidates = _resume_candidates(directory)
+    if not candidates:
+        if resume == "auto":
+            return None
+        raise CheckpointError(f"checkpoint.resume: no checkpoint at {path}")
+    damaged = []
+    for candidate in candidates:
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        logger.warning("checkpoint %s is damaged, skipping it: %s", candidate, problem)
+        damaged.append(f"{candidate.name} ({problem})")
+    raise CheckpointError(
+        f"no intact checkpoint to resume from in {checkpoint_root(directory)}: " + "; ".join(damaged)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

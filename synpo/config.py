@@ -35,28 +35,19 @@ __all__ = [
     "TrainConfig",
     "TrainerConfig",
     "apply_overrides",
+    "config_changes",
     "config_from_dict",
     "config_to_dict",
+    "format_change",
     "load_config",
     "parse_override_args",
+    "unexpected_resume_changes",
 ]
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "default.yaml"
 
 # The upstream LoRA targets: attention and MLP projections of the language model.
 UPSTREAM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-LOSS_NAMES = ("synpo", "dpo", "ipo", "simpo", "cpo", "orpo")
-# Which optional loss hyper-parameters each loss accepts (None in the config = that loss's default).
-LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
-    "synpo": ("alpha", "beta"),
-    "dpo": ("beta", "label_smoothing", "average"),
-    "ipo": ("tau", "average"),
-    "simpo": ("beta", "gamma"),
-    "cpo": ("beta", "nll_weight", "average"),
-    "orpo": ("lam",),
-}
-LOSSES_WITH_REFERENCE = ("dpo", "ipo")
 
 
 class ConfigError(ValueError):
@@ -136,32 +127,41 @@ class ReferenceConfig:
     cache_file: str | None = None  # default: <output_dir>/reference_logps.safetensors
 
 
+def _loss_registry():
+    # Imported on use: `import synpo.config` (and the CLI's start-up) must not import torch.
+    from synpo_kernels import loss_registry
+
+    return loss_registry
+
+
 @dataclass
 class LossConfig:
-    name: Literal["synpo", "dpo", "ipo", "simpo", "cpo", "orpo"] = "synpo"
+    # A loss of synpo_kernels' registry: synpo, dpo, ipo, simpo, cpo, orpo (docs/losses.md).
+    name: str = "synpo"
     # fused: lm_head + loss in one op on the backbone's hidden states (no logits). naive: full
     # logits, as upstream (the benchmark baseline).
     impl: Literal["fused", "naive"] = "fused"
-    # Loss hyper-parameters; null = that loss's default. Setting one the loss does not take is an error.
-    alpha: float | None = None  # synpo (30)
-    beta: float | None = None  # synpo (0.2), dpo (0.1), simpo (2.0), cpo (0.1)
-    gamma: float | None = None  # simpo (0.5)
-    tau: float | None = None  # ipo (0.1)
-    label_smoothing: float | None = None  # dpo (0)
-    nll_weight: float | None = None  # cpo (1)
-    lam: float | None = None  # orpo (0.1)
-    average: bool | None = None  # dpo/cpo: sums (False), ipo: means (True)
+    # The loss's hyper-parameters, written flat under `loss:` (`beta: 0.3`, `--loss.beta 0.3`): only
+    # those set are passed, the others take the loss's defaults. Names, defaults and allowed values come
+    # from the loss's registry entry (docs/losses.md); one the loss does not take is an error.
+    params: dict[str, Any] = field(default_factory=dict)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    # Keys under `loss:` that are not fields: every registered loss's hyper-parameters, kept in `params`.
+    _flat_field = "params"
+
+    @staticmethod
+    def _flat_keys() -> dict[str, type]:
+        """Hyper-parameter name -> its type, over all registered losses."""
+        return {p.name: p.type for d in _loss_registry().LOSSES.values() for p in d.params}
 
     def options(self) -> dict[str, Any]:
         """The hyper-parameters set for this loss, as keyword arguments of the loss function."""
-        return {
-            name: getattr(self, name) for name in LOSS_OPTIONS[self.name] if getattr(self, name) is not None
-        }
+        return dict(self.params)
 
     @property
     def needs_reference(self) -> bool:
-        return self.name in LOSSES_WITH_REFERENCE
+        return _loss_registry().get_loss(self.name, "loss.name").needs_reference
 
 
 @dataclass
@@ -179,7 +179,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 5
-    max_steps: int | None = None  # optimizer steps; stops early when set
+    # Optimizer steps to run; when set it overrides epochs (as in transformers): the data cycles
+    # through as many (reshuffled) epochs as needed, or stops mid-epoch.
+    max_steps: int | None = None
     micro_batch_size: int = 1  # preference pairs per micro-batch per rank (2x rows)
     gradient_accumulation_steps: int = 32
     seed: int = 42
@@ -200,6 +202,10 @@ class CheckpointConfig:
     resume: str | None = None
     # A fresh run into an output_dir that holds checkpoints: an error, or (true) delete them first.
     overwrite: bool = False
+    # Config keys (or whole sections) allowed to differ from the checkpoint's when resuming
+    # (`--resume-allow-changes optim.lr,train.seed`); other changes are refused. Extending
+    # train.max_steps / train.epochs needs no entry here.
+    resume_allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -337,13 +343,20 @@ def _build(cls, mapping: Any, prefix: str):
     if not isinstance(mapping, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {mapping!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    fields, flat = _keys_of(cls)
+    kwargs: dict[str, Any] = {}
     for key, value in mapping.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key in flat:
+            # A hyper-parameter written flat (`loss.beta`): typed by its registry entry; null = default.
+            value = _coerce(value, flat[key] | None, dotted)
+            if value is not None:
+                kwargs.setdefault(cls._flat_field, {})[key] = value
+            continue
         if key not in fields:
             raise ConfigError(
-                f"unknown config key {dotted!r}{_suggest(str(key), fields, f'{prefix}.' if prefix else '')}"
+                f"unknown config key {dotted!r}"
+                f"{_suggest(str(key), [*fields, *flat], f'{prefix}.' if prefix else '')}"
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -353,13 +366,26 @@ def _build(cls, mapping: Any, prefix: str):
     return cls(**kwargs)
 
 
+def _keys_of(cls) -> tuple[set[str], dict[str, type]]:
+    """A config section's keys: its fields (less one holding flat keys) and its flat keys with types."""
+    hidden = getattr(cls, "_flat_field", None)
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != hidden}
+    flat = cls._flat_keys() if hidden else {}
+    return fields, flat
+
+
 def config_from_dict(mapping: dict | None) -> TrainerConfig:
     """A validated ``TrainerConfig`` from a nested mapping (unknown keys and bad values raise)."""
     return _build(TrainerConfig, mapping or {}, "").validate()
 
 
 def config_to_dict(config: TrainerConfig) -> dict:
-    return dataclasses.asdict(config)
+    """A plain nested dict, the inverse of :func:`config_from_dict` (loss hyper-parameters written flat)."""
+    data = dataclasses.asdict(config)
+    loss = data["loss"]
+    params = loss.pop(LossConfig._flat_field)
+    data["loss"] = {"name": loss.pop("name"), "impl": loss.pop("impl"), **params, **loss}
+    return data
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -383,15 +409,17 @@ def _set_dotted(mapping: dict, dotted: str, value: Any) -> None:
     cls = TrainerConfig
     node = mapping
     for depth, part in enumerate(parts):
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields, flat = _keys_of(cls)
         where = ".".join(parts[:depth])
+        last = depth == len(parts) - 1
+        if part in flat and last:
+            node[part] = value
+            return
         if part not in fields:
             shown = f"{where}.{part}" if where else part
-            raise ConfigError(
-                f"unknown config key {shown!r}{_suggest(part, fields, f'{where}.' if where else '')}"
-            )
+            suggestion = _suggest(part, [*fields, *flat], f"{where}." if where else "")
+            raise ConfigError(f"unknown config key {shown!r}{suggestion}")
         tp = typing.get_type_hints(cls)[part]
-        last = depth == len(parts) - 1
         if last:
             node[part] = value
             return
@@ -491,23 +519,36 @@ def _positive(value, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _validate_loss(loss: LossConfig):
+    """The loss name and its hyper-parameters, against the loss's registry entry."""
+    registry = _loss_registry()
+    try:
+        definition = registry.get_loss(loss.name, "loss.name")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for option in loss.params:
+        if option not in definition.param_names:
+            hint = definition.hints.get(option)
+            raise ConfigError(
+                f"loss.{option}: does not apply to loss {loss.name!r} "
+                f"(it takes {', '.join(definition.param_names)})" + (f"; {hint}" if hint else "")
+            )
+    try:
+        definition.resolve(loss.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"loss.{exc}") from None
+    return definition
+
+
 def validate_config(config: TrainerConfig) -> None:
     loss = config.loss
-    allowed = LOSS_OPTIONS[loss.name]
-    for option in ("alpha", "beta", "gamma", "tau", "label_smoothing", "nll_weight", "lam", "average"):
-        if getattr(loss, option) is not None and option not in allowed:
-            raise ConfigError(
-                f"loss.{option}: does not apply to loss {loss.name!r} (it takes {', '.join(allowed)})"
-            )
-    if loss.label_smoothing is not None and not 0.0 <= loss.label_smoothing < 0.5:
-        raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5), got {loss.label_smoothing}")
-    for name in ("beta", "tau"):
-        _positive(getattr(loss, name), f"loss.{name}")
+    definition = _validate_loss(loss)
     ref = loss.reference
-    if not loss.needs_reference and (ref.precompute or ref.name_or_path or ref.mode != "auto"):
+    if not definition.needs_reference and (ref.precompute or ref.name_or_path or ref.mode != "auto"):
+        with_reference = [d.name for d in _loss_registry().LOSSES.values() if d.needs_reference]
         raise ConfigError(
             f"loss.reference: set, but loss {loss.name!r} is reference-free "
-            f"(only {', '.join(LOSSES_WITH_REFERENCE)} use one)"
+            f"(only {', '.join(with_reference)} use one)"
         )
     if ref.mode == "adapter_disabled" and not config.lora.enabled:
         raise ConfigError("loss.reference.mode: 'adapter_disabled' needs lora.enabled: true")
@@ -573,3 +614,97 @@ def validate_config(config: TrainerConfig) -> None:
         )
     if isinstance(config.deepspeed, str) and not config.deepspeed:
         raise ConfigError("deepspeed: empty path")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: how the config differs from a checkpoint's.
+# ---------------------------------------------------------------------------------------------
+
+# Keys (or whole sections) that may differ from the checkpoint's without changing what is trained:
+# where files go, how often to save and log, threads and device placement.
+RESUME_FREE_KEYS = (
+    "checkpoint.output_dir",
+    "checkpoint.resume",
+    "checkpoint.overwrite",
+    "checkpoint.resume_allow_changes",
+    "checkpoint.save_every",
+    "checkpoint.keep_last",
+    "checkpoint.save_at_end",
+    "logging",
+    "train.cpu_threads",
+    "train.device",
+    "data.num_workers",
+)
+# The length of the run: extending it needs no flag (the trainer keeps the LR schedule continuous).
+RESUME_LENGTH_KEYS = ("train.max_steps", "train.epochs")
+
+UNSET = "<unset>"  # the value shown for a key present on one side only
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _under(key: str, patterns) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in patterns)
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs between two config dicts as
+    :func:`config_to_dict` writes them (JSON round-tripped); a key on one side only has ``UNSET``."""
+    a, b = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        before, after = a.get(key, UNSET), b.get(key, UNSET)
+        if before != after:
+            changes.append((key, before, after))
+    return changes
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return repr(value)
+
+
+def format_change(change: tuple[str, Any, Any]) -> str:
+    """``optim.lr: 1e-05 -> 2e-05``."""
+    key, before, after = change
+    return f"{key}: {_show(before)} -> {_show(after)}"
+
+
+def unexpected_resume_changes(
+    old: dict, new: dict, allowed: list[str], *, extends_run: bool
+) -> list[tuple[str, Any, Any]]:
+    """The changes from a checkpoint's config ``old`` to ``new`` that a resume must refuse: all but
+    :data:`RESUME_FREE_KEYS`, the keys or sections named in ``allowed``
+    (``checkpoint.resume_allow_changes``), and :data:`RESUME_LENGTH_KEYS` when ``extends_run`` (the
+    new total of optimizer steps is at least the old one). An ``allowed`` entry that names no config
+    key or section is a :class:`ConfigError` (a typo must not silently allow nothing)."""
+    keys = set(_flatten(old)) | set(_flatten(new))
+    known = keys | {key.rsplit(".", depth)[0] for key in keys for depth in range(1, key.count(".") + 1)}
+    for entry in allowed:
+        if entry not in known:
+            raise ConfigError(
+                f"checkpoint.resume_allow_changes: {entry!r} is not a config key{_suggest(entry, known)}"
+            )
+    refused = []
+    for change in config_changes(old, new):
+        key = change[0]
+        if _under(key, RESUME_FREE_KEYS) or _under(key, allowed):
+            continue
+        if extends_run and key in RESUME_LENGTH_KEYS:
+            continue
+        refused.append(change)
+    return refused

@@ -1,4 +1,4 @@
-"""``synpo train``: train with SynPO (or DPO/IPO/SimPO/CPO/ORPO) from a YAML config.
+"""``synpo train``: train with SynPO (or a comparison preference loss) from a YAML config.
 
     synpo train                                   # the embedded tiny model on the bundled sample
     synpo train --config cfg.yaml --optim.lr 1e-5 --loss.name dpo
@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "loss_help", "run"]
 
 
 class _TrainArgumentParser(argparse.ArgumentParser):
@@ -27,15 +27,36 @@ class _TrainArgumentParser(argparse.ArgumentParser):
         namespace.overrides = list(getattr(namespace, "overrides", None) or []) + list(extras)
         return namespace, []
 
+    def format_help(self) -> str:
+        # The loss list comes from synpo_kernels' registry, imported only when help is shown (it
+        # imports torch, which the CLI's start-up must not).
+        self.epilog = f"{OVERRIDES_HELP}\n\n{loss_help()}"
+        return super().format_help()
+
+
+OVERRIDES_HELP = "overrides: any config key as --section.key VALUE (e.g. --train.max_steps 20)"
+
+
+def loss_help() -> str:
+    """``--loss.name`` values and each loss's ``--loss.*`` hyper-parameters with their defaults."""
+    from synpo_kernels.loss_registry import LOSSES
+
+    lines = ["losses (--loss.name NAME; hyper-parameters --loss.KEY VALUE, defaults shown; docs/losses.md):"]
+    for d in LOSSES.values():
+        params = ", ".join(f"{p.name}={p.default}" for p in d.params)
+        reference = "; needs reference log-probs (loss.reference)" if d.needs_reference else ""
+        lines.append(f"  {d.name:<6} {params}{reference}")
+    return "\n".join(lines)
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
-        help="train a model with SynPO (or DPO/SimPO/IPO/CPO/ORPO)",
+        help="train a model with SynPO or a comparison preference loss (losses: synpo train --help)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
-        epilog="overrides: any config key as --section.key VALUE (e.g. --train.max_steps 20)",
+        epilog=OVERRIDES_HELP,
     )
     parser.__class__ = _TrainArgumentParser  # the subparsers action builds a plain ArgumentParser
     parser.add_argument("--config", "-c", default=None, help="YAML config (default: the bundled tiny demo)")
@@ -47,6 +68,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="resume from CHECKPOINT (a checkpoint or output directory), or the latest one in "
         "checkpoint.output_dir when no path is given",
+    )
+    parser.add_argument(
+        "--resume-allow-changes",
+        default=None,
+        metavar="KEYS",
+        help="comma-separated config keys or sections allowed to differ from the checkpoint's when "
+        "resuming (e.g. optim.lr,train.seed); other changes are refused with a diff. Raising "
+        "train.max_steps or train.epochs needs no flag",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
@@ -64,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         overrides = parse_override_args(list(args.overrides))
         if args.resume is not None:
             overrides["checkpoint.resume"] = args.resume
+        if args.resume_allow_changes is not None:
+            keys = [key.strip() for key in args.resume_allow_changes.split(",") if key.strip()]
+            overrides["checkpoint.resume_allow_changes"] = keys
         config = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"synpo train: config error: {exc}", file=sys.stderr)
@@ -82,15 +114,26 @@ def run(args: argparse.Namespace) -> int:
     )
     from synpo.checkpoint import CheckpointError
     from synpo.data import DataError
+    from synpo.run_lock import RunLockError
     from synpo.trainer import Trainer
 
     try:
         result = Trainer(config).train()
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, RunLockError) as exc:
         print(f"synpo train: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the disk filled up while writing the metrics log
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"synpo train: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "synpo train: interrupted without saving; the last complete checkpoint, if any, is intact",
+            file=sys.stderr,
+        )
+        return 130
     if rank == 0:
-        status = "stopped by SIGTERM" if result.interrupted else "finished"
+        status = f"stopped by {result.stop_signal or 'request'}" if result.interrupted else "finished"
         print(f"synpo train: {status} at step {result.global_step}/{result.total_steps}")
         print(f"  metrics log: {result.metrics_file}")
         if result.last_checkpoint is not None:
@@ -104,4 +147,27 @@ def run(args: argparse.Namespace) -> int:
                 f"-> {last['loss']:.4f} (step {last['step']})"
             )
             print(loss_line)
-    return 0
+            print(f"  {loss_meaning(config.loss.name, config.loss.options())}")
+    # Ctrl-C: the checkpoint is saved, but the run did not finish (128 + SIGINT, as shells report it).
+    return 130 if result.stop_signal == "SIGINT" else 0
+
+
+def loss_meaning(name: str, options: dict) -> str:
+    """One line on how to read the logged loss of ``name`` (with its hyper-parameters ``options``)."""
+    try:
+        from synpo_kernels.loss_registry import get_loss
+
+        values = {**get_loss(name).defaults(), **options}
+    except (ImportError, ValueError):
+        values = dict(options)
+    if name == "synpo" and "beta" in values:
+        beta = float(values["beta"])
+        return f"loss (SynPO): lower is better; bounded in [-1-beta, 0] = [{-1 - beta:g}, 0] (beta {beta:g})"
+    meanings = {
+        "dpo": "DPO): lower is better; >= 0, log 2 = 0.693 while the policy equals the reference",
+        "ipo": "IPO): lower is better; >= 0, 0 once the log-ratio margin reaches 1/(2 tau)",
+        "simpo": "SimPO): lower is better; >= 0 (plus the NLL term when nll_weight > 0)",
+        "cpo": "CPO): lower is better; >= 0 (preference term plus the chosen responses' NLL)",
+        "orpo": "ORPO): lower is better; >= 0 (the chosen responses' NLL plus lam x the odds-ratio term)",
+    }
+    return f"loss ({meanings.get(name, f'{name}): lower is better')}"

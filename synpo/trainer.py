@@ -12,8 +12,10 @@ One loop serves two back ends:
 Both use the same data order (:class:`~synpo.data.PairBatchPlan`): one process with accumulation
 ``A*W`` and ``W`` ranks with accumulation ``A`` see the same pairs in every optimizer step, so their
 losses agree to floating-point tolerance. Checkpoints are atomic and resume exactly (weights,
-optimizer, scheduler, data position, RNG); SIGTERM saves and stops; a non-finite loss skips its
-micro-batch (counted, logged) without touching the optimizer.
+optimizer, scheduler, data position, RNG), carry a manifest that resuming verifies (falling back to
+the newest intact one), and refuse a resume whose config changed (unless allowed); SIGTERM and
+Ctrl-C (SIGINT) finish the step, save and stop; one run at a time holds the output directory's lock;
+a non-finite loss skips its micro-batch (counted, logged) without touching the optimizer.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ import numpy as np
 import torch
 
 from synpo import checkpoint as ckpt
-from synpo.config import ConfigError, TrainerConfig, config_from_dict, config_to_dict, load_config
+from synpo.config import (
+    ConfigError,
+    TrainerConfig,
+    config_changes,
+    config_from_dict,
+    config_to_dict,
+    format_change,
+    load_config,
+    unexpected_resume_changes,
+)
 from synpo.data import (
     SAMPLE_PAIRS_PATH,
     DataError,
@@ -54,6 +65,7 @@ from synpo.models import (
     resolve_reference_mode,
     trainable_parameter_count,
 )
+from synpo.run_lock import RunDirLock, RunLockError
 
 __all__ = ["TrainResult", "Trainer", "linear_warmup_schedule"]
 
@@ -85,28 +97,78 @@ class TrainResult:
     total_steps: int
     last_checkpoint: Path | None
     final_model_dir: Path | None
-    interrupted: bool  # stopped by SIGTERM (after saving)
+    interrupted: bool  # stopped by SIGTERM/SIGINT or request_stop() (after saving)
     history: list[dict] = field(default_factory=list)  # the metrics rows logged by this process
     summary: dict = field(default_factory=dict)
+    stop_signal: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped the run
 
 
-def linear_warmup_schedule(optimizer, *, total_steps: int, warmup_steps: int, schedule: str = "linear"):
-    """LambdaLR: linear warmup from 0 over ``warmup_steps``, then linear decay to 0 at ``total_steps``
-    (``schedule="linear"``, as transformers' ``get_linear_schedule_with_warmup``) or constant."""
+def lr_factor(
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str = "linear",
+    decay_start: tuple[int, float] | None = None,
+):
+    """The LR multiplier of the optimizer step about to be taken (``step`` counts steps done).
+
+    Warmup: ``(step + 1) / warmup_steps``, so the first step already trains (transformers'
+    ``get_linear_schedule_with_warmup`` gives it lr 0) and step ``warmup_steps`` (1-based) runs at the
+    peak. Then constant, or a linear decay from ``decay_start = (step, factor)`` to 0 at
+    ``total_steps``; the default ``(warmup_steps, 1.0)`` is transformers' decay exactly. A resumed run
+    whose length changed passes the point it resumes from (see ``Trainer._restore_lr_schedule``).
+    """
     if total_steps < 1:
         raise ValueError(f"total_steps: must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"warmup_steps: must be in [0, total_steps], got {warmup_steps}")
     if schedule not in ("linear", "constant"):
         raise ValueError(f"schedule: must be 'linear' or 'constant', got {schedule!r}")
+    anchor_step, anchor_factor = decay_start if decay_start is not None else (warmup_steps, 1.0)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return step / max(1, warmup_steps)
+            return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return max(0.0, anchor_factor * (total_steps - step) / max(1, total_steps - anchor_step))
 
+    return factor
+
+
+def continued_decay_start(old: dict, step: int) -> list | None:
+    """Where the linear decay of a resumed run starts when the run's length changed (``old``: the
+    checkpoint's schedule parameters, ``step``: optimizer steps done).
+
+    Choice: the LR stays continuous. The decay restarts from the LR the old schedule gives the step
+    about to be taken and falls linearly to 0 at the new total, so the resume step trains at exactly
+    the LR it would have had and the rest of the run decays evenly. (Rebuilding the whole schedule for
+    the new total, as transformers does on resume, makes the LR jump at the resume step: up when the
+    run is extended.) Resuming in warmup, or before an earlier restart point, only moves the end
+    point. Resuming from the old run's last step, where its decay reached 0, continues from the LR of
+    that last step instead, so that extending a finished run still trains.
+    """
+    anchor_step = old["decay_start"][0] if old.get("decay_start") else old["warmup_steps"]
+    if step <= anchor_step:
+        return old.get("decay_start")
+    old_factor = lr_factor(**old)
+    return [step, old_factor(min(step, old["total_steps"] - 1))]
+
+
+def linear_warmup_schedule(
+    optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str = "linear",
+    decay_start: tuple[int, float] | None = None,
+):
+    """LambdaLR of :func:`lr_factor`: linear warmup over ``warmup_steps`` (the first step above 0),
+    then linear decay to 0 at ``total_steps`` (``schedule="linear"``, as transformers'
+    ``get_linear_schedule_with_warmup`` from the end of warmup on) or constant."""
+    factor = lr_factor(
+        total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule, decay_start=decay_start
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -140,15 +202,38 @@ class _Dist:
 
             dist.barrier()
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a picklable value)."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def _select_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device: {requested!r} is not a device ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device: {requested!r} asked for, but CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); use --train.device cpu or auto"
+            )
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"train.device: {device} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
     return device
 
 
@@ -172,6 +257,49 @@ def _peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     # ru_maxrss is the process's peak resident set size, in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_steps(config: TrainerConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps`` when set (it overrides ``train.epochs``, as in
+    transformers), else ``train.epochs`` x steps per epoch."""
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    return steps_per_epoch * config.train.epochs
+
+
+def describe_training_length(config: TrainerConfig, steps_per_epoch: int, total_steps: int) -> str:
+    """What will run, for the start-up log: steps, and the epochs they amount to."""
+    if config.train.max_steps is None:
+        return (
+            f"{total_steps} optimizer steps: train.epochs {config.train.epochs} x "
+            f"{steps_per_epoch} steps per epoch"
+        )
+    return (
+        f"{total_steps} optimizer steps (train.max_steps; it overrides train.epochs "
+        f"{config.train.epochs}): {total_steps / steps_per_epoch:.4g} epochs of {steps_per_epoch} steps"
+    )
+
+
+def _load_model_or_config_error(model_cfg, *, device: torch.device, seed: int):
+    """``load_model``, with a model that cannot be found or read turned into a one-line ConfigError."""
+    try:
+        return load_model(model_cfg, device=device, seed=seed)
+    except (OSError, ValueError) as exc:
+        if model_cfg.name_or_path is None:
+            raise
+        name = model_cfg.name_or_path
+        if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+            raise ConfigError(f"model.name_or_path: {name}: no such directory") from exc
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: {first_line}"
+        ) from exc
+
+
+def _write_stderr(text: str) -> None:
+    """Write from a signal handler (no buffered stream, which may be in use by the interrupted code)."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
 
 
 def _set_seed(seed: int) -> None:
@@ -288,13 +416,22 @@ class Trainer:
             )
         self._is_setup = False
         self._stop_requested = False
+        self._stop_signal: str | None = None
         self.output_dir = Path(self.config.checkpoint.output_dir)
+        self._run_lock: RunDirLock | None = None
 
     # -- setup -------------------------------------------------------------------------------------
 
     def setup(self) -> Trainer:
         if self._is_setup:
             return self
+        try:
+            return self._setup()
+        except BaseException:
+            self.release_run_lock()  # a failed setup must not keep the output directory locked
+            raise
+
+    def _setup(self) -> Trainer:
         cfg = self.config
         self.use_deepspeed = cfg.deepspeed is not None
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -318,13 +455,11 @@ class Trainer:
         if cfg.train.precision == "fp16" and not self.use_deepspeed:
             raise ConfigError("train.precision: fp16 needs DeepSpeed (loss scaling); use bf16 or fp32")
         self.ds_config = build_deepspeed_config(cfg, self.dist.world_size) if self.use_deepspeed else None
-        if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.dist.barrier()
+        self.acquire_run_lock()  # before the slow part: a second run into this directory stops here
 
         # Model (same seed on every rank: identical initial weights and LoRA init).
         _set_seed(cfg.train.seed)
-        loaded = load_model(cfg.model, device=device, seed=cfg.train.seed)
+        loaded = _load_model_or_config_error(cfg.model, device=device, seed=cfg.train.seed)
         self.tokenizer, self.processor, self.is_vision = loaded.tokenizer, loaded.processor, loaded.is_vision
         policy = loaded.model
         reference_mode = resolve_reference_mode(cfg.loss, cfg.lora.enabled)
@@ -351,15 +486,23 @@ class Trainer:
             reference=reference,
             autocast_dtype=autocast,
         )
-        self.total_steps = self.plan.steps_per_epoch * cfg.train.epochs
-        if cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        # As in transformers, max_steps overrides epochs: the data cycles through further reshuffled
+        # epochs (or stops mid-epoch) as needed.
+        self.total_steps = training_steps(cfg, self.plan.steps_per_epoch)
         warmup = (
             cfg.optim.warmup_steps
             if cfg.optim.warmup_steps is not None
             else math.ceil(cfg.optim.warmup_ratio * self.total_steps)
         )
         self.warmup_steps = min(warmup, self.total_steps)
+        # The LR schedule's parameters, saved in checkpoints (a resumed run whose length changed
+        # continues the decay from where it was; see _restore_lr_schedule).
+        self.lr_schedule = {
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "schedule": cfg.optim.schedule,
+            "decay_start": None,
+        }
         params = [p for p in policy.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("model: no trainable parameters (everything is frozen)")
@@ -369,12 +512,7 @@ class Trainer:
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
         )
-        self.scheduler = linear_warmup_schedule(
-            self.optimizer,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            schedule=cfg.optim.schedule,
-        )
+        self.scheduler = linear_warmup_schedule(self.optimizer, **self.lr_schedule)
         self.engine = None
         if self.use_deepspeed:
             import deepspeed
@@ -409,6 +547,9 @@ class Trainer:
                 self.warmup_steps,
                 self.dist.world_size,
                 f", DeepSpeed ZeRO-{_zero_stage(self.ds_config)}" if self.use_deepspeed else "",
+            )
+            logger.info(
+                "will run %s", describe_training_length(cfg, self.plan.steps_per_epoch, self.total_steps)
             )
         self._is_setup = True
         return self
@@ -517,7 +658,7 @@ class Trainer:
     # -- reference log-probs cache ---------------------------------------------------------------
 
     def _reference_cache(self) -> torch.Tensor | None:
-        """(N, 2) reference log-probs [chosen, rejected] per pair, computed once and cached."""
+        """(N, 2) summed reference log-probs [chosen, rejected] per pair, computed once and cached."""
         cfg = self.config
         if not (cfg.loss.needs_reference and cfg.loss.reference.precompute):
             return None
@@ -529,7 +670,7 @@ class Trainer:
                 "data": self.dataset.fingerprint(),
                 "model": self.model_source,
                 "seed": cfg.train.seed if cfg.model.name_or_path is None else None,
-                "average": self.objective.reference_average,
+                "ref_logps": "sum",  # per-row summed log-probs (a cache of per-token means is recomputed)
                 "impl": cfg.loss.impl,
                 "max_length": cfg.data.max_length,
                 "reference": cfg.loss.reference.name_or_path,
@@ -598,14 +739,43 @@ class Trainer:
             "data_fingerprint": self.dataset.fingerprint(),
             "deepspeed": self.use_deepspeed,
             "counters": counters,
+            "lr_schedule": dict(self.lr_schedule),
             "config": config_to_dict(self.config),
         }
 
     def save_checkpoint(self, step: int, counters: dict) -> Path:
-        """Write an atomic checkpoint of the current state (collective under DeepSpeed)."""
+        """Write an atomic checkpoint of the current state (collective under DeepSpeed).
+
+        When writing fails (a full disk, an unwritable directory; or a second Ctrl-C, which raises
+        KeyboardInterrupt) the partial temp directory is removed and the previous checkpoint stays the
+        latest; an ``OSError`` becomes a ``CheckpointError`` that says so."""
+        tmp = ckpt.checkpoint_root(self.output_dir) / f".tmp-{ckpt.step_dir_name(step)}"
+        try:
+            return self._write_checkpoint(tmp, step, counters)
+        except BaseException as exc:
+            if self.dist.is_main:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise ckpt.CheckpointError(self._save_failure_message(step, exc)) from exc
+            raise
+
+    def _save_failure_message(self, step: int, exc: OSError) -> str:
+        where = f" ({exc.filename})" if exc.filename else ""
+        try:
+            previous = ckpt.find_checkpoint("auto", self.output_dir)
+        except (ckpt.CheckpointError, OSError):
+            previous = None
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        return (
+            f"cannot save the step-{step} checkpoint in {ckpt.checkpoint_root(self.output_dir)}: "
+            f"{exc.strerror or exc}{where}; {kept}"
+        )
+
+    def _write_checkpoint(self, tmp: Path, step: int, counters: dict) -> Path:
         from safetensors.torch import save_file
 
-        tmp = ckpt.checkpoint_root(self.output_dir) / f".tmp-{ckpt.step_dir_name(step)}"
         if self.dist.is_main:
             tmp = ckpt.temp_checkpoint_dir(self.output_dir, step)
         self.dist.barrier()
@@ -649,12 +819,17 @@ class Trainer:
             mismatches.append(
                 f"pairs per optimizer step {state['pairs_per_step']} -> {self.plan.pairs_per_step}"
             )
-        if state["data_fingerprint"] != self.dataset.fingerprint():
-            mismatches.append("the training data or its tokenization changed")
         if state["deepspeed"] != self.use_deepspeed:
             mismatches.append("DeepSpeed on/off changed")
         if mismatches:
             raise ckpt.CheckpointError(f"{path}: cannot resume exactly: " + "; ".join(mismatches))
+        changes = self._check_resume_config(path, state)
+        if state["data_fingerprint"] != self.dataset.fingerprint():
+            what = "the training data or its tokenization changed"
+            if not any(key.startswith(("data.", "model.")) for key, _, _ in changes):
+                raise ckpt.CheckpointError(f"{path}: cannot resume exactly: {what}")
+            if self.dist.is_main:
+                logger.warning("%s: %s (data/model config changes allowed)", path, what)
         if self.engine is not None:
             load_path, _ = self.engine.load_checkpoint(
                 str(path / "deepspeed"),
@@ -681,7 +856,66 @@ class Trainer:
                     params[name].copy_(tensor)
             self.optimizer.load_state_dict(ckpt.load_torch_state(path / "optimizer.pt", self.dist.device))
             self.scheduler.load_state_dict(ckpt.load_torch_state(path / "scheduler.pt"))
+        self._restore_lr_schedule(state, changes)
         return state
+
+    def _check_resume_config(self, path: Path, state: dict) -> list[tuple[str, Any, Any]]:
+        """Compare the config with the one saved in the checkpoint: changes other than free ones
+        (output/logging/saving cadence), an extension of the run, or the keys named in
+        ``checkpoint.resume_allow_changes`` are refused with the diff. Returns every change."""
+        old = state.get("config")
+        if not isinstance(old, dict):
+            return []
+        new = json.loads(json.dumps(config_to_dict(self.config)))
+        allowed = self.config.checkpoint.resume_allow_changes
+        extends = self.total_steps >= state["total_steps"]
+        refused = unexpected_resume_changes(old, new, allowed, extends_run=extends)
+        if refused:
+            raise ckpt.CheckpointError(
+                f"{path}: the config differs from the checkpoint's: "
+                + "; ".join(format_change(c) for c in refused)
+                + ". To resume with these changes, pass --resume-allow-changes "
+                + ",".join(c[0] for c in refused)
+                + " (checkpoint.resume_allow_changes); to extend the run, raise only train.max_steps "
+                "or train.epochs"
+            )
+        accepted = unexpected_resume_changes(old, new, [], extends_run=False)
+        if accepted and self.dist.is_main:
+            logger.warning("resuming with config changes: %s", "; ".join(format_change(c) for c in accepted))
+        return config_changes(old, new)
+
+    def _restore_lr_schedule(self, state: dict, changes: list[tuple[str, Any, Any]]) -> None:
+        """Re-create the checkpoint's LR schedule (its parameters are in the trainer state) for the
+        run's possibly new length, and apply the configured LR and AdamW settings (the optimizer and
+        scheduler states just loaded carry the checkpoint's)."""
+        changed = {key for key, _, _ in changes}
+        old = state.get("lr_schedule") or dict(self.lr_schedule, total_steps=state["total_steps"])
+        if changed & {"optim.warmup_steps", "optim.warmup_ratio", "optim.schedule"}:
+            params = dict(self.lr_schedule)  # a different schedule, asked for explicitly: as configured
+        else:
+            params = dict(
+                old, total_steps=self.total_steps, warmup_steps=min(old["warmup_steps"], self.total_steps)
+            )
+            if self.total_steps != old["total_steps"] and old["schedule"] == "linear":
+                params["decay_start"] = continued_decay_start(old, state["step"])
+        self.lr_schedule = params
+        factor = lr_factor(**params)
+        scheduler = self.scheduler
+        cfg = self.config.optim
+        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
+        scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
+        # The LR of the step about to be taken, computed as LambdaLR does (the same bits when nothing
+        # changed).
+        lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+        for index, (group, lr) in enumerate(zip(scheduler.optimizer.param_groups, lrs)):
+            group["lr"] = lr
+            group["initial_lr"] = cfg.lr
+            if changed & {"optim.betas", "optim.eps", "optim.weight_decay"}:
+                group["betas"] = tuple(cfg.betas)
+                group["eps"] = cfg.eps
+                if index == 0:  # the decayed group (see _param_groups)
+                    group["weight_decay"] = cfg.weight_decay
+        scheduler._last_lr = lrs
 
     def _cpu_state_dict(self, policy) -> dict[str, torch.Tensor]:
         """The policy's state dict on CPU (rank 0; empty elsewhere). Under ZeRO-3 each partitioned
@@ -708,22 +942,60 @@ class Trainer:
 
     def export_model(self, directory: Path) -> Path:
         """Save the trained policy (LoRA adapter or full model, safetensors) and tokenizer/processor,
-        atomically (temp directory + rename)."""
+        atomically (temp directory + rename; on a failed write the temp directory is removed)."""
         import shutil
 
         policy = self.objective.policy
         state = self._cpu_state_dict(policy)
         if self.dist.is_main:
             tmp = directory.with_name(f".{directory.name}.tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            policy.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-            (self.processor or self.tokenizer).save_pretrained(str(tmp))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                policy.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+                (self.processor or self.tokenizer).save_pretrained(str(tmp))
+                if directory.exists():
+                    shutil.rmtree(directory)
+                os.replace(tmp, directory)
+            except BaseException as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(exc, OSError):
+                    raise ckpt.CheckpointError(
+                        f"cannot export the final model to {directory}: {exc.strerror or exc}; "
+                        "the last checkpoint is intact"
+                    ) from exc
+                raise
         self.dist.barrier()
         return directory
+
+    # -- output directory lock ---------------------------------------------------------------------
+
+    def acquire_run_lock(self) -> None:
+        """Create the output directory and take its run lock (``<output_dir>/.lock``, rank 0 only;
+        every rank learns the outcome, so a refused run stops on all ranks at once)."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                if self._run_lock is None:
+                    self._run_lock = RunDirLock(self.output_dir)
+                self._run_lock.acquire()
+            except RunLockError as exc:
+                error = ("lock", str(exc))
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                error = (
+                    "config",
+                    f"checkpoint.output_dir: cannot create or write {self.output_dir}: {reason}",
+                )
+        error = self.dist.broadcast_object(error)
+        if error is not None:
+            kind, message = error
+            raise RunLockError(message) if kind == "lock" else ConfigError(message)
+
+    def release_run_lock(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.release()
 
     # -- signals -----------------------------------------------------------------------------------
 
@@ -732,19 +1004,32 @@ class Trainer:
         self._stop_requested = True
 
     @contextlib.contextmanager
-    def _sigterm_handler(self):
+    def _stop_signal_handlers(self):
+        """SIGTERM and SIGINT (Ctrl-C): finish the current optimizer step, save a checkpoint, stop. A
+        second Ctrl-C raises KeyboardInterrupt at once, even while saving: the save is abandoned (its
+        temp directory removed) and the previous checkpoint stays the latest."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT and self._stop_requested:
+                raise KeyboardInterrupt
+            if not self._stop_requested and self.dist.is_main:
+                again = " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else ""
+                _write_stderr(
+                    f"\n{name}: stopping after this optimizer step, then saving a checkpoint{again}\n"
+                )
             self._stop_requested = True
+            self._stop_signal = self._stop_signal or name
 
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -762,7 +1047,31 @@ class Trainer:
         self.engine.backward(zero)
 
     def train(self) -> TrainResult:
+        """Train (setting up first if needed) while holding the output directory's run lock."""
         self.setup()
+        self.acquire_run_lock()  # a no-op after setup; again after an earlier train() released it
+        try:
+            return self._train()
+        finally:
+            self.release_run_lock()
+
+    def _find_resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from (rank 0 verifies the manifests and tells the other ranks)."""
+        resume = self.config.checkpoint.resume
+        if not resume:
+            return None
+        found = error = None
+        if self.dist.is_main:
+            try:
+                found = ckpt.find_resume_checkpoint(resume, self.output_dir)
+            except ckpt.CheckpointError as exc:
+                error = str(exc)
+        found, error = self.dist.broadcast_object((found, error))
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        return found
+
+    def _train(self) -> TrainResult:
         cfg = self.config
         dist = self.dist
         metrics_path = self.output_dir / cfg.logging.metrics_file
@@ -778,9 +1087,7 @@ class Trainer:
             "truncated_rows_seen": 0,
             "tokens_cut_seen": 0,
         }
-        resume_from = None
-        if cfg.checkpoint.resume:
-            resume_from = ckpt.find_checkpoint(cfg.checkpoint.resume, self.output_dir)
+        resume_from = self._find_resume_checkpoint()
         if resume_from is not None:
             state = self._load_checkpoint(resume_from)
             start_step = state["step"]
@@ -816,7 +1123,7 @@ class Trainer:
         spe = self.plan.steps_per_epoch
         step = start_step
         with contextlib.ExitStack() as stack:
-            stack.enter_context(self._sigterm_handler())
+            stack.enter_context(self._stop_signal_handlers())
             if progress is not None:
                 stack.callback(progress.close)
             metrics_handle = (
@@ -854,7 +1161,12 @@ class Trainer:
                     last_checkpoint = self.save_checkpoint(step, dict(counters))
                     interrupted = True
                     if dist.is_main:
-                        logger.warning("SIGTERM: saved %s at step %d; stopping", last_checkpoint, step)
+                        logger.warning(
+                            "%s: saved %s at step %d; stopping",
+                            self._stop_signal or "stop requested",
+                            last_checkpoint,
+                            step,
+                        )
                     break
                 save_every = cfg.checkpoint.save_every
                 if save_every and step % save_every == 0 and step < self.total_steps:
@@ -887,6 +1199,7 @@ class Trainer:
             interrupted=interrupted,
             history=history,
             summary=summary,
+            stop_signal=self._stop_signal if interrupted else None,
         )
 
     def _prepare_fresh_output(self, metrics_path: Path) -> None:

@@ -80,7 +80,12 @@ def test_yaml_float_without_dot_is_accepted(tmp_path):
         ({"model": {"tiny": {"hiden_size": 8}}}, "did you mean 'model.tiny.hidden_size'?"),
         ({"train": {"seed": 1.5}}, "train.seed: expected an integer"),
         ({"lora": {"enabled": "yes"}}, "lora.enabled: expected true or false"),
-        ({"loss": {"name": "dpoo"}}, "loss.name: must be one of"),
+        ({"loss": {"name": "dpoo"}}, "loss.name: unknown preference loss 'dpoo'"),
+        ({"loss": {"name": "dpoo"}}, "did you mean 'dpo'?"),
+        ({"loss": {"name": "simpo", "beta": 0}}, "loss.beta: must be > 0, got 0"),
+        ({"loss": {"name": "cpo", "nll_reduction": "mean"}}, "loss.nll_reduction: must be one of"),
+        ({"loss": {"name": "cpo", "average": 1}}, "loss.average: expected true or false"),
+        ({"loss": {"name": "dpo", "label_smoothing": 0.1}}, "is cdpo_smoothing="),
         ({"loss": {"tau": 0.1}}, "loss.tau: does not apply to loss 'synpo'"),
         ({"loss": {"name": "simpo", "reference": {"precompute": True}}}, "is reference-free"),
         ({"loss": {"name": "dpo", "reference": {"mode": "adapter_disabled"}}}, "needs lora.enabled"),
@@ -111,6 +116,14 @@ def test_loss_options_are_passed_only_when_set():
     cfg = config_from_dict({"loss": {"name": "dpo", "beta": 0.5}})
     assert cfg.loss.options() == {"beta": 0.5}
     assert cfg.loss.needs_reference
+    flat = {"loss": {"name": "cpo", "nll_reduction": "per_row", "label_smoothing": 0.1, "beta": None}}
+    cfg = config_from_dict(flat)
+    assert cfg.loss.options() == {"nll_reduction": "per_row", "label_smoothing": 0.1}
+    assert not cfg.loss.needs_reference
+    assert config_from_dict(config_to_dict(cfg)) == cfg  # hyper-parameters round-trip, written flat
+    assert config_to_dict(cfg)["loss"]["nll_reduction"] == "per_row"
+    cfg = load_config(None, ["--loss.name", "simpo", "--loss.gamma", "1", "--loss.nll_reduction", "pooled"])
+    assert cfg.loss.options() == {"gamma": 1.0, "nll_reduction": "pooled"}
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
@@ -163,3 +176,39 @@ def test_cli_accepts_resume_flag_forms(capsys):
     assert json.loads(capsys.readouterr().out)["checkpoint"]["resume"] == "auto"
     assert main(["train", "--print-config", "--resume", "runs/x", "--local_rank=0"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"]["resume"] == "runs/x"
+
+
+def test_resume_config_diff_names_changed_keys_and_honours_allowed_ones():
+    from synpo.config import config_changes, format_change, unexpected_resume_changes
+
+    def as_saved(config):  # as a checkpoint stores it (JSON)
+        return json.loads(json.dumps(config_to_dict(config)))
+
+    old = as_saved(load_config())
+    new = as_saved(
+        load_config(
+            None,
+            {"optim.lr": 2e-5, "train.max_steps": 99, "logging.log_every": 5, "checkpoint.save_every": 3},
+        )
+    )
+    shown = [format_change(c) for c in config_changes(old, new)]
+    assert shown == [
+        "checkpoint.save_every: 10 -> 3",
+        "logging.log_every: 1 -> 5",
+        "optim.lr: 0.002 -> 2e-05",
+        "train.max_steps: null -> 99",
+    ]
+    refused = unexpected_resume_changes(old, new, [], extends_run=True)  # saving/logging are free
+    assert [format_change(c) for c in refused] == ["optim.lr: 0.002 -> 2e-05"]
+    refused = unexpected_resume_changes(old, new, ["optim"], extends_run=False)  # a section allows its keys
+    assert [format_change(c) for c in refused] == ["train.max_steps: null -> 99"]  # a shorter run is refused
+    with pytest.raises(ConfigError, match=r"'optim\.lrr' is not a config key; did you mean 'optim\.lr'"):
+        unexpected_resume_changes(old, new, ["optim.lrr"], extends_run=True)
+
+
+def test_cli_resume_allow_changes_flag(capsys):
+    from synpo.cli import main
+
+    assert main(["train", "--print-config", "--resume-allow-changes", "optim.lr, train.seed"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["checkpoint"]["resume_allow_changes"] == ["optim.lr", "train.seed"]

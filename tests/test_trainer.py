@@ -149,6 +149,20 @@ def test_dpo_with_a_frozen_copy_and_cached_reference(tmp_path):
     assert losses(again) == losses(cached)
 
 
+def test_ipo_cached_reference_holds_sums(tmp_path):
+    """Reference log-probs are per-row sums for every loss (TRL's convention); IPO divides by the
+    token counts itself: policy == reference gives h = 0 and the loss (0 - 1/(2 tau))^2 = 25."""
+    config = base_config(tmp_path / "ipo", loss={"name": "ipo"})
+    config["loss"]["reference"] = {"precompute": True, "cache_file": str(tmp_path / "ref.safetensors")}
+    config["train"]["max_steps"] = 1
+    result = Trainer(config).train()
+    assert result.history[0]["loss"] == pytest.approx(25.0, abs=1e-3)
+    assert result.history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    values = load_file(str(tmp_path / "ref.safetensors"))["ref_logps"]
+    # Sums over several response tokens, not per-token means (those are > -log(vocab) here).
+    assert values.max() < 2 * result.history[0]["chosen_logps"]
+
+
 def test_dpo_with_lora_disabled_reference_fused_and_naive(tmp_path):
     results = {}
     for impl in ("fused", "naive"):
@@ -235,6 +249,8 @@ def test_configuration_errors(tmp_path, monkeypatch):
 
 
 def test_linear_warmup_schedule_matches_transformers():
+    # transformers after warmup; during warmup (step + 1) / warmup_steps, so the first step trains
+    # (transformers gives it lr 0).
     from transformers import get_linear_schedule_with_warmup
 
     for warmup in (0, 3):
@@ -242,8 +258,11 @@ def test_linear_warmup_schedule_matches_transformers():
         ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         ours = linear_warmup_schedule(ours_opt, total_steps=10, warmup_steps=warmup)
         ref = get_linear_schedule_with_warmup(ref_opt, num_warmup_steps=warmup, num_training_steps=10)
-        for _ in range(10):
-            assert ours.get_last_lr() == pytest.approx(ref.get_last_lr())
+        for step in range(10):
+            if step < warmup:
+                assert ours.get_last_lr() == pytest.approx([(step + 1) / warmup])
+            else:
+                assert ours.get_last_lr() == pytest.approx(ref.get_last_lr())
             ours_opt.step()
             ref_opt.step()
             ours.step()

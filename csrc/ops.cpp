@@ -1,20 +1,12 @@
-// Op schemas of torch.ops.synpo_kernels.* and the Python module synpo_kernels._C.
+// The Python module synpo_kernels._C.
 //
-// Kernels register per device in their own files (TORCH_LIBRARY_IMPL ... CPU / CUDA); fake kernels
-// and autograd are registered from Python (synpo_kernels/ops/token_logprobs.py).
+// The op schemas of torch.ops.synpo_kernels.* are defined once, in Python
+// (synpo_kernels/ops/schemas.py, run before this module is loaded). The C++ sources only register
+// kernels for them, per device, in their own files (TORCH_LIBRARY_IMPL ... CPU in
+// token_logprobs_cpu.cpp, CUDA in token_logprobs_cuda.cpp); fake kernels and autograd are
+// registered from Python (synpo_kernels/ops/token_logprobs.py).
 
 #include <torch/extension.h>
-#include <torch/library.h>
-
-TORCH_LIBRARY(synpo_kernels, m) {
-  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
-  m.def(
-      "token_logprobs_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index) "
-      "-> Tensor");
-  m.def(
-      "token_logprobs_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, int ignore_index) "
-      "-> ()");
-}
 
 namespace {
 

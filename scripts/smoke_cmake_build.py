@@ -1,7 +1,9 @@
 """Load a CMake-built synpo_kernels _C module on its own and check its ops against PyTorch.
 
 Usage: python scripts/smoke_cmake_build.py build/cmake/_C.cpython-*.so [--expect-cuda]
-Run in a process that has not imported synpo_kernels (both would register the same op library).
+Run in a process that has not imported synpo_kernels (both would register kernels for the same ops).
+The module only registers kernels: the op schemas are defined in Python, so this script first loads
+``synpo_kernels/ops/schemas.py`` by its path (it imports nothing but torch), then the module.
 With --expect-cuda (a CUDA build checked on a machine without a GPU), it also requires the CUDA
 kernels to be compiled in and registered for the CUDA dispatch key of every op.
 """
@@ -10,8 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import torch
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "synpo_kernels" / "ops" / "schemas.py"
 
 OPS = ("token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_")
 
@@ -21,10 +26,16 @@ def cuda_registered(op: str) -> bool:
     return any(line.startswith("CUDA:") for line in dump.splitlines())
 
 
-def main(path: str, expect_cuda: bool = False) -> int:
-    spec = importlib.util.spec_from_file_location("_C", path)
+def load_file(name: str, path) -> object:
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def main(path: str, expect_cuda: bool = False) -> int:
+    load_file("synpo_kernels_schemas", SCHEMAS)  # the schemas first: the module registers kernels only
+    module = load_file("_C", path)
     logits = torch.randn(64, 70001) * 3
     labels = torch.randint(0, 70001, (64,))
     labels[::5] = -100

@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import warnings
 
+# The op schemas are defined in Python (torch first: the extension links against libtorch), before
+# the extension, which only registers its kernels for them, is loaded.
+import synpo_kernels.ops.schemas  # noqa: F401
+
 HAS_CPP_EXT = False
 HAS_CUDA_KERNELS = False
 EXT_IMPORT_ERROR: str | None = None
@@ -19,8 +23,6 @@ if os.environ.get("SYNPO_DISABLE_CPP_EXT", "0") == "1":
     EXT_IMPORT_ERROR = "disabled by SYNPO_DISABLE_CPP_EXT=1"
 else:
     try:
-        import torch  # noqa: F401  (the extension links against libtorch; load it first)
-
         from synpo_kernels import _C  # type: ignore[attr-defined,no-redef]
 
         HAS_CPP_EXT = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -56,19 +58,28 @@ def check_pairs(name: str, rows: int) -> None:
         )
 
 
-def check_nonempty_rows(name: str, counts: torch.Tensor) -> None:
-    """Every row of a length-normalized loss needs at least one response token.
+def check_nonempty_rows(
+    name: str, counts: torch.Tensor, reason: str | Callable[[list[int]], str] | None = None
+) -> None:
+    """Every row needs at least one response token.
 
-    Skipped while torch.compile traces (data-dependent): the loss is then NaN for such a row.
+    ``reason`` says why an empty row is a problem for the caller (a string, or a function of the
+    empty rows' indices, evaluated only when there are some); the default is the length-normalized
+    mean's. Skipped while torch.compile traces (data-dependent): the result is then NaN for such a
+    row where it divides by the row's length.
     """
     if torch.compiler.is_compiling():
         return
     empty = counts == 0
     if bool(empty.any()):
         rows = torch.nonzero(empty).flatten().tolist()[:8]
+        if reason is None:
+            why = "their length-normalized log-prob (a mean over no tokens) is undefined"
+        else:
+            why = reason(rows) if callable(reason) else reason
         raise ValueError(
             f"{name}: row(s) {rows} have no response tokens (every label is ignore_index after the "
-            "shift), so their length-normalized log-prob is undefined"
+            f"shift), so {why}"
         )
 
 

@@ -158,7 +158,22 @@ class LossContext:
     ref_l: torch.Tensor | None = None
 
 
-Formula = Callable[[Any, Any, types.SimpleNamespace, LossContext], torch.Tensor]
+class Options:
+    """A loss's resolved options as attributes (``o.beta``), what a :data:`Formula` receives.
+
+    A plain class rather than ``types.SimpleNamespace`` so that ``torch.compile`` traces the formulas
+    (Dynamo does not trace ``SimpleNamespace``'s constructor).
+    """
+
+    def __init__(self, options: Mapping[str, Any]):
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"Options({vars(self)})"
+
+
+Formula = Callable[[Any, Any, Options, LossContext], torch.Tensor]
 """``(chosen, rejected, options, context) -> (P,)``; chosen/rejected are RowStats of the pairs' rows."""
 
 
@@ -215,7 +230,7 @@ class LossDef:
             ref = ref_logps.to(stats.sum_logp.dtype)
             half = chosen.count.shape[0]
             context = LossContext(context.num_pairs, context.chosen_tokens, ref[:half], ref[half:])
-        return fn(chosen, rejected, types.SimpleNamespace(**options), context)
+        return fn(chosen, rejected, Options(options), context)
 
     def pair_losses(self, stats, options, ref_logps=None, context=None) -> torch.Tensor:
         """Per-pair losses ``(P,)`` of a ``[chosen; rejected]`` block, ``options`` already resolved.
@@ -305,7 +320,7 @@ def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
     return mean_logp - log1mexp
 
 
-def chosen_nll(chosen, o: types.SimpleNamespace, ctx: LossContext) -> torch.Tensor:
+def chosen_nll(chosen, o: Options, ctx: LossContext) -> torch.Tensor:
     """Per-pair share of the NLL of the chosen rows: pooled (``-s_w * B / N_w``) or per-row mean."""
     if o.nll_reduction == "per_row":
         return -chosen.mean_logp

@@ -25,6 +25,10 @@ tensor options (``ref_logps``) travel next to it and are sliced along with the p
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,6 +43,7 @@ __all__ = [
     "PreferenceStats",
     "batch_context",
     "check_tensor_options",
+    "empty_row_reason",
     "loss_coefficients",
     "loss_spec",
     "make_loss_spec",
@@ -158,16 +163,84 @@ def loss_coefficients(
     per-token log-prob gradient of row ``r`` is then ``a[r] + b[r] * p_t``.
     """
     out_dtype = sum_logp.dtype
-    with torch.enable_grad():
-        sl = sum_logp.detach().to(torch.float64).requires_grad_(True)
-        sp = sum_p.detach().to(torch.float64).requires_grad_(True)
+    with _autograd_enabled():
+        sl = sum_logp.detach().to(torch.float64).clone().requires_grad_(True)
+        sp = sum_p.detach().to(torch.float64).clone().requires_grad_(True)
         detached = {k: v.detach().to(torch.float64) for k, v in tensors.items()}
-        stats = RowStats(sl, sp, count.to(torch.float64))
+        stats = RowStats(sl, sp, count.detach().to(torch.float64))
         losses = pair_losses(stats, spec, detached, context)
         grad_a, grad_b = torch.autograd.grad(losses.sum() * scale, (sl, sp), allow_unused=True)
     a = torch.zeros_like(sl) if grad_a is None else grad_a
     b = torch.zeros_like(sp) if grad_b is None else grad_b
     return losses.detach().to(out_dtype), a.to(out_dtype), b.to(out_dtype)
+
+
+_AUTOGRAD_KEYS = functools.reduce(
+    operator.or_,
+    (
+        torch._C.DispatchKeySet(key)
+        for key in (
+            torch._C.DispatchKey.AutogradFunctionality,
+            torch._C.DispatchKey.AutogradOther,
+            torch._C.DispatchKey.AutogradNestedTensor,
+            torch._C.DispatchKey.ADInplaceOrView,
+        )
+    ),
+)
+
+
+@contextlib.contextmanager
+def _autograd_enabled():
+    """Autograd on, for :func:`loss_coefficients`' few float64 scalars, wherever it is called from.
+
+    The fused ops call it inside their ``torch.library.custom_op`` implementations, which run below
+    the autograd dispatch keys (and, in a compiled graph, with more keys excluded): there, autograd
+    records nothing, ``torch.func.grad`` fails (and refuses saved-tensor hooks such as the caller's
+    ``save_on_cpu``), and forward-mode AD fails too. So the autograd keys are taken off the
+    thread-local exclude set for this block (the other dispatch state is kept), grad mode is on and
+    inference mode off. Nothing computed here leaves the block with a graph.
+    """
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    with (
+        torch._C._ForceDispatchKeyGuard(include, exclude - _AUTOGRAD_KEYS),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
+        yield
+
+
+def empty_row_reason(spec: LossSpec, num_pairs: int) -> Callable[[list[int]], str]:
+    """Why rows with no response token make a batch invalid for this loss (the error message's end).
+
+    Whether the loss divides a row's log-prob by its token count is read off the formula itself: it
+    is evaluated (float64, a few scalars) on a batch whose first pair has the statistics of empty
+    rows (sum logp = sum p = count = 0); a length-normalized loss gives 0/0 = NaN there.
+    """
+
+    def reason(rows: list[int]) -> str:
+        where = ", ".join(
+            f"row {r} = {'chosen' if r < num_pairs else 'rejected'} row of pair {r % num_pairs}" for r in rows
+        )
+        f64 = torch.float64
+        probe = RowStats(
+            torch.tensor([0.0, -1.0, 0.0, -2.0], dtype=f64),
+            torch.tensor([0.0, 0.5, 0.0, 0.25], dtype=f64),
+            torch.tensor([0.0, 2.0, 0.0, 2.0], dtype=f64),
+        )
+        refs = {REFERENCE_OPTION: torch.full((4,), -1.5, dtype=f64)} if spec.tensor_options else {}
+        if not bool(torch.isfinite(pair_losses(probe, spec, refs)).all()):
+            return (
+                f"their length-normalized log-prob, which loss {spec.name!r} uses, is a mean over no "
+                f"tokens (0/0) and undefined ({where})"
+            )
+        return (
+            f"they are not valid preference pairs ({where}): loss {spec.name!r} compares summed "
+            "log-probs, and an empty response has a sum of 0 and no gradient, so there is no response "
+            "to prefer or reject"
+        )
+
+    return reason
 
 
 def reward_margin(

@@ -29,31 +29,48 @@ Design (both fused linear ops, every device):
   in the weight's dtype with ``addmm_`` (one rounding per chunk; no extra ``V x D`` buffer).
   ``"auto"`` = fp32 when the weight is fp32/fp64 (then it *is* native) or when the fp32 buffer is at
   most 1 GiB, native otherwise (at V=152064, D=4096 the fp32 buffer would be 2.5 GB).
-- **torch.compile.** The Triton row passes are ``torch.library.triton_op``s (traceable). The fused
-  autograd Functions plan their chunks on the host from data-dependent token counts, so a compiled
-  region graph-breaks at the loss call; the model's forward compiles as usual.
+- **One opaque custom op per fused op.** Each fused op is a ``torch.library.custom_op``
+  (``synpo_kernels::fused_linear_preference_loss``; ``fused_linear_token_logprobs`` and its backward
+  ``fused_linear_token_logprobs_bwd``) with a fake kernel giving its output shapes and an autograd
+  formula (``register_autograd``). ``torch.compile(fullgraph=True)`` therefore never traces the chunk
+  plan (host-side, from data-dependent token counts): the op is one node of the graph, and its
+  implementation runs the chunk loop eagerly, calling the C++ token ops or the Triton ``triton_op``s.
+  Every non-tensor option of a call is one frozen :class:`FusedLinearParams` (as Cut Cross-Entropy's
+  ``CCEParams``), passed to the op as one string argument (:meth:`FusedLinearParams.encode`, a
+  ``repr`` that Dynamo folds to a constant; decoded once per distinct value).
+- **Autograd.** Gradients are stored through ``ctx.save_for_backward`` (saved-tensor hooks such as
+  ``torch.autograd.graph.save_on_cpu`` see them) and never modified in place, so a graph kept with
+  ``retain_graph=True`` can be differentiated again with the same result. Second-order gradients
+  through the fused ops raise ``RuntimeError`` (their gradients are computed by the kernels, not by
+  differentiable operations); the logits ops (``token_logprobs`` and what builds on it) support them.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
+from synpo_kernels.losses import LossSpec
 from synpo_kernels.ops import fused_linear_kernels as K
 from synpo_kernels.ops.token_logprobs import accumulation_dtype, shift_and_flatten_labels
 
 __all__ = [
     "IMPLS",
     "FusedLinearConfig",
+    "FusedLinearParams",
     "GradBuffers",
     "acc_weight_dtype",
     "chunk_rows",
     "compact_tokens",
+    "double_backward_error",
     "get_backend",
     "resolve_impl",
+    "scaled_gradient",
 ]
 
 IMPLS = ("auto", "torch", "triton")
@@ -92,6 +109,72 @@ class FusedLinearConfig:
                 f"weight_grad_accumulation: expected one of {ACCUMULATIONS}, "
                 f"got {self.weight_grad_accumulation!r}"
             )
+
+
+@dataclass(frozen=True)
+class FusedLinearParams:
+    """Every non-tensor option of one fused linear op call (Cut Cross-Entropy's ``CCEParams``).
+
+    - ``ignore_index``, ``shift``: label conventions (Hugging Face ``-100``, shift by one).
+    - ``config``: the user's execution options; ``impl``: the backend resolved for the call's
+      device (``"torch"`` or ``"triton"``, :func:`resolve_impl`).
+    - ``spec``: the preference loss and its options (``None`` for the token op).
+    - ``grad_hidden`` / ``grad_weight`` / ``grad_bias``: which gradients to compute (the preference
+      op in its forward, the token op's backward op in its backward); ``False`` under
+      ``torch.no_grad()`` or for a frozen tensor.
+
+    A custom op takes no dataclass, so it is passed as the string :meth:`encode` makes (a ``repr`` of
+    primitives, which Dynamo constant-folds) and read back by :meth:`decode` (cached).
+    """
+
+    ignore_index: int
+    shift: bool
+    config: FusedLinearConfig
+    impl: str
+    spec: LossSpec | None = None
+    grad_hidden: bool = False
+    grad_weight: bool = False
+    grad_bias: bool = False
+
+    def encode(self) -> str:
+        c, spec = self.config, self.spec
+        spec_args = None if spec is None else (spec.name, spec.options, spec.tensor_options)
+        return repr(
+            (
+                self.ignore_index, self.shift, c.impl, c.chunk_bytes, c.weight_grad_accumulation,
+                self.impl, spec_args, self.grad_hidden, self.grad_weight, self.grad_bias,
+            )
+        )  # fmt: skip
+
+    @staticmethod
+    def decode(text: str) -> FusedLinearParams:
+        return _decode_params(text)
+
+
+@functools.lru_cache(maxsize=512)
+def _decode_params(text: str) -> FusedLinearParams:
+    ignore_index, shift, impl_opt, chunk_bytes, accumulation, impl, spec, gh, gw, gb = ast.literal_eval(text)
+    return FusedLinearParams(
+        ignore_index, shift, FusedLinearConfig(impl_opt, chunk_bytes, accumulation), impl,
+        None if spec is None else LossSpec(*spec), gh, gw, gb,
+    )  # fmt: skip
+
+
+def scaled_gradient(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``src * scale`` as a new tensor of ``dtype``, computed in ``src``'s precision and rounded once;
+    ``src`` (a gradient kept for the backward) is never modified."""
+    if src.dtype == dtype:
+        return src * scale.to(dtype)
+    return torch.mul(src, scale, out=torch.empty_like(src, dtype=dtype))
+
+
+def double_backward_error(op: str, alternative: str) -> RuntimeError:
+    """The error of a second-order gradient through a fused linear op."""
+    return RuntimeError(
+        f"double backward through {op} is not supported: its gradients are computed by the fused "
+        f"kernels, not by differentiable operations, so a second-order gradient through it would be "
+        f"silently wrong. Use {alternative} on full logits (F.linear) for higher-order gradients."
+    )
 
 
 def resolve_impl(impl: str | None, device: torch.device) -> str:
@@ -252,14 +335,15 @@ class GradBuffers:
     ``w_acc`` dtype; the bias gradient in the accumulation dtype (fp32; fp64 for fp64).
     """
 
-    def __init__(self, n_tokens, hidden, weight, bias, need_h, need_w, need_b, w_acc):
+    def __init__(self, n_tokens, hidden, weight, bias, need_h, need_w, need_b, w_acc, full=None):
         dim, vocab = weight.shape[1], weight.shape[0]
         dev = weight.device
         self.weight = weight
         n_total = hidden.numel() // max(dim, 1)
         # Most rows scored (plain LM batches): write straight into the full-size gradient instead of
-        # keeping a compact copy as large as it.
-        self.full = need_h and 2 * n_tokens >= n_total
+        # keeping a compact copy as large as it. ``full=True`` forces it (a gradient that outlives
+        # the call as an op output).
+        self.full = need_h and (2 * n_tokens >= n_total if full is None else full)
         self.h = None
         if need_h:
             shape = (n_total, dim) if self.full else (n_tokens, dim)
@@ -284,26 +368,24 @@ class GradBuffers:
         if self.w is not None:
             backend.wgrad_(self.w, dlogits, h_c)
 
-    def finish(self, grad_output, idx, hidden_shape, hidden_dtype, weight_dtype):
-        """Scale by ``grad_output`` and return ``(grad_hidden, grad_weight, grad_bias)``.
+    def finish(self, idx, hidden_shape, out_dtype=None):
+        """``(grad_hidden, grad_weight, grad_bias)``, each ``None`` when not computed.
 
-        ``grad_output`` is a 0-dim tensor (loss scaling) or ``None`` (already applied per token).
-        Each gradient is scaled in its accumulation precision and rounded once.
+        ``grad_hidden`` has ``hidden_shape`` (the compact rows scattered at ``idx``, or the full
+        buffer). ``out_dtype``: the dtype of the weight and bias gradients (rounded once from their
+        accumulation dtype); ``None`` keeps the accumulation dtype (to be scaled later, then rounded).
         """
         gh = gw = gb = None
         if self.h is not None:
             if self.full:
-                gh = self.h if grad_output is None else self.h.mul_(grad_output)
+                gh = self.h
             else:
                 gh = self.h.new_zeros((math.prod(hidden_shape[:-1]), hidden_shape[-1]))
-                src = self.h if grad_output is None else self.h * grad_output
-                gh.index_copy_(0, idx, src.to(hidden_dtype))
+                gh.index_copy_(0, idx, self.h)
             gh = gh.view(hidden_shape)
         if self.w is not None:
-            w = self.w if grad_output is None else self.w.mul_(grad_output)
-            gw = w.to(weight_dtype)
+            gw = self.w if out_dtype is None else self.w.to(out_dtype)
         if self.b is not None:
-            b = self.b if grad_output is None else self.b * grad_output
-            gb = b.to(weight_dtype)
+            gb = self.b if out_dtype is None else self.b.to(out_dtype)
         self.h = self.w = self.b = None
         return gh, gw, gb

@@ -1,7 +1,8 @@
 """Fused lm_head -> log-probs -> per-row statistics -> preference loss, gradients in the forward.
 
 Order: kernels (Triton row passes in :mod:`.fused_linear_kernels`, C++ token ops on the torch
-backend) -> launcher (pair-chunk planning and loop) -> autograd Function -> public functions ->
+backend) -> launcher (pair-chunk planning and loop) -> the op (one opaque ``torch.library.custom_op``,
+``torch.ops.synpo_kernels.fused_linear_preference_loss``: fake kernel, autograd) -> public functions ->
 ``nn.Module``s.
 
 Method. Every loss of the family (SynPO, DPO, IPO, SimPO, CPO, ORPO; :mod:`synpo_kernels.loss_registry`)
@@ -21,10 +22,12 @@ fit the chunk buffer. Per chunk, in the forward pass:
 
 Total ``6 n D V`` FLOPs (the floor), ``n`` = scored tokens only; ~``8 n V`` bytes of chunk traffic
 in bf16 (GEMM write, two row-pass reads, one write); memory = one chunk buffer + gradients. The
-gradients are kept (hidden gradient compact, ``n x D``) and scaled by the incoming scalar
-gradient in backward. Only the gradients that are needed are computed: with a frozen lm_head
-(LoRA training, as upstream SynPO) step 5's weight GEMM is skipped (``4 n D V``); under
-``torch.no_grad()`` only steps 1-3 run (``2 n D V``).
+gradients are outputs of the op (the hidden one full-size, ``hidden``'s shape, so the op's output
+shapes are static and ``torch.compile`` can hold it; the weight and bias ones in their accumulation
+dtype), saved for the backward, which returns them scaled by the incoming scalar gradient (new
+tensors: a retained graph can be differentiated again). Only the gradients that are needed are
+computed: with a frozen lm_head (LoRA training, as upstream SynPO) step 5's weight GEMM is skipped
+(``4 n D V``); under ``torch.no_grad()`` only steps 1-3 run (``2 n D V``).
 
 The buffer holds ``chunk_bytes`` of logits, grown up to ``PAIR_GROWTH`` (4) times that to fit the
 largest pair whole. A pair beyond even that is processed in sub-chunks, in two passes (statistics,
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from synpo_kernels._validation import (
     check_label_range,
@@ -44,12 +46,14 @@ from synpo_kernels._validation import (
     check_nonempty_rows,
     check_pairs,
 )
+from synpo_kernels.loss_registry import REFERENCE_OPTION
 from synpo_kernels.losses import (
     TENSOR_OPTIONS,
     LossContext,
     LossSpec,
     PreferenceStats,
     check_tensor_options,
+    empty_row_reason,
     loss_coefficients,
     loss_spec,
     make_loss_spec,
@@ -58,13 +62,16 @@ from synpo_kernels.losses import (
 )
 from synpo_kernels.ops.fused_linear_common import (
     FusedLinearConfig,
+    FusedLinearParams,
     GradBuffers,
     acc_weight_dtype,
     chunk_rows,
     compact_tokens,
+    double_backward_error,
     get_backend,
     hidden_rows,
     resolve_impl,
+    scaled_gradient,
 )
 from synpo_kernels.ops.token_logprobs import accumulation_dtype
 from synpo_kernels.reference import IGNORE_INDEX, RowStats
@@ -93,13 +100,13 @@ class _Plan:
     the chunk's pairs, then their rejected rows). ``groups``: ``(p0, p1, t0, t1)`` per chunk.
     """
 
-    def __init__(self, labels, ignore_index, shift, max_rows, growth=None):
+    def __init__(self, labels, ignore_index, shift, max_rows, growth=None, empty_reason=None):
         rows, seq = labels.shape
         self.num_pairs = pairs = rows // 2
         aligned, idx = compact_tokens(labels, ignore_index, shift)
         row_of = torch.div(idx, seq, rounding_mode="floor")
         counts = torch.bincount(row_of, minlength=rows).cpu()
-        check_nonempty_rows("labels", counts)
+        check_nonempty_rows("labels", counts, empty_reason)
         self.counts = counts
         c = counts.tolist()
         offsets = [0]
@@ -194,36 +201,84 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd
+# The op: one opaque custom op (torch.compile never traces the host-side chunk plan), its fake kernel
+# and its autograd formula. Outputs: the loss, the per-row statistics (for return_stats), the
+# per-pair losses and the three gradients computed in the forward (empty when not requested), which
+# are saved for the backward through ctx.save_for_backward.
 # ---------------------------------------------------------------------------------------------
 
+_OP = "synpo_kernels::fused_linear_preference_loss"
+_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_logps, str params) -> "
+    "(Tensor loss, Tensor sum_logp, Tensor sum_p, Tensor count, Tensor pair_losses, "
+    "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
+)
+assert TENSOR_OPTIONS == (REFERENCE_OPTION,), "the op's schema has one per-row tensor option"
 
-class _FusedLinearPreferenceFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, spec, tensors, ignore_index, shift, config, impl, grad_on):
-        backend = get_backend(impl)
-        w_acc = acc_weight_dtype(weight, config.weight_grad_accumulation)
-        max_rows = chunk_rows(config, weight, backend.name, w_acc)
-        plan = _Plan(labels, ignore_index, shift, max_rows)
-        need_h, need_w, need_b = (grad_on and x for x in ctx.needs_input_grad[:3])
-        grads = GradBuffers(
-            plan.tok_idx.shape[0], hidden, weight, bias, need_h, need_w, need_b and bias is not None, w_acc
-        )
-        sum_logp, sum_p, losses = _run(
-            backend, plan, hidden_rows(hidden), weight, bias, grads, spec, tensors, ignore_index
-        )
-        ctx.grads = grads
-        ctx.meta = (plan.tok_idx, tuple(hidden.shape), hidden.dtype, weight.dtype)
-        count = plan.counts.to(device=weight.device, dtype=sum_logp.dtype)
-        ctx.mark_non_differentiable(sum_logp, sum_p, count, losses)
-        return losses.sum() / plan.num_pairs, sum_logp, sum_p, count, losses
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, *_unused):
-        tok_idx, hidden_shape, hidden_dtype, weight_dtype = ctx.meta
-        gh, gw, gb = ctx.grads.finish(grad_loss, tok_idx, hidden_shape, hidden_dtype, weight_dtype)
-        return gh, gw, gb, None, None, None, None, None, None, None, None
+@torch.library.custom_op(_OP, mutates_args=(), schema=_SCHEMA)
+def _fused_linear_preference_op(hidden, weight, bias, labels, ref_logps, params):
+    p = FusedLinearParams.decode(params)
+    spec = p.spec
+    check_label_range("labels", labels, weight.shape[0], p.ignore_index)
+    backend = get_backend(p.impl)
+    w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
+    max_rows = chunk_rows(p.config, weight, backend.name, w_acc)
+    empty_reason = empty_row_reason(spec, hidden.shape[0] // 2)
+    plan = _Plan(labels, p.ignore_index, p.shift, max_rows, empty_reason=empty_reason)
+    need_b = p.grad_bias and bias is not None
+    grads = GradBuffers(
+        plan.tok_idx.shape[0], hidden, weight, bias, p.grad_hidden, p.grad_weight, need_b, w_acc, full=True
+    )
+    tensors = {} if ref_logps is None else {REFERENCE_OPTION: ref_logps}
+    sum_logp, sum_p, losses = _run(
+        backend, plan, hidden_rows(hidden), weight, bias, grads, spec, tensors, p.ignore_index
+    )
+    gh, gw, gb = grads.finish(plan.tok_idx, tuple(hidden.shape))
+    count = plan.counts.to(device=weight.device, dtype=sum_logp.dtype)
+    grads = tuple(hidden.new_empty((0,)) if g is None else g for g in (gh, gw, gb))  # outputs never alias
+    return (losses.sum() / plan.num_pairs, sum_logp, sum_p, count, losses, *grads)
+
+
+@_fused_linear_preference_op.register_fake
+def _fused_linear_preference_fake(hidden, weight, bias, labels, ref_logps, params):
+    p = FusedLinearParams.decode(params)
+    acc = accumulation_dtype(weight.dtype)
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    vec = lambda n: hidden.new_empty((n,), dtype=acc)
+    w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
+    return (
+        hidden.new_empty((), dtype=acc), vec(rows), vec(rows), vec(rows), vec(rows // 2),
+        hidden.new_empty(hidden.shape if p.grad_hidden else (0,)),
+        weight.new_empty(weight.shape if p.grad_weight else (0,), dtype=w_acc if p.grad_weight else None),
+        vec(vocab) if p.grad_bias and bias is not None else hidden.new_empty((0,)),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, _bias, _labels, _ref_logps, params = inputs
+    ctx.params = FusedLinearParams.decode(params)
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+    ctx.save_for_backward(*output[5:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():  # backward(create_graph=True): a graph of these gradients is wanted
+        raise double_backward_error("fused_linear_preference_loss", "synpo_kernels.preference_loss")
+    gh, gw, gb = ctx.saved_tensors
+    p, (hidden_dtype, weight_dtype) = ctx.params, ctx.dtypes
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    # New tensors, the saved ones untouched: a retained graph gives the same gradients again.
+    return (
+        scaled_gradient(gh, grad_loss, hidden_dtype) if need_h and p.grad_hidden else None,
+        scaled_gradient(gw, grad_loss, weight_dtype) if need_w and p.grad_weight else None,
+        scaled_gradient(gb, grad_loss, weight_dtype) if need_b and p.grad_bias else None,
+        None, None, None,
+    )  # fmt: skip
+
+
+_fused_linear_preference_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +297,17 @@ def _preference(hidden, weight, labels, bias, spec: LossSpec, tensors, ignore_in
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     check_tensor_options(tensors, hidden.shape[0], hidden.device)
-    check_label_range("labels", labels, weight.shape[0], ignore_index)
-    impl = resolve_impl(config.impl, hidden.device)
-    tensors = {k: v.detach() for k, v in tensors.items()}
-    loss, sum_logp, sum_p, count, losses = _FusedLinearPreferenceFunction.apply(
-        hidden, weight, bias, labels, spec, tensors, ignore_index, bool(shift), config, impl,
-        torch.is_grad_enabled(),
+    grad_on = torch.is_grad_enabled()
+    params = FusedLinearParams(
+        ignore_index, bool(shift), config, resolve_impl(config.impl, hidden.device), spec,
+        grad_hidden=grad_on and hidden.requires_grad,
+        grad_weight=grad_on and weight.requires_grad,
+        grad_bias=grad_on and bias is not None and bias.requires_grad,
     )  # fmt: skip
+    tensors = {k: v.detach() for k, v in tensors.items()}
+    loss, sum_logp, sum_p, count, losses, *_grads = _fused_linear_preference_op(
+        hidden, weight, bias, labels, tensors.get(REFERENCE_OPTION), params.encode()
+    )
     return loss, RowStats(sum_logp, sum_p, count), losses, tensors
 
 

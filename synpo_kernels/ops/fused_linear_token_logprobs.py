@@ -1,12 +1,14 @@
 """Fused lm_head -> per-token log-probs: ``log softmax(hidden @ W^T + b)[y]`` without the N x V logits.
 
 Order: kernels (Triton row passes in :mod:`.fused_linear_kernels`, C++ token ops on the torch
-backend) -> launcher (the chunk loop) -> autograd Function -> public functions -> ``nn.Module``.
+backend) -> launcher (the chunk loops) -> the ops (``torch.ops.synpo_kernels.fused_linear_token_logprobs``
+and its backward ``fused_linear_token_logprobs_bwd``, opaque custom ops with fake kernels and autograd)
+-> public functions -> ``nn.Module``.
 
 Cost. Forward: ``2 n D V`` FLOPs (``n`` = scored tokens, compacted; see
 :mod:`.fused_linear_common`) plus one read of each chunk for the fp32 log-sum-exp. The per-token
 upstream gradient is unknown in the forward, so the backward recomputes each chunk's logits from
-``hidden`` and ``W`` (saved: only the inputs and ``n`` floats of log-sum-exp): ``6 n D V`` FLOPs,
+``hidden`` and ``W`` (saved: only the inputs and ``N`` floats of log-sum-exp): ``6 n D V`` FLOPs,
 ``8 n D V`` in total. Memory: one ``(m, V)`` chunk buffer in the input dtype (``chunk_bytes``), the
 gradients, ``O(n)`` vectors. Any per-token upstream gradient is exact, including one that differs
 per token (the case where Liger's ``reduction='none'`` once gave wrong weight gradients): every
@@ -18,9 +20,10 @@ For the preference losses (whose gradient is known in the forward), use
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from synpo_kernels._validation import (
     check_label_range,
@@ -30,10 +33,12 @@ from synpo_kernels._validation import (
 )
 from synpo_kernels.ops.fused_linear_common import (
     FusedLinearConfig,
+    FusedLinearParams,
     GradBuffers,
     acc_weight_dtype,
     chunk_rows,
     compact_tokens,
+    double_backward_error,
     get_backend,
     hidden_rows,
     resolve_impl,
@@ -87,46 +92,110 @@ def _backward_chunks(backend, grads, hidden2d, weight, bias, idx, labels_c, lse,
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd
+# The ops: forward and backward, each one opaque custom op (torch.compile never traces the chunk
+# loops), with fake kernels and autograd. The forward saves the inputs and a full-length ``(N,)``
+# log-sum-exp (0 on unscored rows: static shapes, N floats); the backward recomputes the compaction
+# from the labels.
 # ---------------------------------------------------------------------------------------------
 
+_FWD = "synpo_kernels::fused_linear_token_logprobs"
+_BWD = "synpo_kernels::fused_linear_token_logprobs_bwd"
 
-class _FusedLinearTokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, shift, config, impl):
-        backend = get_backend(impl)
-        aligned, idx = compact_tokens(labels, ignore_index, shift)
-        labels_c = aligned.index_select(0, idx)
-        hidden2d = hidden_rows(hidden)
-        w_acc = acc_weight_dtype(weight, config.weight_grad_accumulation)
-        rows = chunk_rows(config, weight, backend.name, w_acc)
-        logp_c, lse_c = _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index, rows)
-        pos = idx + 1 if shift else idx  # row t scores (and reports at) label position t + 1
-        out = torch.zeros(labels.numel(), dtype=logp_c.dtype, device=weight.device)
-        out.index_copy_(0, pos, logp_c)
-        ctx.save_for_backward(hidden, weight, bias, idx, labels_c, lse_c)
-        ctx.meta = (ignore_index, shift, impl, rows, w_acc, tuple(hidden.shape))
-        return out.view(labels.shape)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        hidden, weight, bias, idx, labels_c, lse_c = ctx.saved_tensors
-        ignore_index, shift, impl, rows, w_acc, hidden_shape = ctx.meta
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = GradBuffers(
-            idx.shape[0], hidden, weight, bias, need_h, need_w, need_b and bias is not None, w_acc
-        )
-        if not grads.any:
-            return None, None, None, None, None, None, None, None
-        pos = idx + 1 if shift else idx
-        g = grad_out.reshape(-1).index_select(0, pos).to(lse_c.dtype).contiguous()
+@torch.library.custom_op(
+    _FWD,
+    mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, str params) -> (Tensor, Tensor)",
+)
+def _fwd_op(hidden, weight, bias, labels, params):
+    p = FusedLinearParams.decode(params)
+    check_label_range("labels", labels, weight.shape[0], p.ignore_index)
+    backend = get_backend(p.impl)
+    aligned, idx = compact_tokens(labels, p.ignore_index, p.shift)
+    labels_c = aligned.index_select(0, idx)
+    w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
+    rows = chunk_rows(p.config, weight, backend.name, w_acc)
+    logp_c, lse_c = _forward_chunks(
+        backend, hidden_rows(hidden), weight, bias, idx, labels_c, p.ignore_index, rows
+    )
+    pos = idx + 1 if p.shift else idx  # row t scores (and reports at) label position t + 1
+    out = torch.zeros(labels.numel(), dtype=logp_c.dtype, device=weight.device)
+    out.index_copy_(0, pos, logp_c)
+    lse = torch.zeros(labels.numel(), dtype=lse_c.dtype, device=weight.device)
+    lse.index_copy_(0, idx, lse_c)
+    return out.view(labels.shape), lse
+
+
+@_fwd_op.register_fake
+def _fwd_fake(hidden, weight, bias, labels, params):
+    acc = accumulation_dtype(weight.dtype)
+    return hidden.new_empty(labels.shape, dtype=acc), hidden.new_empty((labels.numel(),), dtype=acc)
+
+
+@torch.library.custom_op(
+    _BWD,
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
+        "str params) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _bwd_op(grad_logp, hidden, weight, bias, labels, lse, params):
+    p = FusedLinearParams.decode(params)
+    backend = get_backend(p.impl)
+    aligned, idx = compact_tokens(labels, p.ignore_index, p.shift)
+    labels_c = aligned.index_select(0, idx)
+    w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
+    rows = chunk_rows(p.config, weight, backend.name, w_acc)
+    need_b = p.grad_bias and bias is not None
+    grads = GradBuffers(idx.shape[0], hidden, weight, bias, p.grad_hidden, p.grad_weight, need_b, w_acc)
+    lse_c = lse.index_select(0, idx)
+    pos = idx + 1 if p.shift else idx
+    g = grad_logp.reshape(-1).index_select(0, pos).to(lse_c.dtype).contiguous()
+    if grads.any:
         _backward_chunks(
-            get_backend(impl), grads, hidden_rows(hidden), weight, bias, idx, labels_c, lse_c, g,
-            ignore_index, rows,
-        )  # fmt: skip
-        gh, gw, gb = grads.finish(None, idx, hidden_shape, hidden.dtype, weight.dtype)
-        return gh, gw, gb, None, None, None, None, None
+            backend, grads, hidden_rows(hidden), weight, bias, idx, labels_c, lse_c, g, p.ignore_index, rows
+        )
+    gh, gw, gb = grads.finish(idx, tuple(hidden.shape), weight.dtype)
+    return tuple(hidden.new_empty((0,)) if x is None else x for x in (gh, gw, gb))  # outputs never alias
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_logp, hidden, weight, bias, labels, lse, params):
+    p = FusedLinearParams.decode(params)
+    return (
+        hidden.new_empty(hidden.shape if p.grad_hidden else (0,)),
+        weight.new_empty(weight.shape if p.grad_weight else (0,)),
+        weight.new_empty((weight.shape[0],) if p.grad_bias and bias is not None else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, params = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.params = params
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if not (need_h or need_w or need_b):
+        return None, None, None, None, None
+    params = replace(
+        FusedLinearParams.decode(ctx.params), grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b
+    )
+    gh, gw, gb = _bwd_op(grad_out, hidden, weight, bias, labels, lse, params.encode())
+    return gh if need_h else None, gw if need_w else None, gb if need_b else None, None, None
+
+
+def _double_backward(ctx, *_grads):
+    raise double_backward_error("fused_linear_token_logprobs", "synpo_kernels.token_logprobs")
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_bwd_op.register_autograd(_double_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +208,6 @@ def _prepare(hidden, weight, labels, bias, ignore_index, config):
     check_labels_match("labels", labels, hidden)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    check_label_range("labels", labels, weight.shape[0], ignore_index)
     return resolve_impl(config.impl, hidden.device)
 
 
@@ -176,9 +244,9 @@ def fused_linear_token_logprobs(
     """
     config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
     impl_name = _prepare(hidden, weight, labels, bias, ignore_index, config)
-    return _FusedLinearTokenLogprobsFunction.apply(
-        hidden, weight, bias, labels, ignore_index, bool(shift), config, impl_name
-    )
+    params = FusedLinearParams(ignore_index, bool(shift), config, impl_name)
+    logp, _lse = _fwd_op(hidden, weight, bias, labels, params.encode())
+    return logp
 
 
 def fused_linear_sequence_logprobs(

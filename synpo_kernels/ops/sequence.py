@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from synpo_kernels._validation import check_nonempty_rows, check_pairs
-from synpo_kernels.losses import TENSOR_OPTIONS, check_tensor_options, loss_spec, make_loss_spec, pair_losses
+from synpo_kernels.losses import (
+    TENSOR_OPTIONS,
+    check_tensor_options,
+    empty_row_reason,
+    loss_spec,
+    make_loss_spec,
+    pair_losses,
+)
 from synpo_kernels.ops.token_logprobs import token_logprobs
 from synpo_kernels.reference import IGNORE_INDEX, RowStats, response_mask, row_stats_from_token_logprobs
 
@@ -85,7 +92,7 @@ def preference_loss(
     check_pairs("logits", logits.shape[0])
     check_tensor_options(tensors, logits.shape[0], logits.device)
     stats = row_stats(logits, labels, ignore_index=ignore_index, shift=shift)
-    check_nonempty_rows("labels", stats.count)
+    check_nonempty_rows("labels", stats.count, empty_row_reason(spec, logits.shape[0] // 2))
     return pair_losses(stats, spec, tensors).mean()
 
 

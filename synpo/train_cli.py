@@ -77,6 +77,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "resuming (e.g. optim.lr,train.seed); other changes are refused with a diff. Raising "
         "train.max_steps or train.epochs needs no flag",
     )
+    parser.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="DS_CONFIG",
+        help="train with DeepSpeed (ZeRO) using this JSON config, e.g. synpo/configs/zero3.json "
+        "(overrides the config's deepspeed key); launch with torchrun or the deepspeed launcher for "
+        "several processes (docs/training.md, DeepSpeed)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -87,10 +95,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from synpo.config import ConfigError, config_to_dict, load_config, parse_override_args
+    from synpo.config import ConfigError, RawOverride, config_to_dict, load_config, parse_override_args
 
     try:
         overrides = parse_override_args(list(args.overrides))
+        if args.deepspeed is not None:
+            overrides["deepspeed"] = RawOverride(args.deepspeed)
         if args.resume is not None:
             overrides["checkpoint.resume"] = args.resume
         if args.resume_allow_changes is not None:
@@ -148,6 +158,17 @@ def run(args: argparse.Namespace) -> int:
             )
             print(loss_line)
             print(f"  {loss_meaning(config.loss.name, config.loss.options())}")
+        if result.eval_history:
+            last = result.eval_history[-1]
+            print(
+                f"  eval:        loss {last['eval_loss']:.4f}, reward accuracy "
+                f"{last['eval_reward_accuracy']:.3f} (step {last['step']}, {last['eval_pairs']} pairs)"
+            )
+        best = result.summary.get("best")
+        if best is not None:
+            print(
+                f"  best:        {best['path']} ({best['metric']} {best['value']:.4f} at step {best['step']})"
+            )
     # Ctrl-C: the checkpoint is saved, but the run did not finish (128 + SIGINT, as shells report it).
     return 130 if result.stop_signal == "SIGINT" else 0
 

@@ -16,6 +16,11 @@ optimizer, scheduler, data position, RNG), carry a manifest that resuming verifi
 the newest intact one), and refuse a resume whose config changed (unless allowed); SIGTERM and
 Ctrl-C (SIGINT) finish the step, save and stop; one run at a time holds the output directory's lock;
 a non-finite loss skips its micro-batch (counted, logged) without touching the optimizer.
+
+Evaluation (``data.eval_file`` or ``data.eval_split``) runs every ``logging.eval_every`` optimizer
+steps and at the end, under ``no_grad`` in eval mode, without touching the training RNG; its rows go
+to the same metrics log (``"split": "eval"``) and to the reporters of ``logging.report_to``
+(:mod:`synpo.reporting`); ``checkpoint.keep_best`` keeps the best evaluated checkpoint in ``best/``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from synpo import checkpoint as ckpt
 from synpo.config import (
     ConfigError,
     TrainerConfig,
+    best_metric,
     config_changes,
     config_from_dict,
     config_to_dict,
@@ -56,6 +62,7 @@ from synpo.data import (
     PreferenceCollator,
     PreferenceDataset,
     read_preference_jsonl,
+    split_eval_examples,
 )
 from synpo.losses import METRIC_NAMES, PreferenceObjective
 from synpo.models import (
@@ -65,6 +72,7 @@ from synpo.models import (
     resolve_reference_mode,
     trainable_parameter_count,
 )
+from synpo.reporting import build_reporter, resolve_report_to
 from synpo.run_lock import RunDirLock, RunLockError
 
 __all__ = ["TrainResult", "Trainer", "linear_warmup_schedule"]
@@ -101,6 +109,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # the metrics rows logged by this process
     summary: dict = field(default_factory=dict)
     stop_signal: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped the run
+    eval_history: list[dict] = field(default_factory=list)  # the evaluation rows of this process
 
 
 def lr_factor(
@@ -419,6 +428,9 @@ class Trainer:
         self._stop_signal: str | None = None
         self.output_dir = Path(self.config.checkpoint.output_dir)
         self._run_lock: RunDirLock | None = None
+        # Evaluation schedule and best-so-far (saved in checkpoints): the step last evaluated, and
+        # {"metric", "mode", "value", "step"} of the best evaluation under checkpoint.keep_best.
+        self._eval_state: dict[str, Any] = {"last_step": 0, "best": None}
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -455,6 +467,7 @@ class Trainer:
         if cfg.train.precision == "fp16" and not self.use_deepspeed:
             raise ConfigError("train.precision: fp16 needs DeepSpeed (loss scaling); use bf16 or fp32")
         self.ds_config = build_deepspeed_config(cfg, self.dist.world_size) if self.use_deepspeed else None
+        self.report_to = resolve_report_to(cfg.logging.report_to)
         self.acquire_run_lock()  # before the slow part: a second run into this directory stops here
 
         # Model (same seed on every rank: identical initial weights and LoRA init).
@@ -566,21 +579,19 @@ class Trainer:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
-    def _setup_data(self) -> None:
-        cfg = self.config
-        data = cfg.data
-        path = Path(data.train_file) if data.train_file else SAMPLE_PAIRS_PATH
-        examples, report = read_preference_jsonl(
+    def _read_pairs(self, path: Path):
+        data = self.config.data
+        return read_preference_jsonl(
             path,
             default_prompt=data.default_prompt,
             min_score_gap=data.min_score_gap,
             on_error=data.on_error,
             media_dir=data.media_dir,
         )
-        if not examples:
-            raise DataError(f"{path}: no usable preference pairs ({report.summary()})")
-        self.read_report = report
-        encoder = PairEncoder(
+
+    def _make_encoder(self) -> PairEncoder:
+        data = self.config.data
+        return PairEncoder(
             self.tokenizer,
             self.processor,
             max_length=data.max_length,
@@ -591,11 +602,41 @@ class Trainer:
             min_frames=data.min_frames,
             max_frames=data.max_frames,
         )
+
+    def _setup_data(self) -> None:
+        cfg = self.config
+        data = cfg.data
+        path = Path(data.train_file) if data.train_file else SAMPLE_PAIRS_PATH
+        examples, report = self._read_pairs(path)
+        if not examples:
+            raise DataError(f"{path}: no usable preference pairs ({report.summary()})")
+        self.read_report = report
+        # Evaluation pairs: held out of the training pairs (data.eval_split), or read from their own file.
+        eval_examples, eval_where = None, ""
+        if data.eval_split is not None:
+            examples, eval_examples = split_eval_examples(examples, data.eval_split, cfg.train.seed)
+            eval_where = f"{len(eval_examples)} pairs held out of {path} (data.eval_split {data.eval_split})"
+        elif data.eval_file is not None:
+            eval_path = Path(data.eval_file)
+            eval_examples, eval_report = self._read_pairs(eval_path)
+            if not eval_examples:
+                raise DataError(f"data.eval_file: {eval_path}: no usable pairs ({eval_report.summary()})")
+            eval_where = eval_report.summary()
+        encoder = self._make_encoder()
         if data.pack and self.processor is not None:
             raise ConfigError("data.pack: not supported for vision-language models")
         self.dataset = PreferenceDataset(examples, encoder, on_error=data.on_error)
         if len(self.dataset) == 0:
             raise DataError(f"{path}: every pair was dropped by tokenization ({encoder.stats.summary()})")
+        self.eval_dataset = None
+        if eval_examples is not None:
+            # Its own encoder: the training tokenization counts (summary) stay the training data's.
+            self.eval_dataset = PreferenceDataset(eval_examples, self._make_encoder(), on_error=data.on_error)
+            if len(self.eval_dataset) == 0:
+                raise DataError(
+                    f"evaluation data ({eval_where}): every pair was dropped by tokenization "
+                    f"({self.eval_dataset.encoder.stats.summary()})"
+                )
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, pack=data.pack)
         self.plan = PairBatchPlan(
             len(self.dataset),
@@ -610,6 +651,8 @@ class Trainer:
             logger.info("data %s", report.summary())
             if not self.dataset.lazy:
                 logger.info("tokenization: %s", encoder.stats.summary())
+            if self.eval_dataset is not None:
+                logger.info("eval data %s: %d pairs", eval_where, len(self.eval_dataset))
             if self.dataset.media_skipped:
                 logger.warning("%d pairs skipped: unreadable video/image files", self.dataset.media_skipped)
             if self.plan.unused_pairs_per_epoch:
@@ -740,29 +783,40 @@ class Trainer:
             "deepspeed": self.use_deepspeed,
             "counters": counters,
             "lr_schedule": dict(self.lr_schedule),
+            "eval": json.loads(json.dumps(self._eval_state)),
             "config": config_to_dict(self.config),
         }
 
-    def save_checkpoint(self, step: int, counters: dict) -> Path:
-        """Write an atomic checkpoint of the current state (collective under DeepSpeed).
+    def save_checkpoint(self, step: int, counters: dict, *, best: bool = False) -> Path:
+        """Write an atomic checkpoint of the current state (collective under DeepSpeed); ``best``:
+        into ``<output_dir>/best/`` (replacing the previous best; ``latest`` and pruning untouched).
 
         When writing fails (a full disk, an unwritable directory; or a second Ctrl-C, which raises
         KeyboardInterrupt) the partial temp directory is removed and the previous checkpoint stays the
         latest; an ``OSError`` becomes a ``CheckpointError`` that says so."""
-        tmp = ckpt.checkpoint_root(self.output_dir) / f".tmp-{ckpt.step_dir_name(step)}"
+        if best:
+            tmp = self.output_dir / ".tmp-best"
+        else:
+            tmp = ckpt.checkpoint_root(self.output_dir) / f".tmp-{ckpt.step_dir_name(step)}"
         try:
-            return self._write_checkpoint(tmp, step, counters)
+            return self._write_checkpoint(tmp, step, counters, best=best)
         except BaseException as exc:
             if self.dist.is_main:
                 import shutil
 
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):
-                raise ckpt.CheckpointError(self._save_failure_message(step, exc)) from exc
+                raise ckpt.CheckpointError(self._save_failure_message(step, exc, best=best)) from exc
             raise
 
-    def _save_failure_message(self, step: int, exc: OSError) -> str:
+    def _save_failure_message(self, step: int, exc: OSError, *, best: bool = False) -> str:
         where = f" ({exc.filename})" if exc.filename else ""
+        if best:
+            return (
+                f"cannot save the best checkpoint (step {step}) in "
+                f"{ckpt.best_checkpoint_dir(self.output_dir)}: {exc.strerror or exc}{where}; "
+                "the previous best checkpoint, if any, is intact"
+            )
         try:
             previous = ckpt.find_checkpoint("auto", self.output_dir)
         except (ckpt.CheckpointError, OSError):
@@ -773,11 +827,18 @@ class Trainer:
             f"{exc.strerror or exc}{where}; {kept}"
         )
 
-    def _write_checkpoint(self, tmp: Path, step: int, counters: dict) -> Path:
+    def _write_checkpoint(self, tmp: Path, step: int, counters: dict, *, best: bool = False) -> Path:
         from safetensors.torch import save_file
 
         if self.dist.is_main:
-            tmp = ckpt.temp_checkpoint_dir(self.output_dir, step)
+            if best:
+                import shutil
+
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by a killed run
+                tmp.mkdir(parents=True)
+            else:
+                tmp = ckpt.temp_checkpoint_dir(self.output_dir, step)
         self.dist.barrier()
         if self.engine is not None:
             self.engine.save_checkpoint(
@@ -798,11 +859,17 @@ class Trainer:
             ckpt.save_torch_state(self.scheduler.state_dict(), tmp / "scheduler.pt")
         ckpt.save_rng_state(tmp, self.dist.rank)
         self.dist.barrier()
-        final = ckpt.checkpoint_root(self.output_dir) / ckpt.step_dir_name(step)
+        if best:
+            final = ckpt.best_checkpoint_dir(self.output_dir)
+        else:
+            final = ckpt.checkpoint_root(self.output_dir) / ckpt.step_dir_name(step)
         if self.dist.is_main:
             ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, self._state_payload(step, counters))
-            final = ckpt.publish_checkpoint(tmp, self.output_dir, step)
-            ckpt.prune_checkpoints(self.output_dir, self.config.checkpoint.keep_last)
+            if best:
+                final = ckpt.publish_checkpoint_at(tmp, final)
+            else:
+                final = ckpt.publish_checkpoint(tmp, self.output_dir, step)
+                ckpt.prune_checkpoints(self.output_dir, self.config.checkpoint.keep_last)
         self.dist.barrier()
         return final
 
@@ -857,6 +924,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt.load_torch_state(path / "optimizer.pt", self.dist.device))
             self.scheduler.load_state_dict(ckpt.load_torch_state(path / "scheduler.pt"))
         self._restore_lr_schedule(state, changes)
+        self._restore_eval_state(state)
         return state
 
     def _check_resume_config(self, path: Path, state: dict) -> list[tuple[str, Any, Any]]:
@@ -1031,6 +1099,118 @@ class Trainer:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
+    # -- evaluation --------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Evaluate the current model on the evaluation pairs (None without ``data.eval_file`` or
+        ``data.eval_split``): ``eval_loss`` (mean over pairs), ``eval_reward_accuracy`` (fraction of
+        pairs with reward margin > 0), ``eval_reward_margin``, ``eval_chosen_logps``,
+        ``eval_rejected_logps`` (mean per-token log-probs), ``eval_chosen_mean_prob`` (the training
+        metrics' definitions), ``eval_pairs`` and ``eval_seconds``; the same values on every rank
+        (collective under DeepSpeed: the pairs are split across ranks and the sums all-reduced).
+
+        Runs under ``no_grad`` with the model in eval mode (no dropout; train mode restored after), and
+        saves and restores the RNG states, so training continues exactly as without evaluation."""
+        self.setup()
+        dataset = self.eval_dataset
+        if dataset is None:
+            return None
+        started = time.perf_counter()
+        dist = self.dist
+        module = self.engine if self.engine is not None else self.objective
+        n, m = len(dataset), self.config.train.micro_batch_size
+        chunks = [list(range(s, min(s + m, n))) for s in range(0, n, m)]
+        mine = chunks[dist.rank :: dist.world_size]
+        # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+        rounds = math.ceil(len(chunks) / dist.world_size)
+        k = len(METRIC_NAMES)
+        sums = torch.zeros(k + 2, dtype=torch.float64)  # METRIC_NAMES, loss x pairs, skipped micro-batches
+        rng = ckpt.capture_rng_state()
+        was_training = module.training
+        module.eval()
+        fallback = None
+        try:
+            with torch.no_grad():
+                for r in range(rounds):
+                    real = r < len(mine)
+                    raw = self.collator([dataset[i] for i in (mine[r] if real else chunks[0])])
+                    if raw.get("empty"):
+                        sums[k + 1] += float(real)
+                        if self.engine is None or fallback is None:
+                            continue
+                        batch, real = fallback, False  # keep the ranks' forwards in step
+                    else:
+                        batch = fallback = self._to_device(raw)
+                    loss, metrics = module(**batch)
+                    if not real:
+                        continue
+                    if bool(torch.isfinite(loss)):
+                        metrics = metrics.cpu()
+                        sums[:k] += metrics
+                        sums[k] += float(loss) * float(metrics[0])
+                    else:
+                        sums[k + 1] += 1
+        finally:
+            module.train(was_training)
+            ckpt.restore_rng_state(rng)
+        if dist.distributed:
+            sums = dist.all_reduce_sum(sums.to(dist.device)).cpu()
+        pairs = float(sums[0])
+        mean = (lambda total: float(total) / pairs) if pairs else (lambda total: float("nan"))
+        result = {"eval_loss": mean(sums[k])}
+        for i, name in enumerate(METRIC_NAMES[1:], start=1):
+            result[f"eval_{name}"] = mean(sums[i])
+        result["eval_pairs"] = int(pairs)
+        if sums[k + 1]:
+            result["eval_skipped_batches"] = int(sums[k + 1])
+            if dist.is_main:
+                logger.warning("evaluation: %d micro-batches skipped (non-finite loss)", int(sums[k + 1]))
+        result["eval_seconds"] = time.perf_counter() - started
+        return result
+
+    def _eval_due(self, step: int) -> bool:
+        """Evaluate after optimizer step ``step``: every ``logging.eval_every`` steps and at the end."""
+        if self.eval_dataset is None or step <= 0:
+            return False
+        every = self.config.logging.eval_every
+        return step == self.total_steps or bool(every and step % every == 0)
+
+    def _restore_eval_state(self, state: dict) -> None:
+        """The checkpoint's evaluation schedule and best-so-far (a different keep_best metric or mode
+        starts a new best)."""
+        saved = state.get("eval") or {}
+        self._eval_state = {"last_step": int(saved.get("last_step", 0)), "best": saved.get("best")}
+        best, wanted = self._eval_state["best"], best_metric(self.config.checkpoint)
+        if best is not None and (wanted is None or (best["metric"], best["mode"]) != wanted):
+            if wanted is not None and self.dist.is_main:
+                logger.warning(
+                    "checkpoint.keep_best changed (%s, %s -> %s, %s): the best checkpoint restarts",
+                    best["metric"],
+                    best["mode"],
+                    *wanted,
+                )
+            self._eval_state["best"] = None
+
+    def _run_eval(self, step: int, counters: dict, log_row) -> dict:
+        """Evaluate after ``step``, log the row, and save ``best/`` when it improves (collective)."""
+        metrics = self.evaluate()
+        row = {"step": step, "split": "eval", **metrics}
+        self._eval_state["last_step"] = step
+        wanted = best_metric(self.config.checkpoint)
+        better = False
+        if wanted is not None:
+            name, mode = wanted
+            value, best = row[name], self._eval_state["best"]
+            better = math.isfinite(value) and (
+                best is None or (value < best["value"] if mode == "min" else value > best["value"])
+            )
+            if better:
+                self._eval_state["best"] = {"metric": name, "mode": mode, "value": value, "step": step}
+        log_row(row, "; best so far, saving best/" if better else "")
+        if better:
+            self.save_checkpoint(step, dict(counters), best=True)
+        return row
+
     # -- training ----------------------------------------------------------------------------------
 
     def _forward(self, batch: dict, ref_cache: torch.Tensor | None):
@@ -1097,6 +1277,7 @@ class Trainer:
                 _truncate_metrics(metrics_path, start_step)
         else:
             self._prepare_fresh_output(metrics_path)
+            self._eval_state = {"last_step": 0, "best": None}
         ref_cache = self._reference_cache()
         if resume_from is not None:
             ckpt.load_rng_state(resume_from, dist.rank)
@@ -1106,6 +1287,7 @@ class Trainer:
         dist.barrier()
 
         history: list[dict] = []
+        eval_history: list[dict] = []
         self._last_good_batch = None
         last_checkpoint = resume_from
         interrupted = False
@@ -1129,6 +1311,36 @@ class Trainer:
             metrics_handle = (
                 stack.enter_context(open(metrics_path, "a", encoding="utf-8")) if dist.is_main else None
             )
+            reporter = None
+            if dist.is_main and self.report_to:
+                reporter = build_reporter(
+                    self.report_to,
+                    self.output_dir,
+                    config_to_dict(cfg),
+                    resume_step=start_step if resume_from is not None else None,
+                )
+                stack.callback(reporter.close)
+
+            def log_row(row: dict, note: str = "") -> None:
+                """A metrics row to the JSONL log and the reporters (rank 0); eval rows also printed."""
+                if row.get("split") == "eval":
+                    eval_history.append(row)
+                if metrics_handle is None:
+                    return
+                metrics_handle.write(json.dumps(row) + "\n")
+                metrics_handle.flush()
+                if reporter is not None:
+                    reporter.log(row["step"], row)
+                if row.get("split") == "eval":
+                    line = _format_eval_row(row) + note
+                    if progress is not None:
+                        progress.write(line)
+                    else:
+                        logger.info("%s", line)
+
+            if self._eval_due(start_step) and self._eval_state["last_step"] < start_step:
+                # Resumed at a step whose evaluation did not run (the run was stopped right after it).
+                self._run_eval(start_step, counters, log_row)
             micro_iter = None
             while step < self.total_steps:
                 epoch = step // spe
@@ -1149,14 +1361,14 @@ class Trainer:
                     step, epoch, sums, grad_norm, lr, time.perf_counter() - step_start, counters
                 )
                 history.append(row)
-                if metrics_handle is not None and (
-                    step % cfg.logging.log_every == 0 or step == self.total_steps or stop
-                ):
-                    metrics_handle.write(json.dumps(row) + "\n")
-                    metrics_handle.flush()
+                if step % cfg.logging.log_every == 0 or step == self.total_steps or stop:
+                    log_row(row)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                if not stop and self._eval_due(step):
+                    # Before this step's checkpoint, so that it holds the evaluation and the best-so-far.
+                    self._run_eval(step, counters, log_row)
                 if stop:
                     last_checkpoint = self.save_checkpoint(step, dict(counters))
                     interrupted = True
@@ -1187,6 +1399,11 @@ class Trainer:
             },
             "tokenization": vars(self.dataset.encoder.stats).copy(),
         }
+        best = self._eval_state.get("best")
+        if best is not None:
+            summary["best"] = {**best, "path": str(ckpt.best_checkpoint_dir(self.output_dir))}
+        if eval_history:
+            summary["eval"] = eval_history[-1]
         if dist.is_main:
             logger.info("done at step %d/%d: %s", step, self.total_steps, json.dumps(counters))
         return TrainResult(
@@ -1200,20 +1417,28 @@ class Trainer:
             history=history,
             summary=summary,
             stop_signal=self._stop_signal if interrupted else None,
+            eval_history=eval_history,
         )
 
     def _prepare_fresh_output(self, metrics_path: Path) -> None:
         """A fresh run must not mix its checkpoints with an earlier run's (pruning keeps the highest
         steps, which would be the old ones): refuse, or delete them with checkpoint.overwrite."""
         existing = ckpt.list_checkpoints(self.output_dir)
+        best = ckpt.best_checkpoint_dir(self.output_dir)
+        has_best = best.is_dir()
         self.dist.barrier()  # every rank looked before rank 0 deletes anything
-        if existing and not self.config.checkpoint.overwrite:
+        if (existing or has_best) and not self.config.checkpoint.overwrite:
+            latest = existing[-1].name if existing else best.name
             raise ConfigError(
                 f"checkpoint.output_dir: {self.output_dir} holds checkpoints of an earlier run "
-                f"(latest {existing[-1].name}); resume with --resume, choose another output_dir, "
+                f"(latest {latest}); resume with --resume, choose another output_dir, "
                 "or set checkpoint.overwrite: true to delete them"
             )
         if self.dist.is_main:
+            if has_best:
+                import shutil
+
+                shutil.rmtree(best)
             if existing:
                 import shutil
 
@@ -1318,6 +1543,13 @@ class Trainer:
             }
         )
         return row
+
+
+def _format_eval_row(row: dict) -> str:
+    """``eval step 10: loss -0.5123, reward_accuracy 0.625, ... (16 pairs, 0.41 s)``."""
+    shown = ("loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps")
+    values = ", ".join(f"{name} {row[f'eval_{name}']:.4g}" for name in shown)
+    return f"eval step {row['step']}: {values} ({row['eval_pairs']} pairs, {row['eval_seconds']:.2f} s)"
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:

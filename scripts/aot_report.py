@@ -107,18 +107,22 @@ def chunk_rows(vocab: int, dtype: torch.dtype) -> int:
 def launch(kernel: str, arch: int, dtype: torch.dtype, vocab: int, bias: bool = False):
     """``(cfg, positional args)`` of a launch, built like the launcher in fused_linear_kernels."""
     rows = chunk_rows(vocab, dtype)
+    # The row stride of the ops' own chunk buffer (padded to common.ROW_ALIGN), built on "meta".
+    buffer = common.chunk_buffer(rows, torch.empty((vocab, DIM), dtype=dtype, device="meta"))
+    stride, v_load = buffer.stride(0), K.load_width(buffer)
     acc = StandIn(torch.float64 if dtype == torch.float64 else torch.float32)
     logits, labels = StandIn(dtype), StandIn(torch.int64)
     if kernel == "_row_lse_kernel":
         cfg = K.lse_config(rows, vocab, dtype, interpret=False)
-        return cfg, (logits, vocab, labels, acc, acc, rows, vocab, IGNORE_INDEX)
+        return cfg, (logits, stride, labels, acc, acc, rows, vocab, v_load, IGNORE_INDEX)
     if kernel == "_row_grad_kernel":
         cfg = K.grad_config(rows, vocab, dtype, has_bias_grad=bias, sm_count=SMS[arch], interpret=False)
-        return cfg, (logits, vocab, labels, acc, acc, acc, rows, vocab, cfg.rows_per_split, IGNORE_INDEX)
+        args = (logits, stride, labels, acc, acc, acc, rows, vocab, v_load, cfg.rows_per_split, IGNORE_INDEX)
+        return cfg, args
     # The GEMM's hidden chunk is an index_select of rows (contiguous, stride D); acc is (V, D) fp32.
     cfg = K.wgrad_config(vocab, DIM, dtype, interpret=False)
     hidden, fp32 = StandIn(dtype), StandIn(torch.float32)
-    return cfg, (logits, vocab, hidden, DIM, fp32, DIM, rows, vocab, DIM)
+    return cfg, (logits, stride, hidden, DIM, fp32, DIM, rows, vocab, DIM)
 
 
 def specialize(kernel: str, arch: int, dtype: torch.dtype, vocab: int, bias: bool):

@@ -224,6 +224,23 @@ def chunk_rows(
     return int(rows)
 
 
+ROW_ALIGN = 64
+"""Chunk buffer rows start every ``ROW_ALIGN`` elements (128 B in bf16), whatever ``V`` is."""
+
+
+def chunk_buffer(rows: int, weight: torch.Tensor) -> torch.Tensor:
+    """The ``(rows, V)`` logits chunk buffer, a view of a ``(rows, V')`` allocation, ``V'`` = ``V``
+    rounded up to :data:`ROW_ALIGN`.
+
+    With an odd vocabulary (32001, 50257) an unpadded row starts at an odd element, so the row passes
+    could not use 16-byte loads anywhere; with the padded stride every row starts 128-byte aligned
+    (the GEMMs write through their leading dimension, cuBLAS ``ldc``). Costs at most 63 elements a row.
+    """
+    vocab = weight.shape[0]
+    padded = -(-vocab // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty((rows, padded), dtype=weight.dtype, device=weight.device)[:, :vocab]
+
+
 def compact_tokens(labels: torch.Tensor, ignore_index: int, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(aligned_labels (N,), idx (n,))``: int64 labels aligned with the rows of ``hidden`` viewed
     as ``(N, D)``, and the sorted flat indices of the rows that score a token (one host sync)."""

@@ -88,11 +88,14 @@ if HAS_TRITON:
         lse_ptr,
         n_rows,
         V,
+        V_LOAD,
         ignore_index,
         ACC: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
+        # V_LOAD >= V: columns loaded (a multiple of 16 when the row's padding may be read, so the
+        # masked loads are 16-byte vectors even for V = 32001); columns >= V count as -inf.
         # One program: BLOCK_M rows, streamed over V in BLOCK_V columns. Every lane keeps its own
         # running (max, sum of exp) in ACC (fp32, fp64 for fp64 logits) and the lanes are reduced once
         # per row after the loop: no block-wide reduction (barrier) inside the loop. One exp per logit:
@@ -108,8 +111,9 @@ if HAS_TRITON:
         s_lane = tl.zeros([BLOCK_M, BLOCK_V], ACC)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            mask = active[:, None] & (cols[None, :] < V)
+            mask = active[:, None] & (cols[None, :] < V_LOAD)
             z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
+            z = tl.where(cols[None, :] < V, z, float("-inf"))
             new_max = z > m_lane
             # -inf logits (and masked lanes) add exp(-inf) = 0; NaN propagates into the sum.
             diff = tl.where(z == float("-inf"), float("-inf"), tl.where(new_max, m_lane - z, z - m_lane))
@@ -135,6 +139,7 @@ if HAS_TRITON:
         bias_grad_ptr,
         n_rows,
         V,
+        V_LOAD,
         rows_per_split,
         ignore_index,
         ACC: tl.constexpr,
@@ -148,6 +153,7 @@ if HAS_TRITON:
         pid_s = tl.program_id(1)
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
+        col_load = cols < V_LOAD  # see _row_lse_kernel: vector loads; stores stop at V
         row_start = pid_s * rows_per_split
         row_end = tl.minimum(row_start + rows_per_split, n_rows)
         bias_acc = tl.zeros([BLOCK_V], ACC)
@@ -159,10 +165,10 @@ if HAS_TRITON:
             lse = tl.load(lse_ptr + rows, mask=active, other=0.0).to(ACC)
             g = tl.load(g_ptr + rows, mask=active, other=0.0).to(ACC)
             ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
-            z = tl.load(ptrs, mask=active[:, None] & col_ok[None, :], other=0.0).to(ACC)
+            z = tl.load(ptrs, mask=active[:, None] & col_load[None, :], other=0.0).to(ACC)
             p = tl.exp(z - lse[:, None])
             onehot = (cols[None, :] == labels[:, None]).to(ACC)
-            d = tl.where(active[:, None], g[:, None] * (onehot - p), 0.0)
+            d = tl.where(active[:, None] & col_ok[None, :], g[:, None] * (onehot - p), 0.0)
             tl.store(ptrs, d.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
             if HAS_BIAS_GRAD:
                 bias_acc += tl.sum(d, axis=0)
@@ -300,6 +306,9 @@ def wgrad_config(vocab: int, dim: int, dtype: torch.dtype, *, interpret: bool = 
     """``_wgrad_kernel`` for ``acc[vocab, dim] += dlogits^T @ hidden`` with ``dtype`` operands."""
     if interpret:
         bv, bd, bk, warps, stages = 64, 64, 64, 4, 1
+    elif dtype == torch.float32:
+        # fp32 operands (exact ieee dots) at 128 x 128 sit at 255 registers and spill: 64 x 64 tiles.
+        bv, bd, bk, warps, stages = 64, 64, 32, 4, 3
     else:
         bv, bd, bk, warps, stages = 128, 128, 64, 8, 3
     # The interpreter's bf16 arithmetic is wrong, and fp32 operands need an exact (ieee) dot.
@@ -328,6 +337,21 @@ def _launch(kernel, cfg: LaunchConfig, *args) -> None:
     fn[cfg.grid](*args, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def load_width(logits: torch.Tensor) -> int:
+    """Columns the row kernels may load: ``V`` rounded up to 16 when every row's padding up to there
+    lies inside the tensor's storage (the fused ops' chunk buffer has a padded row stride), else ``V``.
+
+    Reading a few padding columns is harmless (they are masked to -inf / 0); it lets Triton emit
+    16-byte vector loads, which it cannot for a mask at an odd ``V``. Nothing is ever written there.
+    """
+    rows, vocab = logits.shape
+    padded = -(-vocab // 16) * 16
+    if padded == vocab or rows == 0 or logits.stride(0) < padded:
+        return vocab
+    end = logits.storage_offset() + (rows - 1) * logits.stride(0) + padded
+    return padded if end * logits.element_size() <= logits.untyped_storage().nbytes() else vocab
+
+
 def _row_lse_impl(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +362,10 @@ def _row_lse_impl(
     if n_rows == 0:
         return logp, lse
     cfg = lse_config(n_rows, vocab, logits.dtype)
-    _launch(_row_lse_kernel, cfg, logits, logits.stride(0), labels, logp, lse, n_rows, vocab, ignore_index)
+    _launch(
+        _row_lse_kernel, cfg,
+        logits, logits.stride(0), labels, logp, lse, n_rows, vocab, load_width(logits), ignore_index,
+    )  # fmt: skip
     return logp, lse
 
 
@@ -358,7 +385,7 @@ def _row_grad_impl(
     _launch(
         _row_grad_kernel, cfg,
         logits, logits.stride(0), labels, lse, grad_logp, bias_grad if has_bias else lse,
-        n_rows, vocab, cfg.rows_per_split, ignore_index,
+        n_rows, vocab, load_width(logits), cfg.rows_per_split, ignore_index,
     )  # fmt: skip
 
 

@@ -65,6 +65,7 @@ from synpo_kernels.ops.fused_linear_common import (
     FusedLinearParams,
     GradBuffers,
     acc_weight_dtype,
+    chunk_buffer,
     chunk_rows,
     compact_tokens,
     double_backward_error,
@@ -163,7 +164,7 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
     sum_p = torch.empty(2 * pairs, dtype=acc, device=dev)
     losses = torch.empty(pairs, dtype=acc, device=dev)
     largest = max(t1 - t0 for _, _, t0, t1 in plan.groups)
-    buf = torch.empty((min(largest, max_rows), weight.shape[0]), dtype=weight.dtype, device=dev)
+    buf = chunk_buffer(min(largest, max_rows), weight)
     for g0, g1, t0, t1 in plan.groups:
         n_rows = 2 * (g1 - g0)
         local = plan.local_rows(g0, g1, t0, t1)

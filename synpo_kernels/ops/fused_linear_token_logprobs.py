@@ -36,6 +36,7 @@ from synpo_kernels.ops.fused_linear_common import (
     FusedLinearParams,
     GradBuffers,
     acc_weight_dtype,
+    chunk_buffer,
     chunk_rows,
     compact_tokens,
     double_backward_error,
@@ -70,7 +71,7 @@ def _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index
     lse = torch.empty(n, dtype=acc, device=weight.device)
     if n == 0:
         return logp, lse
-    buf = torch.empty((min(rows, n), weight.shape[0]), dtype=weight.dtype, device=weight.device)
+    buf = chunk_buffer(min(rows, n), weight)
     for t0, t1 in _chunks(n, rows):
         logits = backend.logits(hidden2d.index_select(0, idx[t0:t1]), weight, bias, buf[: t1 - t0])
         lp, ls = backend.row_fwd(logits, labels_c[t0:t1], ignore_index)
@@ -83,7 +84,7 @@ def _backward_chunks(backend, grads, hidden2d, weight, bias, idx, labels_c, lse,
     n = idx.shape[0]
     if n == 0:
         return
-    buf = torch.empty((min(rows, n), weight.shape[0]), dtype=weight.dtype, device=weight.device)
+    buf = chunk_buffer(min(rows, n), weight)
     for t0, t1 in _chunks(n, rows):
         h_c = hidden2d.index_select(0, idx[t0:t1])
         logits = backend.logits(h_c, weight, bias, buf[: t1 - t0])

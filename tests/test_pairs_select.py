@@ -106,9 +106,8 @@ def test_run_select_writes_training_jsonl_and_resumes(tmp_path):
 
 
 def test_trainer_reads_the_selected_pairs(tmp_path):
-    data = pytest.importorskip("synpo.data")
-    if not hasattr(data, "read_preference_jsonl"):
-        pytest.skip("synpo.data has no read_preference_jsonl")
+    from synpo import data
+
     media = tmp_path / "media"
     media.mkdir()
     (media / "keep.mp4").write_bytes(b"placeholder: the reader only checks that the file exists")

@@ -269,3 +269,21 @@ def test_linear_warmup_schedule_matches_transformers():
             ref.step()
     with pytest.raises(ValueError, match="warmup_steps"):
         linear_warmup_schedule(ours_opt, total_steps=5, warmup_steps=6)
+
+
+def test_tied_embeddings_are_exported_once_and_reload_tied(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    config = base_config(
+        tmp_path / "run",
+        model={"tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "tie_word_embeddings": True}},
+        data={"train_file": small_pairs(tmp_path, 4), "min_score_gap": None},
+        train={"max_steps": 1},
+    )
+    result = Trainer(config).train()
+    with safe_open(str(result.final_model_dir / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # one copy
+    model = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -343,7 +343,15 @@ def cpu_state_dict(policy, *, engine, ds_config: dict | None, dist: Dist) -> dic
     if engine is None or zero_stage(ds_config) != 3:
         if not dist.is_main:
             return {}
-        return {k: v.detach().to("cpu").clone() for k, v in policy.state_dict().items()}
+        # One copy per parameter: a tied lm_head and embedding stay one tensor (save_pretrained then
+        # writes it once, as the checkpoints and the ZeRO-3 path below do).
+        clones: dict[int, torch.Tensor] = {}
+        state = {}
+        for key, value in policy.state_dict(keep_vars=True).items():
+            if id(value) not in clones:
+                clones[id(value)] = value.detach().to("cpu").clone()
+            state[key] = clones[id(value)]
+        return state
     import deepspeed
 
     gathered: dict[int, torch.Tensor] = {}

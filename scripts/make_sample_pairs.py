@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the bundled sample preference file ``synpo/data/sample_pairs.jsonl``.
+"""Write the bundled sample preference file ``synpo/assets/sample_pairs.jsonl``.
 
 Deterministic (a fixed seed): video-caption-like scenes, each with a detailed, accurate caption
 (chosen) and a short caption with a hallucinated detail (rejected), judge-style scores, and the
@@ -20,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "synpo" / "data" / "sample_pairs.jsonl"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "synpo" / "assets" / "sample_pairs.jsonl"
 
 PROMPTS = (
     "Describe the video in detail.",

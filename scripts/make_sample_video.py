@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Write a small synthetic video of moving coloured shapes (H.264 in MP4) with PyAV.
 
-The bundled samples under ``synpo/data/videos/`` were made with::
+The bundled samples under ``synpo/assets/videos/`` were made with::
 
-    python scripts/make_sample_video.py synpo/data/videos/shapes_short.mp4 --seconds 6 --seed 0
-    python scripts/make_sample_video.py synpo/data/videos/shapes_long.mp4 --seconds 21 --seed 1
+    python scripts/make_sample_video.py synpo/assets/videos/shapes_short.mp4 --seconds 6 --seed 0
+    python scripts/make_sample_video.py synpo/assets/videos/shapes_long.mp4 --seconds 21 --seed 1
 
 (6 s gives the minimum of 2 clips; 21 s gives floor(21 / 10) + 1 = 3.) The scene is described in
 ``synpo.pairs.synthetic``.

@@ -98,7 +98,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    # JSONL of preference pairs; null uses the bundled sample (synpo/data/sample_pairs.jsonl).
+    # JSONL of preference pairs; null uses the bundled sample (synpo/assets/sample_pairs.jsonl).
     train_file: str | None = None
     # Evaluation pairs: a JSONL in the same formats (read with the same options), or a fraction in
     # (0, 1) of the training pairs held out (chosen with the seed); null: no evaluation.

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
-SAMPLE_PAIRS_PATH = Path(__file__).parent / "data" / "sample_pairs.jsonl"
+SAMPLE_PAIRS_PATH = Path(__file__).parent / "assets" / "sample_pairs.jsonl"
 PLAIN_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -143,10 +143,10 @@ def test_zero3_dpo_with_lora_reference_and_exact_resume(tmp_path):
 # ZeRO's gradient reduction in step) while rank 0 trains normally.
 NAN_ON_RANK_1 = """
 import os, sys
-import synpo.losses as losses
+import synpo.objective as objective
 from synpo.cli import main
 
-real_ops = losses._fused_ops
+real_ops = objective._fused_ops
 calls = [0]
 
 def ops_with_a_nan():
@@ -159,7 +159,7 @@ def ops_with_a_nan():
         return loss, stats
     return loss_fn, sequence_logprobs
 
-losses._fused_ops = ops_with_a_nan
+objective._fused_ops = ops_with_a_nan
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 

@@ -12,7 +12,7 @@ from synpo.pairs import video
 from synpo.pairs.io import resolve_videos
 from synpo.pairs.synthetic import render_frame, write_shapes_video
 
-SAMPLES = Path(__file__).resolve().parents[1] / "synpo" / "data" / "videos"
+SAMPLES = Path(__file__).resolve().parents[1] / "synpo" / "assets" / "videos"
 
 
 @pytest.fixture(scope="module")

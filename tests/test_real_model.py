@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import synpo_kernels as sk
 from synpo.config import ConfigError, LoraConfig, ModelConfig, load_config
 from synpo.data import SAMPLE_PAIRS_PATH, PairEncoder, PreferenceCollator, read_preference_jsonl
-from synpo.losses import PreferenceObjective, backbone_hidden_states, model_inputs, output_embedding
 from synpo.models import apply_lora, load_model
+from synpo.objective import PreferenceObjective, backbone_hidden_states, model_inputs, output_embedding
 from synpo_kernels import reference as R
 
 pytestmark = pytest.mark.slow

@@ -189,9 +189,9 @@ def test_dpo_with_lora_disabled_reference_fused_and_naive(tmp_path):
 
 
 def test_nan_loss_skips_the_micro_batch_and_keeps_the_optimizer_clean(tmp_path, monkeypatch):
-    import synpo.losses as losses_module
+    import synpo.objective as objective_module
 
-    real_ops = losses_module._fused_ops
+    real_ops = objective_module._fused_ops
     calls = {"n": 0}
 
     def ops_with_a_nan():
@@ -204,7 +204,7 @@ def test_nan_loss_skips_the_micro_batch_and_keeps_the_optimizer_clean(tmp_path, 
 
         return loss_fn, sequence_logprobs
 
-    monkeypatch.setattr(losses_module, "_fused_ops", ops_with_a_nan)
+    monkeypatch.setattr(objective_module, "_fused_ops", ops_with_a_nan)
     config = base_config(tmp_path / "nan")
     config["train"]["max_steps"] = 3
     trainer = Trainer(config)

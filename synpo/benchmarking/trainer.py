@@ -1,7 +1,7 @@
 """``synpo bench trainer``: what dropping the reference model buys in a training step.
 
 Four methods on the same model, LoRA adapters and batch, each an optimizer step exactly as the
-trainer's plain path runs it (:class:`synpo.losses.PreferenceObjective` forward, backward, gradient
+trainer's plain path runs it (:class:`synpo.objective.PreferenceObjective` forward, backward, gradient
 clipping, AdamW step):
 
 - ``dpo_reference_naive``: DPO with a reference model (the policy with its LoRA adapters disabled,
@@ -269,7 +269,7 @@ def make_step(model, batch: dict, method: str, autocast: bool = False):
     path does (objective forward, backward, gradient clipping, AdamW) and returns the loss."""
     import torch
 
-    from synpo.losses import PreferenceObjective
+    from synpo.objective import PreferenceObjective
 
     loss_name, impl, _ = METHODS[method]
     objective = PreferenceObjective(

@@ -1,6 +1,6 @@
 """Synthetic test videos: moving coloured shapes encoded with PyAV.
 
-Used by ``scripts/make_sample_video.py`` (the bundled samples under ``synpo/data/videos/``) and by the
+Used by ``scripts/make_sample_video.py`` (the bundled samples under ``synpo/assets/videos/``) and by the
 tests, which make their own short videos. The content is deterministic for a seed: a red square sliding
 left to right, a blue disc bouncing vertically, a green bar sweeping downwards, over a background whose
 brightness changes halfway through (a visible scene change).

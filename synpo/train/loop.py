@@ -6,7 +6,7 @@ One loop serves two back ends:
   optional bf16 autocast;
 - DeepSpeed (ZeRO 1/2/3, offload; launched with ``deepspeed`` or ``torchrun``): the same client
   AdamW and schedule handed to ``deepspeed.initialize``; under ZeRO-3 ``lm_head.weight`` is
-  registered as an external parameter of :class:`~synpo.losses.PreferenceObjective`, so the fused
+  registered as an external parameter of :class:`~synpo.objective.PreferenceObjective`, so the fused
   loss that reads it inside that module's forward gets the gathered weight, in backward as well.
 
 Both use the same data order (:class:`~synpo.data.PairBatchPlan`): one process with accumulation
@@ -58,7 +58,6 @@ from synpo.data import (
     read_preference_jsonl,
     split_eval_examples,
 )
-from synpo.losses import PreferenceObjective
 from synpo.models import (
     apply_lora,
     build_reference,
@@ -66,6 +65,7 @@ from synpo.models import (
     resolve_reference_mode,
     trainable_parameter_count,
 )
+from synpo.objective import PreferenceObjective
 from synpo.reporting import build_reporter, resolve_report_to
 from synpo.run_lock import RunDirLock
 from synpo.train import checkpointing, evaluation

@@ -1,6 +1,6 @@
 """The metric vectors that the training loop and evaluation sum, all-reduce and reduce to logged rows.
 
-Both start with the objective's per-micro-batch sums, laid out as :data:`synpo.losses.METRIC_NAMES`
+Both start with the objective's per-micro-batch sums, laid out as :data:`synpo.objective.METRIC_NAMES`
 (sums over pairs; ``pairs`` divides them into means), followed by the loop's (or evaluation's) own
 sums, named here once so that no other module addresses the vector by position.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from synpo.losses import METRIC_NAMES
+from synpo.objective import METRIC_NAMES
 from synpo.train.engine import peak_memory_mb
 
 __all__ = [

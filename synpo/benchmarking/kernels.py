@@ -74,7 +74,7 @@ IMPLEMENTATIONS = {
         ),
         Implementation(
             "synpo_kernels_torch",
-            "synpo_kernels, impl='torch' (cuBLAS GEMMs + the compiled token op instead of Triton on CUDA)",
+            "synpo_kernels, backend='torch' (cuBLAS GEMMs + the compiled token op instead of Triton on CUDA)",
             ("synpo_loss",),
             opt_in=True,
         ),
@@ -403,7 +403,7 @@ def build_impl(name: str, op: str, context: dict):
             ), note
         return (lambda x: sk.fused_linear_synpo_loss(x["hidden"], x["weight"], x["labels"])), note
     if name in ("synpo_kernels_fp32acc", "synpo_kernels_torch"):
-        options = {"weight_grad_accumulation": "fp32"} if name.endswith("fp32acc") else {"impl": "torch"}
+        options = {"weight_grad_accumulation": "fp32"} if name.endswith("fp32acc") else {"backend": "torch"}
         return (lambda x: sk.fused_linear_synpo_loss(x["hidden"], x["weight"], x["labels"], **options)), note
     if name == "naive":
         if op == "token_logprobs":

@@ -107,7 +107,7 @@ class SynPOConfig(TrainingArguments):
         precompute_ref_log_probs: dpo/ipo: compute the reference log-probs of the datasets once, before
             training, with the initial policy (adapter disabled for a PEFT model).
         precompute_ref_batch_size: batch size of that pass (default: the per-device batch sizes).
-        fused_impl / fused_chunk_bytes: execution options of the fused op (``impl`` / ``chunk_bytes``).
+        fused_backend / fused_chunk_bytes: execution options of the fused op (``backend`` / ``chunk_bytes``).
 
     Data (as TRL's ``DPOConfig``): ``max_length`` (1024; ``None``: no truncation), ``truncation_mode``
     (``"keep_start"`` / ``"keep_end"``), ``pad_to_multiple_of``, ``pad_token``, ``dataset_num_proc``.
@@ -122,7 +122,7 @@ class SynPOConfig(TrainingArguments):
     loss_options: dict[str, Any] | None = field(default=None, metadata={"help": "Other loss options."})
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "dpo/ipo: precompute refs."})
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Precompute batch."})
-    fused_impl: str | None = field(default=None, metadata={"help": "impl= of the fused op."})
+    fused_backend: str | None = field(default=None, metadata={"help": "backend= of the fused op."})
     fused_chunk_bytes: int | None = field(default=None, metadata={"help": "chunk_bytes= of the fused op."})
     max_length: int | None = field(default=1024, metadata={"help": "Max tokens of prompt+completion."})
     truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start or keep_end."})
@@ -484,7 +484,7 @@ class SynPOTrainer(Trainer):
             loss=self.loss_type,
             bias=bias,
             return_stats=True,
-            impl=self.args.fused_impl,
+            backend=self.args.fused_backend,
             chunk_bytes=self.args.fused_chunk_bytes,
             **options,
         )

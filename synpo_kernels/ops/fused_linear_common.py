@@ -21,7 +21,7 @@ Design (both fused linear ops, every device):
   PyTorch fallback when the extension is not built); this is the CPU path, and works on any device.
   ``triton``: the same GEMMs (cuBLAS on GPU) with the row passes as Triton kernels
   (:mod:`.fused_linear_kernels`), the bias gradient fused into the gradient row pass. ``auto``
-  picks Triton for CUDA tensors and torch otherwise; ``impl=`` or ``SYNPO_FUSED_LINEAR_IMPL``
+  picks Triton for CUDA tensors and torch otherwise; ``backend=`` or ``SYNPO_FUSED_LINEAR_BACKEND``
   overrides it (the tests force ``triton`` on CPU under ``TRITON_INTERPRET=1``).
 - **Weight-gradient accumulation.** ``grad_W`` sums over chunks. ``"fp32"`` accumulates in a float32
   ``(V, D)`` buffer (cuBLAS ``addmm(out_dtype=float32)`` in place where available, else a Triton
@@ -60,7 +60,7 @@ from synpo_kernels.ops import fused_linear_kernels as K
 from synpo_kernels.ops.token_logprobs import accumulation_dtype, shift_and_flatten_labels
 
 __all__ = [
-    "IMPLS",
+    "BACKENDS",
     "FusedLinearConfig",
     "FusedLinearParams",
     "GradBuffers",
@@ -69,13 +69,13 @@ __all__ = [
     "compact_tokens",
     "double_backward_error",
     "get_backend",
-    "resolve_impl",
+    "resolve_backend",
     "scaled_gradient",
 ]
 
-IMPLS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton")
 ACCUMULATIONS = ("auto", "fp32", "native")
-_ENV_IMPL = "SYNPO_FUSED_LINEAR_IMPL"
+_ENV_BACKEND = "SYNPO_FUSED_LINEAR_BACKEND"
 _DEFAULT_CHUNK_BYTES_CPU = 64 << 20
 _DEFAULT_CHUNK_BYTES_CUDA = 640 << 20
 _AUTO_FP32_ACCUM_LIMIT = 1 << 30
@@ -85,19 +85,19 @@ _AUTO_FP32_ACCUM_LIMIT = 1 << 30
 class FusedLinearConfig:
     """Non-tensor execution options of the fused linear ops.
 
-    - ``impl``: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``; ``None``
-      reads ``SYNPO_FUSED_LINEAR_IMPL`` (default auto).
+    - ``backend``: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``; ``None``
+      reads ``SYNPO_FUSED_LINEAR_BACKEND`` (default auto).
     - ``chunk_bytes``: bound of the logits chunk buffer; ``None`` = 64 MiB on CPU, 640 MiB on CUDA.
     - ``weight_grad_accumulation``: ``"auto"``, ``"fp32"`` or ``"native"`` (module docstring).
     """
 
-    impl: str | None = None
+    backend: str | None = None
     chunk_bytes: int | None = None
     weight_grad_accumulation: str = "auto"
 
     def __post_init__(self):
-        if self.impl is not None and self.impl not in IMPLS:
-            raise ValueError(f"impl: expected one of {IMPLS} or None, got {self.impl!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} or None, got {self.backend!r}")
         if self.chunk_bytes is not None and (
             isinstance(self.chunk_bytes, bool)
             or not isinstance(self.chunk_bytes, int)
@@ -116,8 +116,8 @@ class FusedLinearParams:
     """Every non-tensor option of one fused linear op call (Cut Cross-Entropy's ``CCEParams``).
 
     - ``ignore_index``, ``shift``: label conventions (Hugging Face ``-100``, shift by one).
-    - ``config``: the user's execution options; ``impl``: the backend resolved for the call's
-      device (``"torch"`` or ``"triton"``, :func:`resolve_impl`).
+    - ``config``: the user's execution options; ``backend``: the backend resolved for the call's
+      device (``"torch"`` or ``"triton"``, :func:`resolve_backend`).
     - ``spec``: the preference loss and its options (``None`` for the token op).
     - ``grad_hidden`` / ``grad_weight`` / ``grad_bias``: which gradients to compute (the preference
       op in its forward, the token op's backward op in its backward); ``False`` under
@@ -130,7 +130,7 @@ class FusedLinearParams:
     ignore_index: int
     shift: bool
     config: FusedLinearConfig
-    impl: str
+    backend: str
     spec: LossSpec | None = None
     grad_hidden: bool = False
     grad_weight: bool = False
@@ -141,8 +141,8 @@ class FusedLinearParams:
         spec_args = None if spec is None else (spec.name, spec.options, spec.tensor_options)
         return repr(
             (
-                self.ignore_index, self.shift, c.impl, c.chunk_bytes, c.weight_grad_accumulation,
-                self.impl, spec_args, self.grad_hidden, self.grad_weight, self.grad_bias,
+                self.ignore_index, self.shift, c.backend, c.chunk_bytes, c.weight_grad_accumulation,
+                self.backend, spec_args, self.grad_hidden, self.grad_weight, self.grad_bias,
             )
         )  # fmt: skip
 
@@ -153,9 +153,11 @@ class FusedLinearParams:
 
 @functools.lru_cache(maxsize=512)
 def _decode_params(text: str) -> FusedLinearParams:
-    ignore_index, shift, impl_opt, chunk_bytes, accumulation, impl, spec, gh, gw, gb = ast.literal_eval(text)
+    ignore_index, shift, backend_opt, chunk_bytes, accumulation, backend, spec, gh, gw, gb = ast.literal_eval(
+        text
+    )
     return FusedLinearParams(
-        ignore_index, shift, FusedLinearConfig(impl_opt, chunk_bytes, accumulation), impl,
+        ignore_index, shift, FusedLinearConfig(backend_opt, chunk_bytes, accumulation), backend,
         None if spec is None else LossSpec(*spec), gh, gw, gb,
     )  # fmt: skip
 
@@ -177,15 +179,15 @@ def double_backward_error(op: str, alternative: str) -> RuntimeError:
     )
 
 
-def resolve_impl(impl: str | None, device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device) -> str:
     """``"torch"`` or ``"triton"`` for tensors on ``device``."""
-    if impl is None:
-        impl = os.environ.get(_ENV_IMPL, "auto") or "auto"
-        if impl not in IMPLS:
-            raise ValueError(f"{_ENV_IMPL}: expected one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
+    if backend is None:
+        backend = os.environ.get(_ENV_BACKEND, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{_ENV_BACKEND}: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
         return "triton" if device.type == "cuda" and K.triton_usable_on(device) else "torch"
-    if impl == "triton" and not K.triton_usable_on(device):
+    if backend == "triton" and not K.triton_usable_on(device):
         if not K.HAS_TRITON:
             why = "Triton is not installed"
         elif device.type == "cpu":
@@ -194,8 +196,8 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
             why = "TRITON_INTERPRET=1 is set, so kernels run in the interpreter (CPU tensors only)"
         else:
             why = f"no Triton support for device {device.type}"
-        raise ValueError(f"impl: 'triton' cannot run here: {why}")
-    return impl
+        raise ValueError(f"backend: 'triton' cannot run here: {why}")
+    return backend
 
 
 def acc_weight_dtype(weight: torch.Tensor, accumulation: str) -> torch.dtype:

@@ -71,7 +71,7 @@ from synpo_kernels.ops.fused_linear_common import (
     double_backward_error,
     get_backend,
     hidden_rows,
-    resolve_impl,
+    resolve_backend,
     scaled_gradient,
 )
 from synpo_kernels.ops.token_logprobs import accumulation_dtype
@@ -222,7 +222,7 @@ def _fused_linear_preference_op(hidden, weight, bias, labels, ref_logps, params)
     p = FusedLinearParams.decode(params)
     spec = p.spec
     check_label_range("labels", labels, weight.shape[0], p.ignore_index)
-    backend = get_backend(p.impl)
+    backend = get_backend(p.backend)
     w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
     max_rows = chunk_rows(p.config, weight, backend.name, w_acc)
     empty_reason = empty_row_reason(spec, hidden.shape[0] // 2)
@@ -300,7 +300,7 @@ def _preference(hidden, weight, labels, bias, spec: LossSpec, tensors, ignore_in
     check_tensor_options(tensors, hidden.shape[0], hidden.device)
     grad_on = torch.is_grad_enabled()
     params = FusedLinearParams(
-        ignore_index, bool(shift), config, resolve_impl(config.impl, hidden.device), spec,
+        ignore_index, bool(shift), config, resolve_backend(config.backend, hidden.device), spec,
         grad_hidden=grad_on and hidden.requires_grad,
         grad_weight=grad_on and weight.requires_grad,
         grad_bias=grad_on and bias is not None and bias.requires_grad,
@@ -322,7 +322,7 @@ def fused_linear_preference_loss(
     ignore_index: int = IGNORE_INDEX,
     shift: bool = True,
     return_stats: bool = False,
-    impl: str | None = None,
+    backend: str | None = None,
     chunk_bytes: int | None = None,
     weight_grad_accumulation: str = "auto",
     **loss_options,
@@ -341,7 +341,7 @@ def fused_linear_preference_loss(
         return_stats: also return :class:`~synpo_kernels.losses.PreferenceStats` (chosen/rejected
             mean log-prob, chosen mean probability, reward margin, counts, per-pair losses),
             computed in the same pass.
-        impl, chunk_bytes, weight_grad_accumulation: execution options,
+        backend, chunk_bytes, weight_grad_accumulation: execution options,
             see :class:`~synpo_kernels.ops.fused_linear_common.FusedLinearConfig`.
 
     Returns:
@@ -352,7 +352,7 @@ def fused_linear_preference_loss(
     ``[0, V)``, or mismatched shapes; ``TypeError`` for wrong dtypes or unknown loss options.
     """
     spec, tensors = make_loss_spec(loss, **loss_options)
-    config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
+    config = FusedLinearConfig(backend, chunk_bytes, weight_grad_accumulation)
     value, stats, losses, tensors = _preference(
         hidden, weight, labels, bias, spec, tensors, ignore_index, shift, config
     )
@@ -372,7 +372,7 @@ def fused_linear_synpo_loss(
     ignore_index: int = IGNORE_INDEX,
     shift: bool = True,
     return_stats: bool = False,
-    impl: str | None = None,
+    backend: str | None = None,
     chunk_bytes: int | None = None,
     weight_grad_accumulation: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
@@ -383,7 +383,7 @@ def fused_linear_synpo_loss(
     """
     return fused_linear_preference_loss(
         hidden, weight, labels, loss="synpo", bias=bias, ignore_index=ignore_index, shift=shift,
-        return_stats=return_stats, impl=impl, chunk_bytes=chunk_bytes,
+        return_stats=return_stats, backend=backend, chunk_bytes=chunk_bytes,
         weight_grad_accumulation=weight_grad_accumulation, alpha=alpha, beta=beta,
     )  # fmt: skip
 
@@ -409,7 +409,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         shift: bool = True,
         *,
         return_stats: bool = False,
-        impl: str | None = None,
+        backend: str | None = None,
         chunk_bytes: int | None = None,
         weight_grad_accumulation: str = "auto",
         **loss_options,
@@ -422,14 +422,14 @@ class FusedLinearPreferenceLoss(nn.Module):
         self.shift = shift
         self.return_stats = return_stats
         self.options = loss_options
-        self.config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
+        self.config = FusedLinearConfig(backend, chunk_bytes, weight_grad_accumulation)
         self.last_stats: PreferenceStats | None = None
 
     def forward(self, hidden, weight, labels, bias=None, **per_call):
         c = self.config
         value, stats = fused_linear_preference_loss(
             hidden, weight, labels, loss=self.loss, bias=bias, ignore_index=self.ignore_index,
-            shift=self.shift, return_stats=True, impl=c.impl, chunk_bytes=c.chunk_bytes,
+            shift=self.shift, return_stats=True, backend=c.backend, chunk_bytes=c.chunk_bytes,
             weight_grad_accumulation=c.weight_grad_accumulation, **{**self.options, **per_call},
         )  # fmt: skip
         self.last_stats = stats
@@ -453,11 +453,11 @@ class FusedLinearSynPOLoss(FusedLinearPreferenceLoss):
         shift: bool = True,
         *,
         return_stats: bool = False,
-        impl: str | None = None,
+        backend: str | None = None,
         chunk_bytes: int | None = None,
         weight_grad_accumulation: str = "auto",
     ):
         super().__init__(
-            "synpo", ignore_index, shift, return_stats=return_stats, impl=impl, chunk_bytes=chunk_bytes,
+            "synpo", ignore_index, shift, return_stats=return_stats, backend=backend, chunk_bytes=chunk_bytes,
             weight_grad_accumulation=weight_grad_accumulation, alpha=alpha, beta=beta,
         )  # fmt: skip

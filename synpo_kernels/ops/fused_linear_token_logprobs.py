@@ -42,7 +42,7 @@ from synpo_kernels.ops.fused_linear_common import (
     double_backward_error,
     get_backend,
     hidden_rows,
-    resolve_impl,
+    resolve_backend,
 )
 from synpo_kernels.ops.token_logprobs import accumulation_dtype
 from synpo_kernels.reference import IGNORE_INDEX
@@ -111,7 +111,7 @@ _BWD = "synpo_kernels::fused_linear_token_logprobs_bwd"
 def _fwd_op(hidden, weight, bias, labels, params):
     p = FusedLinearParams.decode(params)
     check_label_range("labels", labels, weight.shape[0], p.ignore_index)
-    backend = get_backend(p.impl)
+    backend = get_backend(p.backend)
     aligned, idx = compact_tokens(labels, p.ignore_index, p.shift)
     labels_c = aligned.index_select(0, idx)
     w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
@@ -143,7 +143,7 @@ def _fwd_fake(hidden, weight, bias, labels, params):
 )
 def _bwd_op(grad_logp, hidden, weight, bias, labels, lse, params):
     p = FusedLinearParams.decode(params)
-    backend = get_backend(p.impl)
+    backend = get_backend(p.backend)
     aligned, idx = compact_tokens(labels, p.ignore_index, p.shift)
     labels_c = aligned.index_select(0, idx)
     w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
@@ -209,7 +209,7 @@ def _prepare(hidden, weight, labels, bias, ignore_index, config):
     check_labels_match("labels", labels, hidden)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    return resolve_impl(config.impl, hidden.device)
+    return resolve_backend(config.backend, hidden.device)
 
 
 def fused_linear_token_logprobs(
@@ -220,7 +220,7 @@ def fused_linear_token_logprobs(
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     shift: bool = True,
-    impl: str | None = None,
+    backend: str | None = None,
     chunk_bytes: int | None = None,
     weight_grad_accumulation: str = "auto",
 ) -> torch.Tensor:
@@ -234,7 +234,7 @@ def fused_linear_token_logprobs(
         bias: optional ``(V,)``.
         ignore_index: label value with no target (prompt, video/image tokens, padding).
         shift: the logits at ``t - 1`` score ``labels[..., t]`` (causal LM); ``False``: at ``t``.
-        impl, chunk_bytes, weight_grad_accumulation: execution options,
+        backend, chunk_bytes, weight_grad_accumulation: execution options,
             see :class:`~synpo_kernels.ops.fused_linear_common.FusedLinearConfig`.
 
     Returns:
@@ -243,9 +243,9 @@ def fused_linear_token_logprobs(
         Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` under any per-token upstream
         gradient (the backward recomputes the logits chunk by chunk).
     """
-    config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
-    impl_name = _prepare(hidden, weight, labels, bias, ignore_index, config)
-    params = FusedLinearParams(ignore_index, bool(shift), config, impl_name)
+    config = FusedLinearConfig(backend, chunk_bytes, weight_grad_accumulation)
+    backend_name = _prepare(hidden, weight, labels, bias, ignore_index, config)
+    params = FusedLinearParams(ignore_index, bool(shift), config, backend_name)
     logp, _lse = _fwd_op(hidden, weight, bias, labels, params.encode())
     return logp
 
@@ -259,7 +259,7 @@ def fused_linear_sequence_logprobs(
     ignore_index: int = IGNORE_INDEX,
     shift: bool = True,
     average: bool = True,
-    impl: str | None = None,
+    backend: str | None = None,
     chunk_bytes: int | None = None,
     weight_grad_accumulation: str = "auto",
 ) -> torch.Tensor:
@@ -270,7 +270,7 @@ def fused_linear_sequence_logprobs(
     Differentiable otherwise. A row with no response token raises ``ValueError`` when averaging.
     """
     token_logp = fused_linear_token_logprobs(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, impl=impl,
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, backend=backend,
         chunk_bytes=chunk_bytes, weight_grad_accumulation=weight_grad_accumulation,
     )  # fmt: skip
     total = token_logp.sum(-1)  # ignored positions hold exact zeros
@@ -297,20 +297,20 @@ class FusedLinearTokenLogprobs(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         shift: bool = True,
         *,
-        impl: str | None = None,
+        backend: str | None = None,
         chunk_bytes: int | None = None,
         weight_grad_accumulation: str = "auto",
     ):
         super().__init__()
         self.ignore_index = ignore_index
         self.shift = shift
-        self.config = FusedLinearConfig(impl, chunk_bytes, weight_grad_accumulation)
+        self.config = FusedLinearConfig(backend, chunk_bytes, weight_grad_accumulation)
 
     def forward(self, hidden, weight, labels, bias=None) -> torch.Tensor:
         c = self.config
         return fused_linear_token_logprobs(
             hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, shift=self.shift,
-            impl=c.impl, chunk_bytes=c.chunk_bytes, weight_grad_accumulation=c.weight_grad_accumulation,
+            backend=c.backend, chunk_bytes=c.chunk_bytes, weight_grad_accumulation=c.weight_grad_accumulation,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ import synpo_kernels as sk
 from synpo_kernels.ops import fused_linear_kernels as K
 
 _NO_TRITON = not K.triton_usable_on(torch.device("cpu"))
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton here"))]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton here"))]
 LOSSES = ["synpo", "dpo", "simpo", "orpo"]
 
 
@@ -35,18 +35,18 @@ def loss_options(loss, ref):
     return {"ref_logps": ref} if loss == "dpo" else {}
 
 
-def fused_preference(loss, impl):
+def fused_preference(loss, backend):
     def run(h, w, b, y, ref):
         return sk.fused_linear_preference_loss(
-            h, w, y, loss=loss, bias=b, impl=impl, **loss_options(loss, ref)
+            h, w, y, loss=loss, bias=b, backend=backend, **loss_options(loss, ref)
         )
 
     return run
 
 
-def fused_tokens(impl):
+def fused_tokens(backend):
     def run(h, w, b, y, ref):
-        logp = sk.fused_linear_token_logprobs(h, w, y, bias=b, impl=impl)
+        logp = sk.fused_linear_token_logprobs(h, w, y, bias=b, backend=backend)
         return (logp * torch.linspace(-1, 2, logp.numel(), dtype=logp.dtype).view_as(logp)).sum()
 
     return run
@@ -58,11 +58,11 @@ def token_op(h, w, b, y, ref):
 
 def cases():
     out = [
-        pytest.param(fused_preference(loss, impl), id=f"preference-{loss}-{impl}")
+        pytest.param(fused_preference(loss, backend), id=f"preference-{loss}-{backend}")
         for loss in LOSSES
-        for impl in ("torch", "triton")
+        for backend in ("torch", "triton")
     ]
-    out += [pytest.param(fused_tokens(impl), id=f"tokens-{impl}") for impl in ("torch", "triton")]
+    out += [pytest.param(fused_tokens(backend), id=f"tokens-{backend}") for backend in ("torch", "triton")]
     out.append(pytest.param(token_op, id="token_logprobs"))
     return out
 
@@ -195,11 +195,13 @@ def test_synpo_loss_double_backward_matches_float64_reference():
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["synpo", "dpo"])
-def test_fused_preference_double_backward_is_a_clear_error(loss, impl):
+def test_fused_preference_double_backward_is_a_clear_error(loss, backend):
     h, w, b, y, ref = batch(seed=4)
-    out = sk.fused_linear_preference_loss(h, w, y, loss=loss, bias=b, impl=impl, **loss_options(loss, ref))
+    out = sk.fused_linear_preference_loss(
+        h, w, y, loss=loss, bias=b, backend=backend, **loss_options(loss, ref)
+    )
     with pytest.raises(
         RuntimeError, match="double backward through fused_linear_preference_loss is not supported"
     ):
@@ -207,10 +209,10 @@ def test_fused_preference_double_backward_is_a_clear_error(loss, impl):
         torch.autograd.grad(gw.pow(2).sum(), w)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_fused_token_logprobs_double_backward_is_a_clear_error(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_token_logprobs_double_backward_is_a_clear_error(backend):
     h, w, b, y, _ = batch(seed=5)
-    out = sk.fused_linear_token_logprobs(h, w, y, bias=b, impl=impl).sum()
+    out = sk.fused_linear_token_logprobs(h, w, y, bias=b, backend=backend).sum()
     (gw,) = torch.autograd.grad(out, w, create_graph=True)
     with pytest.raises(
         RuntimeError, match="double backward through fused_linear_token_logprobs is not supported"

@@ -19,7 +19,7 @@ from synpo_kernels.ops import fused_linear_kernels as K
 from synpo_kernels.ops.fused_linear_common import FusedLinearConfig, FusedLinearParams
 
 _NO_TRITON = not K.triton_usable_on(torch.device("cpu"))
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton here"))]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton here"))]
 MODES = ("grad", "no_grad", "frozen_weight")
 
 
@@ -76,16 +76,16 @@ def run_mode(fn, compiled, hidden, weight, bias, labels, mode):
         assert_same(t, e)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("loss", list(sk.LOSSES))
-def test_preference_loss_fullgraph_matches_eager(loss, bias, impl):
+def test_preference_loss_fullgraph_matches_eager(loss, bias, backend):
     hidden, weight, b, labels, ref = batch(bias=bias, seed=len(loss))
     opts = {"ref_logps": ref} if sk.LOSSES[loss].needs_reference else {}
 
     def fn(h, w, b, y):
         out, stats = sk.fused_linear_preference_loss(
-            h, w, y, loss=loss, bias=b, impl=impl, return_stats=True, chunk_bytes=9 * 17 * 4, **opts
+            h, w, y, loss=loss, bias=b, backend=backend, return_stats=True, chunk_bytes=9 * 17 * 4, **opts
         )
         return out, stats.chosen_logps, stats.rejected_logps, stats.reward_margin, stats.pair_losses
 
@@ -94,14 +94,14 @@ def test_preference_loss_fullgraph_matches_eager(loss, bias, impl):
         run_mode(fn, compiled, hidden, weight, b, labels, mode)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_token_logprobs_fullgraph_matches_eager(bias, impl):
+def test_token_logprobs_fullgraph_matches_eager(bias, backend):
     hidden, weight, b, labels, _ = batch(bias=bias, seed=7)
     scale = torch.linspace(-1.0, 2.0, labels.numel()).view(labels.shape)
 
     def fn(h, w, b, y):
-        logp = sk.fused_linear_token_logprobs(h, w, y, bias=b, impl=impl, chunk_bytes=5 * 17 * 4)
+        logp = sk.fused_linear_token_logprobs(h, w, y, bias=b, backend=backend, chunk_bytes=5 * 17 * 4)
         return ((logp * scale).sum(), logp)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -114,8 +114,8 @@ def test_inductor_end_to_end():
     hidden, weight, b, labels, _ = batch(seed=11)
 
     def fn(h, w, b, y):
-        loss = sk.fused_linear_synpo_loss(torch.tanh(h) * 2, w, y, bias=b, impl="torch")
-        tokens = sk.fused_linear_token_logprobs(h, w, y, bias=b, impl="torch")
+        loss = sk.fused_linear_synpo_loss(torch.tanh(h) * 2, w, y, bias=b, backend="torch")
+        tokens = sk.fused_linear_token_logprobs(h, w, y, bias=b, backend="torch")
         return (loss + tokens.sum() * 1e-2,)
 
     run_mode(fn, torch.compile(fn, fullgraph=True), hidden, weight, b, labels, "grad")
@@ -129,26 +129,26 @@ def test_inductor_end_to_end():
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def _params(impl, spec=None, grads=(True, True, True)):
+def _params(backend, spec=None, grads=(True, True, True)):
     return FusedLinearParams(
-        -100, True, FusedLinearConfig(chunk_bytes=9 * 17 * 8), impl, spec, *grads
+        -100, True, FusedLinearConfig(chunk_bytes=9 * 17 * 8), backend, spec, *grads
     ).encode()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["synpo", "dpo"])
-def test_opcheck_preference_op(loss, impl):
+def test_opcheck_preference_op(loss, backend):
     hidden, weight, b, labels, ref = batch(dtype=torch.float64, seed=3)
     h, w, b = leaves(hidden, weight, b, "grad")
     spec = loss_spec(loss)
-    params = _params(impl, spec)
+    params = _params(backend, spec)
     torch.library.opcheck(
         torch.ops.synpo_kernels.fused_linear_preference_loss.default,
         (h, w, b, labels, ref.double() if spec.tensor_options else None, params),
         test_utils=OPCHECK_UTILS,
     )
     # Without gradients (torch.no_grad(), frozen lm_head): the gradient outputs are empty.
-    no_grads = _params(impl, spec, (False, False, False))
+    no_grads = _params(backend, spec, (False, False, False))
     torch.library.opcheck(
         torch.ops.synpo_kernels.fused_linear_preference_loss.default,
         (
@@ -163,21 +163,21 @@ def test_opcheck_preference_op(loss, impl):
     )
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_opcheck_token_logprobs_ops(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_token_logprobs_ops(backend):
     hidden, weight, b, labels, _ = batch(dtype=torch.float64, seed=4)
     h, w, b = leaves(hidden, weight, b, "grad")
     torch.library.opcheck(
         torch.ops.synpo_kernels.fused_linear_token_logprobs.default,
-        (h, w, b, labels, _params(impl, grads=(False, False, False))),
+        (h, w, b, labels, _params(backend, grads=(False, False, False))),
         test_utils=OPCHECK_UTILS,
     )
     logp, lse = torch.ops.synpo_kernels.fused_linear_token_logprobs(
-        hidden.double(), weight.double(), None, labels, _params(impl, grads=(False, False, False))
+        hidden.double(), weight.double(), None, labels, _params(backend, grads=(False, False, False))
     )
     torch.library.opcheck(
         torch.ops.synpo_kernels.fused_linear_token_logprobs_bwd.default,
-        (torch.randn_like(logp), hidden.double(), weight.double(), None, labels, lse, _params(impl)),
+        (torch.randn_like(logp), hidden.double(), weight.double(), None, labels, lse, _params(backend)),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
 

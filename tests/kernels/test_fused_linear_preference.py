@@ -23,7 +23,7 @@ from synpo_kernels.ops.fused_linear_preference import _Plan
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 _NO_TRITON = not K.triton_usable_on(torch.device(DEVICE))
-IMPLS = [
+BACKENDS = [
     "torch",
     pytest.param(
         "triton", marks=pytest.mark.skipif(_NO_TRITON, reason="Triton not runnable (no CUDA, no interpreter)")
@@ -96,24 +96,24 @@ def assert_close(actual, ref, plain, dtype, name, factor=4.0, reduction=512):
     assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (plain {dtype} error {plain_err:.3e})"
 
 
-def run_fused(hidden, weight, bias, labels, loss, opts, impl, **kw):
+def run_fused(hidden, weight, bias, labels, loss, opts, backend, **kw):
     out, stats = sk.fused_linear_preference_loss(
-        hidden, weight, labels, loss=loss, bias=bias, impl=impl, return_stats=True, **opts, **kw
+        hidden, weight, labels, loss=loss, bias=bias, backend=backend, return_stats=True, **opts, **kw
     )
     inputs = [x for x in (hidden, weight, bias) if x is not None]
     return out, torch.autograd.grad(out, inputs), stats
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", sorted(LOSS_OPTIONS))
-def test_every_loss_float64_exact(loss, impl):
+def test_every_loss_float64_exact(loss, backend):
     """The general path (stats -> autograd coefficients -> a + b p_t) is exact for every loss."""
     hidden, weight, bias, labels = make_batch(
         3, 13, 40, 97, torch.float64, seed=sorted(LOSS_OPTIONS).index(loss)
     )
     opts = ref_options(loss, 6)
     # Small chunks: several chunks of whole pairs.
-    out, grads, _ = run_fused(hidden, weight, bias, labels, loss, opts, impl, chunk_bytes=14 * 97 * 8)
+    out, grads, _ = run_fused(hidden, weight, bias, labels, loss, opts, backend, chunk_bytes=14 * 97 * 8)
     (ref, ref_grads), _ = reference_and_plain(hidden, weight, bias, labels, loss, opts)
     assert out.dtype == torch.float64 and out.shape == ()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -121,13 +121,13 @@ def test_every_loss_float64_exact(loss, impl):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=f"grad {name} ({loss})")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss", ["synpo", "dpo"])
-def test_dtypes_against_plain_pytorch(dtype, loss, impl):
+def test_dtypes_against_plain_pytorch(dtype, loss, backend):
     hidden, weight, bias, labels = make_batch(3, 14, 40, 131, dtype, seed=7)
     opts = ref_options(loss, 6, seed=3)
-    out, grads, _ = run_fused(hidden, weight, bias, labels, loss, opts, impl, chunk_bytes=16 * 131 * 6)
+    out, grads, _ = run_fused(hidden, weight, bias, labels, loss, opts, backend, chunk_bytes=16 * 131 * 6)
     (ref, ref_grads), (plain, plain_grads) = reference_and_plain(hidden, weight, bias, labels, loss, opts)
     assert out.dtype == torch.float32
     assert_close(out, ref, plain, dtype, "loss")
@@ -136,12 +136,12 @@ def test_dtypes_against_plain_pytorch(dtype, loss, impl):
         assert_close(g, r, p, dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("accumulation", ["fp32", "native"])
-def test_weight_grad_accumulation_modes(accumulation, impl):
+def test_weight_grad_accumulation_modes(accumulation, backend):
     hidden, weight, bias, labels = make_batch(4, 12, 72, 101, torch.bfloat16, seed=11)
     _, grads, _ = run_fused(
-        hidden, weight, bias, labels, "synpo", {}, impl, chunk_bytes=10 * 101 * 6,
+        hidden, weight, bias, labels, "synpo", {}, backend, chunk_bytes=10 * 101 * 6,
         weight_grad_accumulation=accumulation,
     )  # fmt: skip
     (_, ref_grads), (_, plain_grads) = reference_and_plain(hidden, weight, bias, labels, "synpo", {})
@@ -149,9 +149,9 @@ def test_weight_grad_accumulation_modes(accumulation, impl):
     assert_close(grads[0], ref_grads[0], plain_grads[0], torch.bfloat16, "grad hidden")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["synpo", "orpo"])
-def test_chunking_invariance_and_oversized_pairs(loss, impl, monkeypatch):
+def test_chunking_invariance_and_oversized_pairs(loss, backend, monkeypatch):
     """One chunk, chunks of several pairs, a buffer grown to fit a pair, and pairs split over
     sub-chunks (two passes, buffer growth disabled) all agree (orpo: its pooled NLL is a batch
     constant passed to every chunk)."""
@@ -168,7 +168,7 @@ def test_chunking_invariance_and_oversized_pairs(loss, impl, monkeypatch):
             assert any(t1 - t0 > 3 for *_, t0, t1 in plan.groups)  # some pairs are split: two passes
         else:
             assert plan.max_rows >= largest  # every pair fits the (grown) buffer
-        results.append(run_fused(hidden, weight, bias, labels, loss, {}, impl, chunk_bytes=rows * 61 * 8))
+        results.append(run_fused(hidden, weight, bias, labels, loss, {}, backend, chunk_bytes=rows * 61 * 8))
     for out, grads, _ in results[1:]:
         torch.testing.assert_close(out, results[0][0], rtol=1e-12, atol=1e-13)
         for g, g0 in zip(grads, results[0][1]):
@@ -194,33 +194,33 @@ def test_plan_groups_whole_pairs():
     )
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_grad_output_scaling_and_partial_grads(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_output_scaling_and_partial_grads(backend):
     hidden, weight, bias, labels = make_batch(2, 11, 24, 53, torch.float64, seed=9)
-    out, grads, _ = run_fused(hidden, weight, bias, labels, "synpo", {}, impl)
-    scaled = sk.fused_linear_synpo_loss(hidden, weight, labels, bias=bias, impl=impl) * -2.5
+    out, grads, _ = run_fused(hidden, weight, bias, labels, "synpo", {}, backend)
+    scaled = sk.fused_linear_synpo_loss(hidden, weight, labels, bias=bias, backend=backend) * -2.5
     scaled_grads = torch.autograd.grad(scaled, (hidden, weight, bias))
     for g, s in zip(grads, scaled_grads):
         torch.testing.assert_close(s, -2.5 * g, rtol=1e-12, atol=1e-14)
     # Frozen lm_head (LoRA): only the hidden gradient is computed, and it is the same.
     frozen = weight.detach()
-    loss = sk.fused_linear_synpo_loss(hidden, frozen, labels, impl=impl)
+    loss = sk.fused_linear_synpo_loss(hidden, frozen, labels, backend=backend)
     (gh,) = torch.autograd.grad(loss, (hidden,))
     ref = R.synpo_loss_ref(R.linear_logits_ref(hidden, frozen), labels)
     torch.testing.assert_close(gh, torch.autograd.grad(ref, (hidden,))[0], rtol=1e-10, atol=1e-13)
     # No grad: same value, nothing kept.
     with torch.no_grad():
-        value = sk.fused_linear_synpo_loss(hidden, weight, labels, bias=bias, impl=impl)
+        value = sk.fused_linear_synpo_loss(hidden, weight, labels, bias=bias, backend=backend)
     assert not value.requires_grad
     torch.testing.assert_close(value, out.detach(), rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_no_shift_and_custom_ignore_index(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_shift_and_custom_ignore_index(backend):
     hidden, weight, _, labels = make_batch(2, 10, 16, 29, torch.float64, bias=False, seed=4)
     labels = torch.where(labels == -100, torch.full_like(labels, -1), labels)
     out = sk.fused_linear_synpo_loss(
-        hidden, weight, labels, shift=False, ignore_index=-1, impl=impl, beta=0.7
+        hidden, weight, labels, shift=False, ignore_index=-1, backend=backend, beta=0.7
     )
     gh, gw = torch.autograd.grad(out, (hidden, weight))
     ref = R.synpo_loss_ref(
@@ -232,11 +232,11 @@ def test_no_shift_and_custom_ignore_index(impl):
     torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_large_odd_vocabulary(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_odd_vocabulary(backend):
     """V > 65536 and not a multiple of any block size (fp32: cuBLAS/CPU GEMMs + row kernels)."""
     hidden, weight, bias, labels = make_batch(1, 6, 12, 70_001, torch.float32, seed=13)
-    out, grads, _ = run_fused(hidden, weight, bias, labels, "synpo", {}, impl, chunk_bytes=3 * 70_001 * 4)
+    out, grads, _ = run_fused(hidden, weight, bias, labels, "synpo", {}, backend, chunk_bytes=3 * 70_001 * 4)
     (ref, ref_grads), (plain, plain_grads) = reference_and_plain(hidden, weight, bias, labels, "synpo", {})
     assert_close(out, ref, plain, torch.float32, "loss", reduction=70_001)
     for name, g, r, p in zip(("hidden", "weight", "bias"), grads, ref_grads, plain_grads):
@@ -337,8 +337,8 @@ def test_input_errors():
         sk.fused_linear_preference_loss(hidden, weight, labels, loss="kto")
     with pytest.raises(TypeError, match="alpha: expected a number, got str"):
         f(hidden, weight, labels, alpha="30")
-    with pytest.raises(ValueError, match="impl"):
-        f(hidden, weight, labels, impl="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        f(hidden, weight, labels, backend="cuda")
     with pytest.raises(ValueError, match="chunk_bytes"):
         f(hidden, weight, labels, chunk_bytes=0)
     with pytest.raises(ValueError, match="weight_grad_accumulation"):
@@ -348,8 +348,8 @@ def test_input_errors():
 @pytest.mark.skipif(K.INTERPRET, reason="checks the error raised when the interpreter is off")
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     hidden, weight, _, labels = make_batch(1, 6, 8, 11, torch.float32, device="cpu")
-    with pytest.raises(ValueError, match="impl: 'triton' cannot run here"):
-        sk.fused_linear_synpo_loss(hidden, weight, labels, impl="triton")
+    with pytest.raises(ValueError, match="backend: 'triton' cannot run here"):
+        sk.fused_linear_synpo_loss(hidden, weight, labels, backend="triton")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="device-memory accounting needs a CUDA device (CPU: benchmarks)")

@@ -19,7 +19,7 @@ from synpo_kernels.ops import fused_linear_kernels as K
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 _NO_TRITON = not K.triton_usable_on(torch.device(DEVICE))
-IMPLS = [
+BACKENDS = [
     "torch",
     pytest.param(
         "triton", marks=pytest.mark.skipif(_NO_TRITON, reason="Triton not runnable (no CUDA, no interpreter)")
@@ -64,13 +64,13 @@ def reference_grads(hidden, weight, bias, labels, upstream, *, shift=True, dtype
     return out, grads
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_outputs_and_grads_per_token_upstream(dtype, with_bias, impl):
+def test_outputs_and_grads_per_token_upstream(dtype, with_bias, backend):
     hidden, weight, bias, labels = make_inputs((2, 3), 9, 40, 113, dtype, bias=with_bias, seed=3)
     out = sk.fused_linear_token_logprobs(
-        hidden, weight, labels, bias=bias, impl=impl, chunk_bytes=7 * 113 * 8
+        hidden, weight, labels, bias=bias, backend=backend, chunk_bytes=7 * 113 * 8
     )
     assert out.shape == labels.shape
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -95,12 +95,12 @@ def test_outputs_and_grads_per_token_upstream(dtype, with_bias, impl):
         assert_close(g, r, p, dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_no_shift_noncontiguous_hidden_and_module(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_shift_noncontiguous_hidden_and_module(backend):
     hidden, weight, bias, labels = make_inputs((3,), 8, 24, 57, torch.float64, seed=5)
     base = hidden.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
     assert not base.is_contiguous()
-    module = sk.FusedLinearTokenLogprobs(shift=False, impl=impl)
+    module = sk.FusedLinearTokenLogprobs(shift=False, backend=backend)
     out = module(base, weight, labels, bias)
     upstream = torch.randn(labels.shape, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad((out * upstream).sum(), (base, weight, bias))
@@ -111,35 +111,35 @@ def test_no_shift_noncontiguous_hidden_and_module(impl):
     assert "shift=False" in repr(module)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_sequence_logprobs(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_logprobs(backend):
     hidden, weight, bias, labels = make_inputs((4,), 10, 16, 37, torch.float64, ignore_frac=0.3, seed=6)
     labels[:, 1] = 3  # every row scores at least one token
     logits = R.linear_logits_ref(hidden, weight, bias)
     for average in (True, False):
         with torch.no_grad():
             out = sk.fused_linear_sequence_logprobs(
-                hidden, weight, labels, bias=bias, average=average, impl=impl
+                hidden, weight, labels, bias=bias, average=average, backend=backend
             )
         ref = R.sequence_logprobs_ref(logits.detach(), labels, average=average)
         assert out.shape == (4,) and not out.requires_grad
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    out = sk.fused_linear_sequence_logprobs(hidden, weight, labels, bias=bias, impl=impl)
+    out = sk.fused_linear_sequence_logprobs(hidden, weight, labels, bias=bias, backend=backend)
     (gw,) = torch.autograd.grad(out.sum(), (weight,))
     (rw,) = torch.autograd.grad(R.sequence_logprobs_ref(logits, labels).sum(), (weight,))
     torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-12)
     labels[2, :] = -100
     with pytest.raises(ValueError, match=r"row\(s\) \[2\]"):
-        sk.fused_linear_sequence_logprobs(hidden, weight, labels, impl=impl)
-    summed = sk.fused_linear_sequence_logprobs(hidden, weight, labels, average=False, impl=impl)
+        sk.fused_linear_sequence_logprobs(hidden, weight, labels, backend=backend)
+    summed = sk.fused_linear_sequence_logprobs(hidden, weight, labels, average=False, backend=backend)
     assert summed[2].item() == 0.0
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_all_ignored_gives_zeros(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_gives_zeros(backend):
     hidden, weight, bias, labels = make_inputs((2,), 5, 8, 19, torch.float32, seed=2)
     labels.fill_(-100)
-    out = sk.fused_linear_token_logprobs(hidden, weight, labels, bias=bias, impl=impl)
+    out = sk.fused_linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend)
     assert (out == 0).all()
     grads = torch.autograd.grad(out.sum(), (hidden, weight, bias))
     assert all((g == 0).all() for g in grads)
@@ -159,7 +159,7 @@ def test_flops_skip_ignored_rows(monkeypatch):
     monkeypatch.setattr(C._TorchBackend, "logits", staticmethod(counting))
     hidden, weight, _, labels = make_inputs((2,), 40, 8, 23, torch.float32, bias=False, seed=1)
     labels[:, :30] = -100  # prompt/video tokens
-    sk.fused_linear_token_logprobs(hidden, weight, labels, impl="torch")
+    sk.fused_linear_token_logprobs(hidden, weight, labels, backend="torch")
     assert sum(seen) == int((R.shift_labels(labels) != -100).sum())
 
 
@@ -186,14 +186,16 @@ def test_input_errors():
         f(hidden, weight, labels, ignore_index=-100.0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ignore_frac", [0.05, 0.85])
-def test_hidden_grad_full_and_compact_layouts(ignore_frac, impl):
+def test_hidden_grad_full_and_compact_layouts(ignore_frac, backend):
     """Mostly-scored batches write the hidden gradient in place, sparse ones keep it compact: same result."""
     hidden, weight, bias, labels = make_inputs(
         (3,), 16, 24, 41, torch.float64, ignore_frac=ignore_frac, seed=12
     )
-    out = sk.fused_linear_token_logprobs(hidden, weight, labels, bias=bias, impl=impl, chunk_bytes=9 * 41 * 8)
+    out = sk.fused_linear_token_logprobs(
+        hidden, weight, labels, bias=bias, backend=backend, chunk_bytes=9 * 41 * 8
+    )
     upstream = torch.randn(labels.shape, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad((out * upstream).sum(), (hidden, weight, bias))
     ref, ref_grads = reference_grads(hidden, weight, bias, labels, upstream)

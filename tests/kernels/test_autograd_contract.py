@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from kernel_targets import backends
 
 import synpo_kernels as sk
 from synpo_kernels.ops import fused_linear_kernels as K
 
-_NO_TRITON = not K.triton_usable_on(torch.device("cpu"))
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton here"))]
+BACKENDS = backends("cpu")
 LOSSES = ["synpo", "dpo", "simpo", "orpo"]
 
 
@@ -68,7 +68,7 @@ def cases():
 
 
 def _skip_triton(request):
-    if "triton" in request.node.callspec.id and _NO_TRITON:
+    if "triton" in request.node.callspec.id and not K.triton_usable_on(torch.device("cpu")):
         pytest.skip("no Triton here")
 
 

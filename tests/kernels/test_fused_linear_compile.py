@@ -12,14 +12,13 @@ import math
 
 import pytest
 import torch
+from kernel_targets import backends
 
 import synpo_kernels as sk
 from synpo_kernels.losses import loss_spec
-from synpo_kernels.ops import fused_linear_kernels as K
 from synpo_kernels.ops.fused_linear_common import FusedLinearConfig, FusedLinearParams
 
-_NO_TRITON = not K.triton_usable_on(torch.device("cpu"))
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton here"))]
+BACKENDS = backends("cpu")
 MODES = ("grad", "no_grad", "frozen_weight")
 
 

@@ -14,22 +14,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_targets import BACKENDS, DEVICE, FLOOR, HAS_CUDA
 
 import synpo_kernels as sk
 from synpo_kernels import reference as R
 from synpo_kernels.ops import fused_linear_kernels as K
 from synpo_kernels.ops.fused_linear_preference import _Plan
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-_NO_TRITON = not K.triton_usable_on(torch.device(DEVICE))
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton", marks=pytest.mark.skipif(_NO_TRITON, reason="Triton not runnable (no CUDA, no interpreter)")
-    ),
-]
-FLOOR = {torch.float64: 1e-11, torch.float32: 3e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LOSS_OPTIONS = {
     "synpo": {},
     "dpo": {"ref": True},

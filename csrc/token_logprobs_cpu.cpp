@@ -130,6 +130,36 @@ struct BadLabel {
   }
 };
 
+// A row with no target: an ignored label scores 0 (log-prob and lse; a zero gradient row), a label
+// outside [0, vocab) is recorded and gets NaN, never an out-of-bounds read. False: the caller computes.
+template <typename T>
+bool untargeted_forward_row(int64_t r, int64_t label, const RowLayout& L, BadLabel& bad, T* logp, T* lse) {
+  if (label == L.ignore_index) {
+    logp[r] = lse[r] = T(0);
+    return true;
+  }
+  if (label < 0 || label >= L.vocab) {
+    bad.record(r);
+    logp[r] = lse[r] = std::numeric_limits<T>::quiet_NaN();
+    return true;
+  }
+  return false;
+}
+
+template <typename T>
+bool untargeted_backward_row(int64_t r, int64_t label, const RowLayout& L, BadLabel& bad, T* out_row) {
+  if (label == L.ignore_index) {
+    std::fill(out_row, out_row + L.vocab, static_cast<T>(0.0f));
+    return true;
+  }
+  if (label < 0 || label >= L.vocab) {
+    bad.record(r);
+    std::fill(out_row, out_row + L.vocab, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+    return true;
+  }
+  return false;
+}
+
 template <typename scalar_t>
 void forward_rows(const scalar_t* logits, const int64_t* labels, const RowLayout& L, float* logp, float* lse,
                   BadLabel& bad) {
@@ -137,16 +167,7 @@ void forward_rows(const scalar_t* logits, const int64_t* labels, const RowLayout
     alignas(64) float scratch[kBlock];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels[r];
-      if (label == L.ignore_index) {
-        logp[r] = 0.0f;
-        lse[r] = 0.0f;
-        continue;
-      }
-      if (label < 0 || label >= L.vocab) {
-        bad.record(r);
-        logp[r] = lse[r] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
+      if (untargeted_forward_row(r, label, L, bad, logp, lse)) continue;
       const scalar_t* z = logits + r * L.row_stride;
       constexpr float kNegInf = -std::numeric_limits<float>::infinity();
       float running_max = kNegInf;
@@ -177,13 +198,9 @@ void backward_rows(const float* grad, const scalar_t* logits, const int64_t* lab
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels[r];
       scalar_t* o = out + r * out_stride;
-      const float g = label == L.ignore_index ? 0.0f : grad[r];
-      if (label != L.ignore_index && (label < 0 || label >= L.vocab)) {
-        bad.record(r);
-        std::fill(o, o + L.vocab, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
-        continue;
-      }
-      if (g == 0.0f) {  // ignored row, or a token with no gradient: exact zeros, no exp work
+      if (untargeted_backward_row(r, label, L, bad, o)) continue;
+      const float g = grad[r];
+      if (g == 0.0f) {  // a token with no gradient: exact zeros, no exp work
         std::fill(o, o + L.vocab, static_cast<scalar_t>(0.0f));
         continue;
       }
@@ -212,15 +229,7 @@ void forward_rows_f64(const double* logits, const int64_t* labels, const RowLayo
   at::parallel_for(0, L.rows, grain_rows(L.vocab), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels[r];
-      if (label == L.ignore_index) {
-        logp[r] = lse[r] = 0.0;
-        continue;
-      }
-      if (label < 0 || label >= L.vocab) {
-        bad.record(r);
-        logp[r] = lse[r] = std::numeric_limits<double>::quiet_NaN();
-        continue;
-      }
+      if (untargeted_forward_row(r, label, L, bad, logp, lse)) continue;
       const double* z = logits + r * L.row_stride;
       double m = -std::numeric_limits<double>::infinity();
       for (int64_t j = 0; j < L.vocab; ++j) m = z[j] > m ? z[j] : m;
@@ -238,15 +247,7 @@ void backward_rows_f64(const double* grad, const double* logits, const int64_t* 
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels[r];
       double* o = out + r * out_stride;
-      if (label == L.ignore_index) {
-        std::fill(o, o + L.vocab, 0.0);
-        continue;
-      }
-      if (label < 0 || label >= L.vocab) {
-        bad.record(r);
-        std::fill(o, o + L.vocab, std::numeric_limits<double>::quiet_NaN());
-        continue;
-      }
+      if (untargeted_backward_row(r, label, L, bad, o)) continue;
       const double* z = logits + r * L.row_stride;
       const double g = grad[r];
       const double p_label = std::exp(z[label] - lse[r]);

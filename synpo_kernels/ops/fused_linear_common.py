@@ -150,6 +150,13 @@ class FusedLinearParams:
     def decode(text: str) -> FusedLinearParams:
         return _decode_params(text)
 
+    def execution(self, weight: torch.Tensor):
+        """``(backend, w_acc, rows)`` of a call with this ``weight``: the backend object, the dtype
+        ``grad_W`` accumulates in, and the rows of the logits chunk buffer."""
+        backend = get_backend(self.backend)
+        w_acc = acc_weight_dtype(weight, self.config.weight_grad_accumulation)
+        return backend, w_acc, chunk_rows(self.config, weight, backend.name, w_acc)
+
 
 @functools.lru_cache(maxsize=512)
 def _decode_params(text: str) -> FusedLinearParams:

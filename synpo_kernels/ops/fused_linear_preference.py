@@ -66,10 +66,8 @@ from synpo_kernels.ops.fused_linear_common import (
     GradBuffers,
     acc_weight_dtype,
     chunk_buffer,
-    chunk_rows,
     compact_tokens,
     double_backward_error,
-    get_backend,
     hidden_rows,
     resolve_backend,
     scaled_gradient,
@@ -222,9 +220,7 @@ def _fused_linear_preference_op(hidden, weight, bias, labels, ref_logps, params)
     p = FusedLinearParams.decode(params)
     spec = p.spec
     check_label_range("labels", labels, weight.shape[0], p.ignore_index)
-    backend = get_backend(p.backend)
-    w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
-    max_rows = chunk_rows(p.config, weight, backend.name, w_acc)
+    backend, w_acc, max_rows = p.execution(weight)
     empty_reason = empty_row_reason(spec, hidden.shape[0] // 2)
     plan = _Plan(labels, p.ignore_index, p.shift, max_rows, empty_reason=empty_reason)
     need_b = p.grad_bias and bias is not None

@@ -35,12 +35,9 @@ from synpo_kernels.ops.fused_linear_common import (
     FusedLinearConfig,
     FusedLinearParams,
     GradBuffers,
-    acc_weight_dtype,
     chunk_buffer,
-    chunk_rows,
     compact_tokens,
     double_backward_error,
-    get_backend,
     hidden_rows,
     resolve_backend,
 )
@@ -57,6 +54,12 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Launcher: the chunk loops of the forward and of the backward.
 # ---------------------------------------------------------------------------------------------
+
+
+def _scored_tokens(labels, p: FusedLinearParams):
+    """Row indices of the scored tokens in the flattened hidden states, and their aligned labels."""
+    aligned, idx = compact_tokens(labels, p.ignore_index, p.shift)
+    return idx, aligned.index_select(0, idx)
 
 
 def _chunks(n: int, rows: int):
@@ -111,11 +114,8 @@ _BWD = "synpo_kernels::fused_linear_token_logprobs_bwd"
 def _fwd_op(hidden, weight, bias, labels, params):
     p = FusedLinearParams.decode(params)
     check_label_range("labels", labels, weight.shape[0], p.ignore_index)
-    backend = get_backend(p.backend)
-    aligned, idx = compact_tokens(labels, p.ignore_index, p.shift)
-    labels_c = aligned.index_select(0, idx)
-    w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
-    rows = chunk_rows(p.config, weight, backend.name, w_acc)
+    backend, _, rows = p.execution(weight)
+    idx, labels_c = _scored_tokens(labels, p)
     logp_c, lse_c = _forward_chunks(
         backend, hidden_rows(hidden), weight, bias, idx, labels_c, p.ignore_index, rows
     )
@@ -143,11 +143,8 @@ def _fwd_fake(hidden, weight, bias, labels, params):
 )
 def _bwd_op(grad_logp, hidden, weight, bias, labels, lse, params):
     p = FusedLinearParams.decode(params)
-    backend = get_backend(p.backend)
-    aligned, idx = compact_tokens(labels, p.ignore_index, p.shift)
-    labels_c = aligned.index_select(0, idx)
-    w_acc = acc_weight_dtype(weight, p.config.weight_grad_accumulation)
-    rows = chunk_rows(p.config, weight, backend.name, w_acc)
+    backend, w_acc, rows = p.execution(weight)
+    idx, labels_c = _scored_tokens(labels, p)
     need_b = p.grad_bias and bias is not None
     grads = GradBuffers(idx.shape[0], hidden, weight, bias, p.grad_hidden, p.grad_weight, need_b, w_acc)
     lse_c = lse.index_select(0, idx)

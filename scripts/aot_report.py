@@ -6,9 +6,10 @@ Triton kernels (``synpo_kernels/ops/fused_linear_kernels.py``): every ``@triton.
 compiled by Triton's own compiler for ``GPUTarget("cuda", 90, 32)`` (H100/H200, 132 SMs) and
 ``GPUTarget("cuda", 80, 32)`` (A100, 108 SMs), for bf16/fp16/fp32 and V = 152064, 262144, 32001
 (D = 4096 for the weight-gradient GEMM), with the configuration the launchers use: the same
-``lse_config`` / ``grad_config`` / ``wgrad_config`` calls (``interpret=False``, the target's SM
-count), over a full chunk of the default CUDA chunk budget (``fused_linear_common.chunk_rows``), with
-the argument list the launcher passes. The signature is specialized the way a launch is: the
+``lse_config`` / ``grad_config`` / ``wgrad_config`` calls (the target's entries of
+``kernel_configs.json`` and SM count), over a full chunk of the default CUDA chunk budget
+(``fused_linear_common.chunk_rows``), with the argument list the launcher passes. The signature is
+specialized the way a launch is: the
 kernel's own binder (``create_function_from_signature`` + ``JITFunction._pack_args``, what
 ``JITFunction.run`` calls) applied to stand-in pointer arguments (``data_ptr()`` 16-byte aligned, as
 the chunk buffer and the per-row vectors are at chunk offset 0) and to the real ints, so the
@@ -71,6 +72,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from synpo_kernels.ops import fused_linear_common as common  # noqa: E402
 from synpo_kernels.ops import fused_linear_kernels as K  # noqa: E402
+from synpo_kernels.ops import kernel_tuning as tuning  # noqa: E402
 from synpo_kernels.reference import IGNORE_INDEX  # noqa: E402
 
 SMS = {90: 132, 80: 108}
@@ -113,14 +115,14 @@ def launch(kernel: str, arch: int, dtype: torch.dtype, vocab: int, bias: bool = 
     acc = StandIn(torch.float64 if dtype == torch.float64 else torch.float32)
     logits, labels = StandIn(dtype), StandIn(torch.int64)
     if kernel == "_row_lse_kernel":
-        cfg = K.lse_config(rows, vocab, dtype, interpret=False)
+        cfg = K.lse_config(rows, vocab, dtype, arch=f"sm_{arch}", sm_count=SMS[arch])
         return cfg, (logits, stride, labels, acc, acc, rows, vocab, v_load, IGNORE_INDEX)
     if kernel == "_row_grad_kernel":
-        cfg = K.grad_config(rows, vocab, dtype, has_bias_grad=bias, sm_count=SMS[arch], interpret=False)
+        cfg = K.grad_config(rows, vocab, dtype, has_bias_grad=bias, arch=f"sm_{arch}", sm_count=SMS[arch])
         args = (logits, stride, labels, acc, acc, acc, rows, vocab, v_load, cfg.rows_per_split, IGNORE_INDEX)
         return cfg, args
     # The GEMM's hidden chunk is an index_select of rows (contiguous, stride D); acc is (V, D) fp32.
-    cfg = K.wgrad_config(vocab, DIM, dtype, interpret=False)
+    cfg = K.wgrad_config(vocab, DIM, dtype, arch=f"sm_{arch}")
     hidden, fp32 = StandIn(dtype), StandIn(torch.float32)
     return cfg, (logits, stride, hidden, DIM, fp32, DIM, rows, vocab, DIM)
 
@@ -159,8 +161,10 @@ def parse_ptxas_log(log: str) -> list[dict]:
 def sass_counts(sass: str) -> dict[tuple[str, str], dict]:
     """``{(arch, function): {"ldg128": n, "bar_sync": n, "bar_sync_loop": n}}`` from ``cuobjdump -sass``.
 
-    ``bar_sync_loop`` counts the barriers inside loop bodies, a loop body being the address range
-    from a backward branch's target to the branch: a block-wide reduction per iteration shows there.
+    ``bar_sync_loop`` counts the barriers inside innermost loop bodies, a loop body being the address
+    range from a backward branch's target to the branch, innermost when it holds no other loop: a
+    block-wide reduction per iteration of the streaming loop shows there, while the once-per-row
+    reductions of a persistent kernel's outer loop do not.
     """
     counts: dict[tuple[str, str], dict] = {}
     code: dict[tuple[str, str], list[tuple[int, str]]] = {}
@@ -183,10 +187,15 @@ def sass_counts(sass: str) -> dict[tuple[str, str], dict]:
             for addr, text in instructions
             if (t := re.search(r"\bBRA(?:\.\w+)*\s+(?:`\()?0x([0-9a-f]+)", text)) and int(t[1], 16) <= addr
         ]
+        innermost = [
+            (lo, hi)
+            for lo, hi in loops
+            if not any((lo, hi) != o and lo <= o[0] and o[1] <= hi for o in loops)
+        ]
         counts[key]["bar_sync_loop"] = sum(
             1
             for addr, text in instructions
-            if BAR_SYNC.search(text) and any(lo <= addr <= hi for lo, hi in loops)
+            if BAR_SYNC.search(text) and any(lo <= addr <= hi for lo, hi in innermost)
         )
     return counts
 
@@ -206,6 +215,10 @@ def describe(cfg: K.LaunchConfig, src: ASTSource) -> dict:
     return {
         "config": " ".join([*meta, f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"]),
         "divisible_by_16": [src.fn.arg_names[k[0]] for k, v in src.attrs.items() if v],
+        "grid": list(cfg.grid),
+        "num_warps": cfg.num_warps,
+        "entry": tuning.entries().index(cfg.entry),
+        "ctas_table": cfg.entry.ctas_per_sm,
     }
 
 
@@ -334,7 +347,8 @@ COLUMNS = (
     "spills (st/ld B)",
     "smem B",
     "LDG.E.128",
-    "BAR.SYNC (in loops)",
+    "BAR.SYNC (in inner loops)",
+    "CTAs/SM (table / fit)",
 )
 
 
@@ -344,7 +358,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         cells = [r["kernel"], r["arch"], r.get("dtype", "-"), str(r.get("V", "-")), r.get("config", "-")]
         if "error" in r:
-            cells += ["COMPILE ERROR", "-", "-", "-", "-"]
+            cells += ["COMPILE ERROR", "-", "-", "-", "-", "-"]
         else:
             ldg = f"yes ({r['ldg128']})" if r["ldg128"] else "no"
             cells += [
@@ -353,8 +367,56 @@ def print_table(rows: list[dict]) -> None:
                 str(r["smem"]),
                 ldg,
                 f"{r['bar_sync']} ({r.get('bar_sync_loop', '-')})",
+                f"{r['ctas_table']} / {r['ctas_fit']}" if "ctas_fit" in r else "-",
             ]
         print("| " + " | ".join(cells) + " |")
+
+
+def occupancy_failures(rows: list[dict]) -> list[str]:
+    """Each table entry's ``ctas_per_sm`` must be what its compiled kernels fit (the least over the
+    dtypes and V specializations it covers): launch grids are sized from it."""
+    fits: dict[int, list[dict]] = {}
+    for r in rows:
+        fits.setdefault(r["entry"], []).append(r)
+    failures = []
+    for index, covered in fits.items():
+        entry = tuning.entries()[index]
+        fit = min(r["ctas_fit"] for r in covered)
+        if entry.ctas_per_sm != fit:
+            worst = min(covered, key=lambda r: r["ctas_fit"])
+            failures.append(
+                f"occupancy: kernel_configs.json entry {index} ({entry.kernel} {entry.arch} {entry.dtype}) "
+                f"says {entry.ctas_per_sm} CTAs/SM; its compiled kernels fit {fit} (the least: "
+                f"{worst['dtype']} V={worst['V']}: {worst['regs']} regs, {worst['smem']} B smem, "
+                f"{worst['num_warps']} warps): update the entry (scripts/aot_report.py --update-table)"
+            )
+    return failures
+
+
+def update_table(rows: list[dict]) -> int:
+    """Rewrite the checked entries' ``ctas_per_sm`` with what their compiled kernels fit, and the
+    ``default`` arch's entries with the least of the checked archs' (same kernel and dtype)."""
+    data = json.loads(tuning.TABLE_PATH.read_text())
+    fits: dict[int, int] = {}
+    for r in rows:
+        fits[r["entry"]] = min(fits.get(r["entry"], r["ctas_fit"]), r["ctas_fit"])
+    changed = 0
+    for index, fit in fits.items():
+        changed += data["entries"][index]["ctas_per_sm"] != fit
+        data["entries"][index]["ctas_per_sm"] = fit
+    for entry in data["entries"]:
+        if entry["arch"] == tuning.DEFAULT_ARCH:
+            same = [
+                e["ctas_per_sm"]
+                for e in data["entries"]
+                if e["arch"] in tuning.ARCH_LIMITS
+                and (e["kernel"], e["dtype"]) == (entry["kernel"], entry["dtype"])
+            ]
+            if same and entry["ctas_per_sm"] != min(same):
+                entry["ctas_per_sm"] = min(same)
+                changed += 1
+    tuning.TABLE_PATH.write_text(json.dumps(data, indent=1) + "\n")
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one V (152064), bf16 only")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel Triton compiles")
+    ap.add_argument(
+        "--update-table",
+        action="store_true",
+        help="rewrite kernel_configs.json's ctas_per_sm from the compiled kernels' occupancy (then rerun)",
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     archs = [int(a) for a in args.arch.split(",") if a.strip()]
@@ -406,9 +473,6 @@ def main(argv: list[str] | None = None) -> int:
             row.update(done[row.pop("key")])
         if nv:
             rows += finish_nvcc(*nv, tmp)
-    print_table(rows)
-    if nvcc is None:
-        print("nvcc not found ($CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc): CUDA kernels skipped")
 
     failures = []
     for r in rows:
@@ -420,11 +484,23 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(
                 f"spills: {what}: {r['spill_st']} B stored, {r['spill_ld']} B loaded ({r['regs']} regs)"
             )
+        if r["source"] == "triton":
+            r["ctas_fit"] = tuning.occupancy(
+                r["arch"], regs=r["regs"], num_warps=r["num_warps"], smem=r["smem"]
+            )
         limit = SMEM_LIMIT.get(int(re.sub(r"\D", "", r["arch"])))
         if limit is not None and r["smem"] > limit:
             failures.append(f"shared memory: {what}: {r['smem']} B > {limit} B (the launch would fail)")
         if "note" in r:
             print(f"note: {what}: {r['note']}")
+    occupancy_rows = [r for r in rows if "ctas_fit" in r]
+    if args.update_table:
+        print(f"kernel_configs.json: {update_table(occupancy_rows)} entries updated")
+    else:
+        failures += occupancy_failures(occupancy_rows)
+    print_table(rows)
+    if nvcc is None:
+        print("nvcc not found ($CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc): CUDA kernels skipped")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     for f in failures:

@@ -24,8 +24,10 @@ GEMM does not reach: the GEMMs are 6 n D V FLOPs, everything else is ~8 bytes pe
 
 Interpreter (``TRITON_INTERPRET=1``, how CI checks these kernels on CPU): bf16 arithmetic is wrong
 there, so loads are upcast right after the load (``UPCAST`` constexpr; the row kernels upcast in
-compiled mode too since all their arithmetic is fp32), and a single large-block config is used
-(~2 ms per interpreted block iteration). The launchers are registered with
+compiled mode too since all their arithmetic is fp32), and the table's ``interpreter`` entries use
+large blocks (~2 ms per interpreted block iteration) and two programs, so that the persistent loop
+runs there too. Launch configurations come from :mod:`.kernel_tuning`'s table (``kernel_configs.json``,
+keyed by arch, dtype and V range). The launchers are registered with
 ``torch.library.triton_op`` / ``wrap_triton`` so ``torch.compile`` can trace them.
 """
 
@@ -36,6 +38,8 @@ import os
 from typing import Any, NamedTuple
 
 import torch
+
+from synpo_kernels.ops import kernel_tuning as tuning
 
 try:
     import triton
@@ -52,6 +56,7 @@ __all__ = [
     "INTERPRET",
     "LaunchConfig",
     "grad_config",
+    "launch_target",
     "lse_config",
     "row_grad_",
     "row_lse",
@@ -96,40 +101,44 @@ if HAS_TRITON:
     ):
         # V_LOAD >= V: columns loaded (a multiple of 16 when the row's padding may be read, so the
         # masked loads are 16-byte vectors even for V = 32001); columns >= V count as -inf.
-        # One program: BLOCK_M rows, streamed over V in BLOCK_V columns. Every lane keeps its own
-        # running (max, sum of exp) in ACC (fp32, fp64 for fp64 logits) and the lanes are reduced once
-        # per row after the loop: no block-wide reduction (barrier) inside the loop. One exp per logit:
-        # exp(-|z - m|) either rescales the running sum (new max) or is added to it. Ignored rows are
-        # never read.
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-        active = row_ok & (labels != ignore_index)
-        row_base = logits_ptr + rows.to(tl.int64) * stride_row
-        m_lane = tl.full([BLOCK_M, BLOCK_V], float("-inf"), ACC)
-        s_lane = tl.zeros([BLOCK_M, BLOCK_V], ACC)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            mask = active[:, None] & (cols[None, :] < V_LOAD)
-            z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
-            z = tl.where(cols[None, :] < V, z, float("-inf"))
-            new_max = z > m_lane
-            # -inf logits (and masked lanes) add exp(-inf) = 0; NaN propagates into the sum.
-            diff = tl.where(z == float("-inf"), float("-inf"), tl.where(new_max, m_lane - z, z - m_lane))
-            e = tl.exp(diff)
-            s_lane = tl.where(new_max, s_lane * e + 1.0, s_lane + e)
-            m_lane = tl.maximum(m_lane, z)
-        m = tl.max(m_lane, axis=1)
-        m_safe = tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
-        s = tl.sum(s_lane * tl.exp(m_lane - m_safe[:, None]), axis=1)
-        lse = m + tl.log(tl.where(active, s, 1.0))
-        safe_labels = tl.where(active, labels, 0)
-        target = tl.load(row_base + safe_labels, mask=active, other=0.0).to(ACC)
-        tl.store(logp_ptr + rows, tl.where(active, target - lse, 0.0), mask=row_ok)
-        tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=row_ok)
+        # Persistent grid: program p takes row blocks p, p + P, p + 2P, ... (P programs, as many as
+        # are resident at once: kernel_tuning's ctas_per_sm x SMs). A row block is BLOCK_M rows,
+        # streamed over V in BLOCK_V columns. Every lane keeps its own running (max, sum of exp) in ACC
+        # (fp32, fp64 for fp64 logits) and the lanes are reduced once per row after the V loop: no
+        # block-wide reduction (barrier) inside it. One exp per logit: exp(-|z - m|) either rescales
+        # the running sum (new max) or is added to it. Ignored rows are never read.
+        n_blocks = tl.cdiv(n_rows, BLOCK_M)
+        for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < n_rows
+            labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+            active = row_ok & (labels != ignore_index)
+            row_base = logits_ptr + rows.to(tl.int64) * stride_row
+            m_lane = tl.full([BLOCK_M, BLOCK_V], float("-inf"), ACC)
+            s_lane = tl.zeros([BLOCK_M, BLOCK_V], ACC)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                mask = active[:, None] & (cols[None, :] < V_LOAD)
+                z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
+                z = tl.where(cols[None, :] < V, z, float("-inf"))
+                new_max = z > m_lane
+                # -inf logits (and masked lanes) add exp(-inf) = 0; NaN propagates into the sum.
+                diff = tl.where(z == float("-inf"), float("-inf"), tl.where(new_max, m_lane - z, z - m_lane))
+                e = tl.exp(diff)
+                s_lane = tl.where(new_max, s_lane * e + 1.0, s_lane + e)
+                m_lane = tl.maximum(m_lane, z)
+            m = tl.max(m_lane, axis=1)
+            m_safe = tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
+            s = tl.sum(s_lane * tl.exp(m_lane - m_safe[:, None]), axis=1)
+            lse = m + tl.log(tl.where(active, s, 1.0))
+            safe_labels = tl.where(active, labels, 0)
+            target = tl.load(row_base + safe_labels, mask=active, other=0.0).to(ACC)
+            tl.store(logp_ptr + rows, tl.where(active, target - lse, 0.0), mask=row_ok)
+            tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=row_ok)
 
-    @triton.jit
+    # rows_per_split is not specialized (divisibility by 16): the split is sized from the kernel's
+    # occupancy, which must not in turn depend on the split.
+    @triton.jit(do_not_specialize=["rows_per_split"])
     def _row_grad_kernel(
         logits_ptr,
         stride_row,
@@ -230,9 +239,9 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configurations: one per mode (autotuning with several configs is not available in the
-# interpreter, and the row kernels are bandwidth-bound with a flat optimum). Functions of plain
-# inputs, so that scripts/aot_report.py compiles exactly what the launchers launch.
+# Launch configurations, from the table of :mod:`.kernel_tuning` (keyed by arch, dtype and V range;
+# the interpreter has its own entries). Functions of plain inputs, so that scripts/aot_report.py
+# compiles exactly what the launchers launch.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -245,10 +254,8 @@ class LaunchConfig(NamedTuple):
     num_stages: int
     rows_per_split: int = 0
     """``_row_grad_kernel`` only: rows per program along the split grid axis (a runtime argument)."""
-
-
-# Triton's CUDA default, passed explicitly so the report need not assume it.
-_NUM_STAGES_DEFAULT = 3
+    entry: tuning.KernelEntry | None = None
+    """The table entry the configuration came from (its ``ctas_per_sm`` sized the grid)."""
 
 
 def _next_pow2(x: int) -> int:
@@ -259,16 +266,30 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lse_config(n_rows: int, vocab: int, dtype: torch.dtype, *, interpret: bool = INTERPRET) -> LaunchConfig:
-    """``_row_lse_kernel`` over an ``(n_rows, vocab)`` chunk of ``dtype`` logits (``n_rows >= 1``)."""
-    if interpret:
-        block_m, block_v, warps = 64, min(8192, _next_pow2(vocab)), 4
-    else:
-        # One row per program streams V in 4096-wide vectors (16 B per thread per load in bf16 at
-        # 8 warps); thousands of rows per chunk fill the GPU.
-        block_m, block_v, warps = 1, min(4096, _next_pow2(vocab)), 8
+def _slots(entry: tuning.KernelEntry, sm_count: int) -> int:
+    # The interpreter has no SMs: its entries' ctas_per_sm is the program count itself.
+    return entry.ctas_per_sm * max(sm_count, 1)
+
+
+def lse_config(
+    n_rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    *,
+    arch: str,
+    sm_count: int,
+    entry: tuning.KernelEntry | None = None,
+) -> LaunchConfig:
+    """``_row_lse_kernel`` over an ``(n_rows, vocab)`` chunk of ``dtype`` logits (``n_rows >= 1``) on
+    ``arch`` (``"sm_90"``, ..., or ``"interpreter"``) with ``sm_count`` SMs: a persistent grid of at
+    most the programs that are resident at once. ``entry`` overrides the table's (the tuner's
+    candidates)."""
+    entry = entry or tuning.lookup("row_lse", arch, dtype, vocab)
+    c = entry.config
+    block_m, block_v = c["BLOCK_M"], min(c["BLOCK_V"], _next_pow2(vocab))
+    programs = min(triton.cdiv(n_rows, block_m), _slots(entry, sm_count))
     meta = {"ACC": _tl_dtype(_acc_dtype(dtype)), "BLOCK_M": block_m, "BLOCK_V": block_v}
-    return LaunchConfig((triton.cdiv(n_rows, block_m),), meta, warps, _NUM_STAGES_DEFAULT)
+    return LaunchConfig((programs,), meta, c["num_warps"], c["num_stages"], entry=entry)
 
 
 def grad_config(
@@ -277,19 +298,18 @@ def grad_config(
     dtype: torch.dtype,
     *,
     has_bias_grad: bool,
+    arch: str,
     sm_count: int,
-    interpret: bool = INTERPRET,
+    entry: tuning.KernelEntry | None = None,
 ) -> LaunchConfig:
-    """``_row_grad_kernel`` over an ``(n_rows, vocab)`` chunk (``n_rows >= 1``) on a GPU with
-    ``sm_count`` SMs (ignored by the interpreter)."""
-    if interpret:
-        block_m, block_v, warps, splits = 64, min(4096, _next_pow2(vocab)), 4, 1
-    else:
-        # 8 x 1024 tiles at 8 warps: 32 elements per thread per live array (z, p, d), no spills;
-        # rows split so that ~4 programs per SM run even at small V.
-        block_m, block_v, warps = 8, 1024, 8
-        n_vblocks = triton.cdiv(vocab, block_v)
-        splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(4 * sm_count, n_vblocks)))
+    """``_row_grad_kernel`` over an ``(n_rows, vocab)`` chunk (``n_rows >= 1``): rows split so that the
+    grid holds as many programs as are resident at once (the entry's ``ctas_per_sm``, from the
+    compiled kernel's register use), never fewer than one row block per program."""
+    entry = entry or tuning.lookup("row_grad_bias" if has_bias_grad else "row_grad", arch, dtype, vocab)
+    c = entry.config
+    block_m, block_v = c["BLOCK_M"], min(c["BLOCK_V"], _next_pow2(vocab))
+    n_vblocks = triton.cdiv(vocab, block_v)
+    splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(_slots(entry, sm_count), n_vblocks)))
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
     splits = triton.cdiv(n_rows, rows_per_split)
     meta = {
@@ -298,27 +318,30 @@ def grad_config(
         "BLOCK_M": block_m,
         "BLOCK_V": block_v,
     }
-    grid = (triton.cdiv(vocab, block_v), splits)
-    return LaunchConfig(grid, meta, warps, _NUM_STAGES_DEFAULT, rows_per_split)
+    grid = (n_vblocks, splits)
+    return LaunchConfig(grid, meta, c["num_warps"], c["num_stages"], rows_per_split, entry)
 
 
-def wgrad_config(vocab: int, dim: int, dtype: torch.dtype, *, interpret: bool = INTERPRET) -> LaunchConfig:
+def wgrad_config(
+    vocab: int, dim: int, dtype: torch.dtype, *, arch: str, entry: tuning.KernelEntry | None = None
+) -> LaunchConfig:
     """``_wgrad_kernel`` for ``acc[vocab, dim] += dlogits^T @ hidden`` with ``dtype`` operands."""
-    if interpret:
-        bv, bd, bk, warps, stages = 64, 64, 64, 4, 1
-    elif dtype == torch.float32:
-        # fp32 operands (exact ieee dots) at 128 x 128 sit at 255 registers and spill: 64 x 64 tiles.
-        bv, bd, bk, warps, stages = 64, 64, 32, 4, 3
-    else:
-        bv, bd, bk, warps, stages = 128, 128, 64, 8, 3
+    entry = entry or tuning.lookup("wgrad", arch, dtype, vocab)
+    c = entry.config
+    bv, bd = c["BLOCK_V"], c["BLOCK_D"]
     # The interpreter's bf16 arithmetic is wrong, and fp32 operands need an exact (ieee) dot.
-    upcast = interpret or dtype == torch.float32
-    meta = {"UPCAST": upcast, "BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_K": bk, "GROUP_V": 8}
-    return LaunchConfig((triton.cdiv(vocab, bv) * triton.cdiv(dim, bd),), meta, warps, stages)
+    upcast = arch == tuning.INTERPRETER or dtype == torch.float32
+    meta = {"UPCAST": upcast, "BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_K": c["BLOCK_K"], "GROUP_V": c["GROUP_V"]}
+    grid = (triton.cdiv(vocab, bv) * triton.cdiv(dim, bd),)
+    return LaunchConfig(grid, meta, c["num_warps"], c["num_stages"], entry=entry)
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+def launch_target(device: torch.device) -> tuple[str, int]:
+    """``(arch, sm_count)`` the launch configurations are looked up for: the interpreter's entries
+    under ``TRITON_INTERPRET=1``, else the CUDA device's arch and SM count."""
+    if INTERPRET or device.type != "cuda":
+        return tuning.INTERPRETER, 0
+    return tuning.arch_of(device), torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +384,8 @@ def _row_lse_impl(
     lse = torch.full((n_rows,), float("nan"), dtype=acc, device=logits.device)
     if n_rows == 0:
         return logp, lse
-    cfg = lse_config(n_rows, vocab, logits.dtype)
+    arch, sms = launch_target(logits.device)
+    cfg = lse_config(n_rows, vocab, logits.dtype, arch=arch, sm_count=sms)
     _launch(
         _row_lse_kernel, cfg,
         logits, logits.stride(0), labels, logp, lse, n_rows, vocab, load_width(logits), ignore_index,
@@ -381,7 +405,8 @@ def _row_grad_impl(
     if n_rows == 0:
         return
     has_bias = bias_grad is not None
-    cfg = grad_config(n_rows, vocab, logits.dtype, has_bias_grad=has_bias, sm_count=_sm_count(logits.device))
+    arch, sms = launch_target(logits.device)
+    cfg = grad_config(n_rows, vocab, logits.dtype, has_bias_grad=has_bias, arch=arch, sm_count=sms)
     _launch(
         _row_grad_kernel, cfg,
         logits, logits.stride(0), labels, lse, grad_logp, bias_grad if has_bias else lse,
@@ -394,7 +419,7 @@ def _wgrad_impl(acc: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) 
     dim = hidden.shape[1]
     if m == 0:
         return
-    cfg = wgrad_config(vocab, dim, dlogits.dtype)
+    cfg = wgrad_config(vocab, dim, dlogits.dtype, arch=launch_target(dlogits.device)[0])
     _launch(
         _wgrad_kernel, cfg,
         dlogits, dlogits.stride(0), hidden, hidden.stride(0), acc, acc.stride(0), m, vocab, dim,

@@ -228,33 +228,24 @@ fi
 
 # ---------------------------------------------------------------------------------------------------
 # The two sweeps share what is left; each stops at its --budget-s and records the rest as skipped.
-kernels_limit=$((($(left) - END_RESERVE) * KERNELS_SHARE / 100))
-begin_stage 3 kernels "synpo bench kernels --preset gpu (budget $((kernels_limit - BENCH_OVERHEAD)) s, timeout ${kernels_limit} s)"
-if [ "$((kernels_limit - BENCH_OVERHEAD))" -lt 30 ]; then
-  note "not enough time left"
-  FAILED+=("bench kernels (no time)")
-  end_stage "not run"
-else
-  verdict="done"
-  step "$kernels_limit" "$PYTHON" -m synpo bench kernels --preset gpu --budget-s "$((kernels_limit - BENCH_OVERHEAD))" \
-    --output-dir "$RESULTS" || { FAILED+=("bench kernels"); verdict=FAILED; }
-  pack_results kernels_gpu || FAILED+=("kernels results")
+bench_stage() {  # bench_stage <n> <benchmark> <timeout s>: `synpo bench <benchmark> --preset gpu`
+  local n=$1 bench=$2 limit=$3 verdict="done"
+  local budget=$((limit - BENCH_OVERHEAD))
+  begin_stage "$n" "$bench" "synpo bench $bench --preset gpu (budget ${budget} s, timeout ${limit} s)"
+  if [ "$budget" -lt 30 ]; then
+    note "not enough time left"
+    FAILED+=("bench $bench (no time)")
+    end_stage "not run"
+    return
+  fi
+  step "$limit" "$PYTHON" -m synpo bench "$bench" --preset gpu --budget-s "$budget" --output-dir "$RESULTS" \
+    || { FAILED+=("bench $bench"); verdict=FAILED; }
+  pack_results "${bench}_gpu" || FAILED+=("$bench results")
   end_stage "$verdict"
-fi
+}
 
-trainer_limit=$(($(left) - END_RESERVE))
-begin_stage 4 trainer "synpo bench trainer --preset gpu (budget $((trainer_limit - BENCH_OVERHEAD)) s, timeout ${trainer_limit} s)"
-if [ "$((trainer_limit - BENCH_OVERHEAD))" -lt 30 ]; then
-  note "not enough time left"
-  FAILED+=("bench trainer (no time)")
-  end_stage "not run"
-else
-  verdict="done"
-  step "$trainer_limit" "$PYTHON" -m synpo bench trainer --preset gpu --budget-s "$((trainer_limit - BENCH_OVERHEAD))" \
-    --output-dir "$RESULTS" || { FAILED+=("bench trainer"); verdict=FAILED; }
-  pack_results trainer_gpu || FAILED+=("trainer results")
-  end_stage "$verdict"
-fi
+bench_stage 3 kernels $((($(left) - END_RESERVE) * KERNELS_SHARE / 100))
+bench_stage 4 trainer $(($(left) - END_RESERVE))
 
 [ ${#FAILED[@]} -eq 0 ] && finish 0
 finish 1

@@ -12,24 +12,19 @@ IGNORE_INDEX = -100
 
 
 def tiny_llama(vocab_size: int = 96, hidden_size: int = 32, layers: int = 2, seed: int = 0):
-    """A randomly initialised ``LlamaForCausalLM`` built from a config (untied lm_head)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised ``LlamaForCausalLM`` (untied lm_head; pad 0, bos 1, eos 2)."""
+    from synpo.tiny import build_random_causal_lm
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    model = build_random_causal_lm(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        layers=layers,
+        heads=4,
+        kv_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        seed=seed,
     )
-    return LlamaForCausalLM(config)
+    return model.train()
 
 
 def random_preference_batch(pairs: int, vocab_size: int, *, prompt=(6, 12), response=(3, 9), seed: int = 0):

@@ -11,13 +11,32 @@ import argparse
 import importlib
 import sys
 
-# (module, help) for each command group, in the order `synpo --help` lists them.
+# (command, module, help line) for each command group, in the order `synpo --help` lists them.
 COMMAND_GROUPS = (
-    ("synpo.train_cli", "train a model with SynPO or another registered loss (synpo train --help)"),
-    ("synpo.bench_cli", "run the kernel and trainer benchmarks"),
-    ("synpo.plot_cli", "draw a training run's curves (metrics.jsonl) to a PNG"),
-    ("synpo.pairs.cli", "build preference pairs: clips, candidates, score, select"),
+    (
+        "train",
+        "synpo.train_cli",
+        "train a model with SynPO or a comparison preference loss (losses: synpo train --help)",
+    ),
+    ("bench", "synpo.bench_cli", "run the kernel and trainer benchmarks"),
+    ("plot", "synpo.plot_cli", "draw a training run's curves (metrics.jsonl) to a PNG"),
+    ("pairs", "synpo.pairs.cli", "build preference pairs: clips, candidates, score, select"),
 )
+
+
+def add_group_parser(subparsers, module_name: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of the command group that module ``module_name`` defines: its command and help line
+    from :data:`COMMAND_GROUPS`, the module's docstring as its description (line breaks kept)."""
+    for command, module, help_line in COMMAND_GROUPS:
+        if module == module_name:
+            return subparsers.add_parser(
+                command,
+                help=help_line,
+                description=sys.modules[module_name].__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                **kwargs,
+            )
+    raise ValueError(f"module_name: {module_name!r} is not a module of COMMAND_GROUPS")
 
 
 def _version() -> str:
@@ -45,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=argparse.SUPPRESS,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name, _help in COMMAND_GROUPS:
+    for _command, module_name, _help in COMMAND_GROUPS:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

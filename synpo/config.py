@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -41,6 +42,7 @@ __all__ = [
     "format_change",
     "load_config",
     "parse_override_args",
+    "read_config_file",
     "unexpected_resume_changes",
 ]
 
@@ -421,14 +423,23 @@ def config_to_dict(config: TrainerConfig) -> dict:
     return data
 
 
-def _read_yaml(path: str | Path) -> dict:
+def read_config_file(path: str | Path, *, key: str, fmt: Literal["YAML", "JSON"]) -> Any:
+    """The parsed content of the file that config key ``key`` names; a missing or unparsable file is a
+    :class:`ConfigError` naming the key. JSON files are parsed as JSON: YAML 1.1 would read ``1e-5``
+    as a string."""
+    if fmt not in ("YAML", "JSON"):
+        raise ValueError(f"fmt: must be 'YAML' or 'JSON', got {fmt!r}")
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config: file not found: {path}")
+        raise ConfigError(f"{key}: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
+        return yaml.safe_load(path.read_text()) if fmt == "YAML" else json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{key}: {path} is not valid {fmt}: {exc}") from exc
+
+
+def _read_yaml(path: str | Path) -> dict:
+    data = read_config_file(path, key="config", fmt="YAML")
     if data is None:
         return {}
     if not isinstance(data, dict):

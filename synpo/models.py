@@ -28,6 +28,8 @@ __all__ = [
     "resolve_model_source",
     "resolve_reference_mode",
     "trainable_parameter_count",
+    "vision_modules",
+    "vision_parameter_prefixes",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -192,20 +194,71 @@ def load_model(model_cfg: ModelConfig, *, device: torch.device, seed: int = 0) -
     )
 
 
+# Attribute paths of the vision encoder and the vision-to-text projector in common HF VLMs, relative to
+# the top-level model. The first path that exists wins for each role.
+_VISION_TOWER_PATHS = ("model.vision_tower", "vision_tower", "model.visual", "visual", "model.vision_model")
+_PROJECTOR_PATHS = (
+    "model.multi_modal_projector",
+    "multi_modal_projector",
+    "model.connector",
+    "connector",
+    "model.visual.merger",
+    "visual.merger",
+)
+
+
+def _get_path(root: nn.Module, path: str) -> nn.Module | None:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def vision_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"vision_tower": ..., "projector": ...}`` for a HF vision-language model.
+
+    Known layouts: LLaVA / LLaVA-OneVision / LLaVA-NeXT(-Video) (``model.vision_tower``,
+    ``model.multi_modal_projector``), Qwen2-VL / Qwen2.5-VL (``model.visual``, whose ``merger`` is the
+    projector and lives inside the tower), Idefics3 / SmolVLM (``model.vision_model``,
+    ``model.connector``). Raises ``ValueError`` for a model where no vision tower is found.
+    """
+    tower_path = next((p for p in _VISION_TOWER_PATHS if _get_path(model, p) is not None), None)
+    if tower_path is None:
+        raise ValueError(
+            f"model: no vision tower found on {type(model).__name__} "
+            f"(looked for {', '.join(_VISION_TOWER_PATHS)})"
+        )
+    result = {"vision_tower": _get_path(model, tower_path)}
+    projector_path = next((p for p in _PROJECTOR_PATHS if _get_path(model, p) is not None), None)
+    if projector_path is not None:
+        result["projector"] = _get_path(model, projector_path)
+    return result
+
+
+def vision_parameter_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Prefixes of ``model.named_parameters()`` names that belong to :func:`vision_modules`."""
+    wanted = {id(m) for m in vision_modules(model).values()}
+    return tuple(f"{name}." for name, module in model.named_modules() if id(module) in wanted)
+
+
 def freeze_vision(model: nn.Module) -> int:
     """Freeze the vision tower and projector (as upstream); returns the number of frozen elements."""
-    from synpo.tiny import freeze_vision_modules
-
-    return freeze_vision_modules(model)
+    frozen = 0
+    for module in vision_modules(model).values():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.requires_grad_(False)
+                frozen += param.numel()
+    return frozen
 
 
 def _vision_prefixes(model: nn.Module) -> tuple[str, ...]:
-    from synpo.tiny import vision_parameter_prefixes
-
     try:
         return vision_parameter_prefixes(model)
     except ValueError:
-        return ()
+        return ()  # a text-only model: nothing to exclude
 
 
 def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from synpo.cli import add_group_parser
+
 __all__ = ["add_parser", "ema", "load_metrics", "plot_metrics", "run"]
 
 DEFAULT_NAME = "training_curves.png"
@@ -319,12 +321,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     # matplotlib is imported only when a chart is drawn: the CLI's start-up stays fast.
-    parser = subparsers.add_parser(
-        "plot",
-        help="draw a training run's curves (metrics.jsonl) to a PNG",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_group_parser(subparsers, __name__)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir (holds metrics.jsonl)")
     parser.add_argument("--out", metavar="PATH", help=f"the PNG to write (default: RUN_DIR/{DEFAULT_NAME})")
     parser.add_argument("--metrics", metavar="FILE", help="the metrics file (default: RUN_DIR/metrics.jsonl)")

@@ -7,11 +7,12 @@ a CPU. Their outputs are meaningless text; only shapes, dtypes and plumbing are 
 - :func:`build_tiny_tokenizer`: a byte-level BPE tokenizer (~1k tokens) trained with ``tokenizers`` on
   an embedded corpus of caption-like English, with a Vicuna-style chat template (as AuroraCap upstream)
   and ``<image>`` / ``<video>`` placeholder tokens.
-- :func:`build_tiny_causal_lm`: a ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` from a config.
+- :func:`build_random_causal_lm`: a ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` of any size and vocab
+  (no tokenizer), for benchmarks and examples; :func:`build_tiny_causal_lm`: a small one with the tiny
+  tokenizer, ready for ``generate``.
 - :func:`build_tiny_vlm`: a ``LlavaForConditionalGeneration`` (CLIP vision tower + MLP projector +
   Llama) with a ``LlavaProcessor`` built from the tiny tokenizer and a PIL-backed image processor (no
   torchvision needed). Video frames are passed as a list of images, one ``<image>`` per frame.
-- :func:`vision_modules`: the vision tower and projector of a VLM, for freezing them in training.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
+
+from synpo.data.encode import PLAIN_SYSTEM_PROMPT
 
 # Special tokens. Ids are fixed by their order here: <unk>=0, <s>=1, </s>=2, <pad>=3, <image>=4, <video>=5.
 UNK_TOKEN = "<unk>"
@@ -35,10 +37,7 @@ DEFAULT_VOCAB_SIZE = 1024
 # Vicuna v1 style, as AuroraCap upstream: a system line, then "USER: ... ASSISTANT: ...</s>".
 # Message content may be a string or a list of typed parts ({"type": "image"|"video"|"text"}), which is
 # what processors' apply_chat_template passes for multimodal messages.
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+VICUNA_SYSTEM = PLAIN_SYSTEM_PROMPT  # the plain template of synpo.data writes the same system line
 VICUNA_CHAT_TEMPLATE = (
     "{%- set system = namespace(text='" + VICUNA_SYSTEM.replace("'", "\\'") + "') -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -157,41 +156,113 @@ def build_tiny_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):
 _ARCHS = ("llama", "qwen2")
 
 
-def _text_config(arch: str, vocab_size: int, hidden_size: int, layers: int, heads: int, tokenizer, tie: bool):
+def _text_config(
+    arch: str,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 4096,
+    special_token_ids: tuple[int, int, int] = (1, 2, 0),
+    tie_word_embeddings: bool = False,
+):
     from transformers import LlamaConfig, Qwen2Config
 
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {_ARCHS}, got {arch!r}")
-    for name, value in (("hidden_size", hidden_size), ("layers", layers), ("heads", heads)):
+    kv_heads = heads if kv_heads is None else kv_heads
+    intermediate_size = 2 * hidden_size if intermediate_size is None else intermediate_size
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("hidden_size", hidden_size),
+        ("layers", layers),
+        ("heads", heads),
+        ("kv_heads", kv_heads),
+        ("intermediate_size", intermediate_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if hidden_size % heads:
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by heads ({heads})")
     if (hidden_size // heads) % 2:
         raise ValueError(f"hidden_size // heads must be even (rotary embeddings), got {hidden_size // heads}")
-    common = dict(
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
+    bos, eos, pad = special_token_ids
+    config_cls = LlamaConfig if arch == "llama" else Qwen2Config
+    return config_cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    config_cls = LlamaConfig if arch == "llama" else Qwen2Config
-    return config_cls(**common)
 
 
-def _seeded(seed: int):
+def _tokenizer_ids(tokenizer) -> tuple[int, int, int]:
+    return tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+
+
+def _seeded(seed: int, device: torch.device | None = None):
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     # fork_rng keeps the caller's global RNG stream untouched: building a model must not change the
     # random numbers a test or training run draws afterwards.
-    return torch.random.fork_rng(devices=[])
+    cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+def build_random_causal_lm(
+    *,
+    vocab_size: int,
+    arch: str = "llama",
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 4096,
+    special_token_ids: tuple[int, int, int] = (1, 2, 0),
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """A randomly initialised ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM``) of any size, no tokenizer.
+
+    ``kv_heads`` defaults to ``heads``, ``intermediate_size`` to ``2 * hidden_size``;
+    ``special_token_ids`` are ``(bos, eos, pad)``. The model is built directly on ``device`` in
+    ``dtype`` (a 7B model never exists in fp32 on the host), attention ``sdpa``, in eval mode. The
+    same ``seed`` gives the same weights; the global RNG state is left unchanged.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _text_config(
+        arch,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        special_token_ids=special_token_ids,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    device = torch.device(device)
+    with _seeded(seed, device), device:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
 
 
 def build_tiny_causal_lm(
@@ -204,23 +275,28 @@ def build_tiny_causal_lm(
     seed: int = 0,
     tie_word_embeddings: bool = False,
 ):
-    """A randomly initialised ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM``) and its tokenizer.
+    """A randomly initialised ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM``) and its tokenizer
+    (:func:`build_tiny_tokenizer` unless given), ready for ``generate``.
 
     ``tie_word_embeddings`` is set explicitly (transformers 5 defaults it to False); attention is
     ``sdpa``. The same ``seed`` gives bit-identical weights; the global RNG state is left unchanged.
     The model is in eval mode, on CPU, fp32.
     """
-    from transformers import AutoModelForCausalLM
-
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    config = _text_config(arch, len(tokenizer), hidden_size, layers, heads, tokenizer, tie_word_embeddings)
-    with _seeded(seed):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = build_random_causal_lm(
+        vocab_size=len(tokenizer),
+        arch=arch,
+        hidden_size=hidden_size,
+        layers=layers,
+        heads=heads,
+        special_token_ids=_tokenizer_ids(tokenizer),
+        tie_word_embeddings=tie_word_embeddings,
+        seed=seed,
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 # The tiny VLM's frames are 32x32 with 8x8 patches: 16 patch tokens per frame (the CLS token is dropped
@@ -244,13 +320,20 @@ def build_tiny_vlm(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, hea
 
     Frames go in as images: build the prompt with one ``{"type": "image"}`` content part per frame
     (``processor.apply_chat_template``), then call ``processor(text=..., images=frames)``. Each frame
-    becomes 16 ``<image>`` positions. Vision tower and projector: see :func:`vision_modules`
+    becomes 16 ``<image>`` positions. Vision tower and projector: see :func:`synpo.models.vision_modules`
     (``model.model.vision_tower`` and ``model.model.multi_modal_projector``).
     """
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = build_tiny_tokenizer()
-    text_config = _text_config("llama", len(tokenizer), hidden_size, layers, heads, tokenizer, False)
+    text_config = _text_config(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        layers=layers,
+        heads=heads,
+        special_token_ids=_tokenizer_ids(tokenizer),
+    )
     vision_config = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -287,63 +370,3 @@ def build_tiny_vlm(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, hea
         chat_template=VICUNA_CHAT_TEMPLATE,
     )
     return model.eval(), processor
-
-
-# Attribute paths of the vision encoder and the vision-to-text projector in common HF VLMs, relative to
-# the top-level model. The first path that exists wins for each role.
-_VISION_TOWER_PATHS = ("model.vision_tower", "vision_tower", "model.visual", "visual", "model.vision_model")
-_PROJECTOR_PATHS = (
-    "model.multi_modal_projector",
-    "multi_modal_projector",
-    "model.connector",
-    "connector",
-    "model.visual.merger",
-    "visual.merger",
-)
-
-
-def _get_path(root: nn.Module, path: str) -> nn.Module | None:
-    module = root
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module if isinstance(module, nn.Module) else None
-
-
-def vision_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``{"vision_tower": ..., "projector": ...}`` for a HF vision-language model.
-
-    Known layouts: LLaVA / LLaVA-OneVision / LLaVA-NeXT(-Video) (``model.vision_tower``,
-    ``model.multi_modal_projector``), Qwen2-VL / Qwen2.5-VL (``model.visual``, whose ``merger`` is the
-    projector and lives inside the tower), Idefics3 / SmolVLM (``model.vision_model``,
-    ``model.connector``). Raises ``ValueError`` for a model where no vision tower is found.
-    """
-    tower_path = next((p for p in _VISION_TOWER_PATHS if _get_path(model, p) is not None), None)
-    if tower_path is None:
-        raise ValueError(
-            f"model: no vision tower found on {type(model).__name__} "
-            f"(looked for {', '.join(_VISION_TOWER_PATHS)})"
-        )
-    result = {"vision_tower": _get_path(model, tower_path)}
-    projector_path = next((p for p in _PROJECTOR_PATHS if _get_path(model, p) is not None), None)
-    if projector_path is not None:
-        result["projector"] = _get_path(model, projector_path)
-    return result
-
-
-def vision_parameter_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """Prefixes of ``model.named_parameters()`` names that belong to :func:`vision_modules`."""
-    wanted = {id(m) for m in vision_modules(model).values()}
-    return tuple(f"{name}." for name, module in model.named_modules() if id(module) in wanted)
-
-
-def freeze_vision_modules(model: nn.Module) -> int:
-    """Set ``requires_grad=False`` on the vision tower and projector; returns the number frozen."""
-    frozen = 0
-    for module in vision_modules(model).values():
-        for param in module.parameters():
-            if param.requires_grad:
-                param.requires_grad_(False)
-                frozen += param.numel()
-    return frozen

@@ -15,6 +15,8 @@ import argparse
 import logging
 import sys
 
+from synpo.cli import add_group_parser
+
 __all__ = ["add_parser", "loss_help", "run"]
 
 
@@ -50,14 +52,7 @@ def loss_help() -> str:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a model with SynPO or a comparison preference loss (losses: synpo train --help)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-        epilog=OVERRIDES_HELP,
-    )
+    parser = add_group_parser(subparsers, __name__, allow_abbrev=False, epilog=OVERRIDES_HELP)
     parser.__class__ = _TrainArgumentParser  # the subparsers action builds a plain ArgumentParser
     parser.add_argument(
         "--config",

@@ -93,3 +93,22 @@ def test_explicit_cuda_home_wins_and_is_checked(tmp_path):
     assert (
         _find_cuda_home_with({"CUDA_HOME": str(not_a_toolkit), "PATH": "/usr/bin:/bin"}, tmp_path) == "None"
     )
+
+
+def test_every_file_of_the_python_packages_goes_into_the_wheel():
+    """Each folder of Python modules is a package (packages.find needs ``__init__.py``), and each other
+    file in a package (assets, configs) is matched by pyproject's package-data, so wheels carry it."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    root = CSRC.parent
+    package_data = read_configuration(root / "pyproject.toml")["tool"]["setuptools"]["package-data"]
+    for package, patterns in package_data.items():
+        base = root / package
+        shipped = {p for pattern in patterns for p in base.glob(pattern) if p.is_file()}
+        for path in base.rglob("*"):
+            if "__pycache__" in path.parts or not path.is_file() or path.suffix in (".so", ".pyd"):
+                continue  # compiled extensions are built into the wheel, not copied
+            if path.suffix == ".py":
+                assert (path.parent / "__init__.py").is_file(), f"{path}: its folder is not a package"
+            else:
+                assert path in shipped, f"{path.relative_to(root)}: not in [tool.setuptools.package-data]"

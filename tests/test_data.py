@@ -1,4 +1,4 @@
-"""Data: readers (both formats, score-gap filter, malformed lines), tokenization and truncation,
+"""synpo.data: readers (both formats, score-gap filter, malformed lines), tokenization and truncation,
 collation (padded and packed, response windows), the micro-batch plan, and the encoder's video frames."""
 
 from __future__ import annotations
@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from synpo.data import (
-    IGNORE_INDEX,
-    SAMPLE_PAIRS_PATH,
-    DataError,
-    PairBatchPlan,
-    PairEncoder,
-    PreferenceCollator,
-    PreferenceDataset,
-    PreferenceExample,
-    read_preference_jsonl,
-)
+from synpo.data.batching import IGNORE_INDEX, PairBatchPlan, PreferenceCollator, PreferenceDataset
+from synpo.data.encode import PairEncoder
+from synpo.data.records import SAMPLE_PAIRS_PATH, DataError, PreferenceExample, read_preference_jsonl
 from synpo.tiny import build_tiny_causal_lm, build_tiny_tokenizer
 
 

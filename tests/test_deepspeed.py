@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_training import CHILD_ENV, TINY_MODEL, generic_sample_lines, tiny_training_config, write_lines
 
-from synpo.data import SAMPLE_PAIRS_PATH
 from synpo.trainer import Trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -34,22 +34,20 @@ def free_port() -> int:
 
 
 def config(output_dir, *, accumulation: int, **sections) -> dict:
-    cfg = {
-        "model": {"tiny": {"hidden_size": 32, "layers": 2, "heads": 2}},
-        "data": {"max_length": 256},
-        "optim": {"lr": 5e-3, "warmup_ratio": 0.0},
-        "train": {
-            "epochs": 1,
-            "max_steps": 3,
-            "micro_batch_size": 1,
-            "gradient_accumulation_steps": accumulation,
+    return tiny_training_config(
+        output_dir,
+        {
+            "optim": {"lr": 5e-3, "warmup_ratio": 0.0},
+            "train": {
+                "epochs": 1,
+                "max_steps": 3,
+                "micro_batch_size": 1,
+                "gradient_accumulation_steps": accumulation,
+            },
+            "checkpoint": {"save_every": 2},
         },
-        "checkpoint": {"output_dir": str(output_dir), "save_every": 2},
-        "logging": {"progress_bar": False},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    return cfg
+        sections,
+    )
 
 
 def launch(tmp_path, cfg: dict, ds_config: dict, *extra: str, script: str | None = None) -> list[dict]:
@@ -58,13 +56,7 @@ def launch(tmp_path, cfg: dict, ds_config: dict, *extra: str, script: str | None
     cfg = {**cfg, "deepspeed": str(tmp_path / "ds.json")}
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(json.dumps(cfg))  # JSON is YAML
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+    env = {**CHILD_ENV, "DS_ACCELERATOR": "cpu"}
     target = [script] if script else ["-m", "synpo", "train"]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -88,8 +80,7 @@ def assert_same_training(rows, reference_rows, rel=2e-5):
 def test_zero_stage_matches_single_process(tmp_path, stage):
     # 2 ranks x accumulation 2 == 1 process x accumulation 4: the same pairs in every optimizer step.
     # Evaluation on 5 pairs (3 on rank 0, 2 on rank 1, which runs an extra forward to keep in step).
-    lines = [line for line in SAMPLE_PAIRS_PATH.read_text().splitlines() if "pos_pre" not in line]
-    (tmp_path / "eval.jsonl").write_text("\n".join(lines[-6:]) + "\n")  # 5 pass min_score_gap
+    write_lines(tmp_path / "eval.jsonl", generic_sample_lines()[-6:])  # 5 pass min_score_gap
     with_eval = {"data": {"eval_file": str(tmp_path / "eval.jsonl")}, "logging": {"eval_every": 2}}
     single = Trainer(config(tmp_path / "single", accumulation=4, **with_eval)).train()
     rows = launch(
@@ -186,7 +177,7 @@ def test_zero3_tied_embeddings(tmp_path):
     # Tied input/output embeddings (SmolLM2, Gemma, Qwen2-0.5B): the lm_head weight that the fused loss
     # reads is the embedding matrix, a ZeRO-3 external parameter of the objective that the embedding
     # layer uses too; fully fine-tuned here, its partitions get the gradients of both uses.
-    tied = {"tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "tie_word_embeddings": True}}
+    tied = {"tiny": {**TINY_MODEL, "tie_word_embeddings": True}}
     single = Trainer(config(tmp_path / "single", accumulation=4, model=tied)).train()
     rows = launch(
         tmp_path, config(tmp_path / "zero3", accumulation=2, model=tied), {"zero_optimization": {"stage": 3}}

@@ -1,4 +1,5 @@
-"""The tiny offline models: build, generate, forward with labels, determinism, no network."""
+"""The tiny offline models: build (any size without a tokenizer, too), generate, forward with labels,
+determinism, no network."""
 
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def test_causal_lm_deterministic_and_rng_neutral(tokenizer):
         ({"arch": "gpt2"}, "arch"),
         ({"hidden_size": 65}, "divisible"),
         ({"layers": 0}, "layers"),
+        ({"hidden_size": 36, "heads": 4}, "even"),
         ({"seed": "x"}, "seed"),
     ],
 )
@@ -163,18 +165,18 @@ def test_vlm_deterministic(vlm):
         assert torch.equal(model(**inputs).logits, again(**inputs).logits)
 
 
-def test_vision_modules_and_freeze():
-    model, _ = tiny.build_tiny_vlm(seed=0)
-    modules = tiny.vision_modules(model)
-    assert modules["vision_tower"] is model.model.vision_tower
-    assert modules["projector"] is model.model.multi_modal_projector
-    assert tiny.vision_parameter_prefixes(model) == ("model.vision_tower.", "model.multi_modal_projector.")
-    n_vision = sum(p.numel() for m in modules.values() for p in m.parameters())
-    assert tiny.freeze_vision_modules(model) == n_vision
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and not any(n.startswith(tiny.vision_parameter_prefixes(model)) for n in trainable)
-    with pytest.raises(ValueError, match="vision tower"):
-        tiny.vision_modules(torch.nn.Linear(2, 2))
+def test_random_causal_lm_of_any_size_without_a_tokenizer():
+    model = tiny.build_random_causal_lm(
+        vocab_size=96, arch="qwen2", hidden_size=32, heads=4, kv_heads=2, intermediate_size=48,
+        special_token_ids=(1, 2, 0), seed=3, dtype=torch.bfloat16,
+    )  # fmt: skip
+    config = model.config
+    assert type(model).__name__ == "Qwen2ForCausalLM" and not model.training
+    assert (config.vocab_size, config.num_key_value_heads, config.intermediate_size) == (96, 2, 48)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="kv_heads"):
+        tiny.build_random_causal_lm(vocab_size=96, heads=4, kv_heads=3)
 
 
 def test_vlm_save_and_reload_with_auto_classes(vlm, tmp_path):

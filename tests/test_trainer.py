@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_training import TINY_MODEL, generic_sample_lines, tiny_training_config, write_lines
 
 from synpo.config import ConfigError
-from synpo.data import SAMPLE_PAIRS_PATH
 from synpo.trainer import Trainer, linear_warmup_schedule
 
 METRIC_KEYS = {
@@ -22,39 +22,21 @@ METRIC_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny models run fastest on one thread, and on a busy CI machine multi-threaded tiny ops
-    # oversubscribe the cores (4x slower measured); the subprocesses below get OMP_NUM_THREADS=1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QUICK_RUN = {
+    "optim": {"lr": 5e-3, "warmup_ratio": 0.0},
+    "train": {"epochs": 1, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "seed": 0},
+    "checkpoint": {"save_every": 0},
+}
 
 
 def base_config(output_dir, **sections) -> dict:
-    config = {
-        "model": {"tiny": {"hidden_size": 32, "layers": 2, "heads": 2}},
-        "data": {"max_length": 256},
-        "optim": {"lr": 5e-3, "warmup_ratio": 0.0},
-        "train": {"epochs": 1, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "seed": 0},
-        "checkpoint": {"output_dir": str(output_dir), "save_every": 0},
-        "logging": {"progress_bar": False},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            config.setdefault(section, {}).update(values)
-        else:
-            config[section] = values
-    return config
+    return tiny_training_config(output_dir, QUICK_RUN, sections)
 
 
 def small_pairs(tmp_path, n: int) -> str:
-    lines = SAMPLE_PAIRS_PATH.read_text().splitlines()
-    kept = [line for line in lines if "pos_pre" not in line][:n]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(kept) + "\n")
-    return str(path)
+    return write_lines(tmp_path / "pairs.jsonl", generic_sample_lines()[:n])
 
 
 def losses(result) -> list[float]:
@@ -277,7 +259,7 @@ def test_tied_embeddings_are_exported_once_and_reload_tied(tmp_path):
 
     config = base_config(
         tmp_path / "run",
-        model={"tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "tie_word_embeddings": True}},
+        model={"tiny": {**TINY_MODEL, "tie_word_embeddings": True}},
         data={"train_file": small_pairs(tmp_path, 4), "min_score_gap": None},
         train={"max_steps": 1},
     )

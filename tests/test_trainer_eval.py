@@ -7,8 +7,14 @@ import json
 import math
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from tiny_training import (
+    assert_same_weights,
+    call_after_optimizer_step,
+    generic_sample_lines,
+    tiny_training_config,
+    without_timing,
+    write_lines,
+)
 
 from synpo import checkpoint as ckpt
 from synpo.cli import main
@@ -22,51 +28,31 @@ EVAL_KEYS = {
     "step", "split", "eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_chosen_logps",
     "eval_rejected_logps", "eval_chosen_mean_prob", "eval_pairs", "eval_seconds",
 }  # fmt: skip
-TIMING_KEYS = {"tokens_per_s", "step_time_s", "peak_memory_mb", "eval_seconds"}
+
+# LoRA dropout: evaluation must neither draw from the training RNG nor leave dropout off.
+EVALUATED_RUN = {
+    "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+    "optim": {"lr": 1e-2, "warmup_steps": 1},
+    "train": {"max_steps": 5, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "seed": 3},
+    "checkpoint": {"save_every": 1, "keep_last": 10},
+}
 
 
 def make_config(output_dir, **sections) -> dict:
-    config = {
-        "model": {"tiny": {"hidden_size": 32, "layers": 2, "heads": 2}},
-        # LoRA dropout: evaluation must neither draw from the training RNG nor leave dropout off.
-        "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"max_length": 256},
-        "optim": {"lr": 1e-2, "warmup_steps": 1},
-        "train": {"max_steps": 5, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "seed": 3},
-        "checkpoint": {"output_dir": str(output_dir), "save_every": 1, "keep_last": 10},
-        "logging": {"progress_bar": False},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    return config
+    return tiny_training_config(output_dir, EVALUATED_RUN, sections)
 
 
 def eval_pairs_file(tmp_path, n: int = 5) -> str:
     """``n`` generic pairs of the bundled sample, all above the default min_score_gap."""
-    lines = [line for line in SAMPLE_PAIRS_PATH.read_text().splitlines() if "pos_pre" not in line]
-    path = tmp_path / "eval_pairs.jsonl"
-    path.write_text("\n".join(lines[-n - 1 :]) + "\n")  # one of these is below the gap
+    # The last n + 1 records: one of them is below the gap.
+    path = write_lines(tmp_path / "eval_pairs.jsonl", generic_sample_lines()[-n - 1 :])
     assert len(read_preference_jsonl(path)[0]) == n
-    return str(path)
+    return path
 
 
 def read_rows(result) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     return [r for r in rows if r.get("split") != "eval"], [r for r in rows if r.get("split") == "eval"]
-
-
-def untimed(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
-def weights(checkpoint_dir):
-    return load_file(str(checkpoint_dir / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def test_eval_file_schedule_no_effect_on_training_best_checkpoint_and_tensorboard(tmp_path):
@@ -94,9 +80,9 @@ def test_eval_file_schedule_no_effect_on_training_best_checkpoint_and_tensorboar
 
     # Evaluation changes nothing in training: the same rows and weights, bit for bit.
     plain_rows, _ = read_rows(plain)
-    assert untimed(train_rows) == untimed(plain_rows)
+    assert without_timing(train_rows) == without_timing(plain_rows)
     assert all("reward_accuracy" in row for row in train_rows)
-    assert_same_weights(weights(result.last_checkpoint), weights(plain.last_checkpoint))
+    assert_same_weights(result.last_checkpoint, plain.last_checkpoint)
 
     # best/: the step with the highest eval loss, the same weights as that step's checkpoint, intact.
     best_row = max(eval_rows, key=lambda r: r["eval_loss"])
@@ -111,7 +97,7 @@ def test_eval_file_schedule_no_effect_on_training_best_checkpoint_and_tensorboar
     assert ckpt.verify_checkpoint(best_dir) is None
     assert json.loads((best_dir / "trainer_state.json").read_text())["step"] == best_row["step"]
     step_dir = ckpt.checkpoint_root(tmp_path / "eval") / ckpt.step_dir_name(best_row["step"])
-    assert_same_weights(weights(best_dir), weights(step_dir))
+    assert_same_weights(best_dir, step_dir)
 
     # TensorBoard: the JSONL values under train/<key> and eval/<key without eval_>.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -164,17 +150,7 @@ def test_resume_continues_the_eval_schedule_and_the_best(tmp_path):
     # Stop right after step 4, an evaluation step: the stop skips its evaluation, the resume runs it.
     run_dir = tmp_path / "run"
     first = Trainer(make_config(run_dir, **sections))
-    real_step = first._optimizer_step
-    calls = [0]
-
-    def step_then_stop(counters):
-        norm = real_step(counters)
-        calls[0] += 1
-        if calls[0] == 4:
-            first.request_stop()
-        return norm
-
-    first._optimizer_step = step_then_stop
+    call_after_optimizer_step(first, 4, first.request_stop)
     stopped = first.train()
     assert stopped.interrupted and stopped.global_step == 4
     assert [r["step"] for r in stopped.eval_history] == [2]
@@ -183,14 +159,18 @@ def test_resume_continues_the_eval_schedule_and_the_best(tmp_path):
     assert [r["step"] for r in resumed.eval_history] == [4, 6]
     train_rows, eval_rows = read_rows(resumed)
     ref_train, ref_eval = read_rows(reference)
-    assert untimed(eval_rows) == untimed(ref_eval) and [r["step"] for r in eval_rows] == [2, 4, 6]
-    assert untimed(train_rows) == untimed(ref_train)
+    assert without_timing(eval_rows) == without_timing(ref_eval) and [r["step"] for r in eval_rows] == [
+        2,
+        4,
+        6,
+    ]
+    assert without_timing(train_rows) == without_timing(ref_train)
     # The best-so-far came through the checkpoint: same best as the uninterrupted run; best/ kept
     # although keep_last is 1.
     assert resumed.summary["best"]["step"] == reference.summary["best"]["step"]
     assert resumed.summary["best"]["value"] == reference.summary["best"]["value"]
     assert ckpt.verify_checkpoint(run_dir / "best") is None
-    assert_same_weights(weights(run_dir / "best"), weights(tmp_path / "reference" / "best"))
+    assert_same_weights(run_dir / "best", tmp_path / "reference" / "best")
     assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-00000006"]
 
 

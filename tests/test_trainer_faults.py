@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from test_trainer_resume import comparable, make_config
+from tiny_training import CHILD_ENV, RESUMABLE_RUN, assert_same_weights, tiny_training_config, without_timing
 
 from synpo import checkpoint as ckpt
 from synpo.config import ConfigError
@@ -35,13 +34,11 @@ from synpo.trainer import Trainer, linear_warmup_schedule
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def config_for(output_dir, **train) -> dict:
-    config = make_config(output_dir)
-    config["train"].update(train)
-    return config
+    """test_trainer_resume's run (8 steps, LoRA dropout, checkpoints every 2), ``train`` changed."""
+    return tiny_training_config(output_dir, RESUMABLE_RUN, train=train)
 
 
 def write_config(path: Path, config: dict) -> Path:
@@ -55,7 +52,7 @@ def synpo_train(*args: str) -> list[str]:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        synpo_train(*args), capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO
+        synpo_train(*args), capture_output=True, text=True, timeout=timeout, env=CHILD_ENV, cwd=REPO
     )
 
 
@@ -71,14 +68,6 @@ def metric_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-
-
-def assert_same_weights(ours: Path, theirs: Path) -> None:
-    a = load_file(str(ours / "model.safetensors"))
-    b = load_file(str(theirs / "model.safetensors"))
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -103,7 +92,11 @@ def test_ctrl_c_saves_exits_130_and_resume_equals_uninterrupted(tmp_path):
     path = write_config(tmp_path / "cfg.yaml", config)
 
     child = subprocess.Popen(
-        synpo_train("--config", path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        synpo_train("--config", path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
     )
     try:
         wait_for(lambda: len(metric_rows(run_dir / "metrics.jsonl")) >= 3, what="3 logged steps")
@@ -130,31 +123,19 @@ def test_ctrl_c_saves_exits_130_and_resume_equals_uninterrupted(tmp_path):
     assert_same_weights(final, reference.last_checkpoint)
     logged = metric_rows(run_dir / "metrics.jsonl")
     assert [row["step"] for row in logged] == list(range(1, total + 1))
-    assert comparable(logged) == comparable(reference.history)
+    assert without_timing(logged) == without_timing(reference.history)
 
 
 # Ctrl-C after optimizer step 3, and again while the step-3 checkpoint is being written.
 DOUBLE_CTRL_C = textwrap.dedent(
     """
     import os, signal, sys
-    from synpo import checkpoint as ckpt
     from synpo.cli import main
     from synpo.trainer import Trainer
+    from tiny_training import call_after_optimizer_step, call_while_saving
 
-    real_step, done = Trainer._optimizer_step, [0]
-    def step_then_sigint(self, counters):
-        norm = real_step(self, counters)
-        done[0] += 1
-        if done[0] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return norm
-    Trainer._optimizer_step = step_then_sigint
-    real_save = ckpt.save_torch_state
-    def save_then_sigint(obj, path):
-        real_save(obj, path)
-        if path.name == "optimizer.pt" and path.parent.name == ".tmp-step-00000003":
-            os.kill(os.getpid(), signal.SIGINT)
-    ckpt.save_torch_state = save_then_sigint
+    call_after_optimizer_step(Trainer, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    call_while_saving(3, lambda: os.kill(os.getpid(), signal.SIGINT))
     sys.exit(main(["train", "--config", sys.argv[1]]))
     """
 )
@@ -166,7 +147,7 @@ def test_second_ctrl_c_while_saving_keeps_the_previous_checkpoint(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(DOUBLE_CTRL_C)
     child = subprocess.run(
-        [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=300, env=ENV
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=300, env=CHILD_ENV
     )
     assert child.returncode == 130, child.stderr[-3000:]
     assert error_lines(child.stderr)[-1] == (
@@ -188,7 +169,7 @@ def uninterrupted(tmp_path_factory, one_torch_thread):
     """An uninterrupted 8-step run (checkpoints 4, 6, 8) and a copy of its output directory as it
     was after step 6 (checkpoints 4 and 6, ``latest`` -> 6)."""
     base = tmp_path_factory.mktemp("faults")
-    reference = Trainer(make_config(base / "reference")).train()
+    reference = Trainer(config_for(base / "reference")).train()
     at_six = base / "at-step-6"
     shutil.copytree(base / "reference", at_six)
     shutil.rmtree(ckpt.checkpoint_root(at_six) / "step-00000008")
@@ -232,13 +213,13 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, uninterrupted, ca
     if how != "delete":
         assert problem.startswith(f"{name}: ")
 
-    resumed = Trainer(make_config(run_dir), overrides={"checkpoint.resume": "auto"}).train()
+    resumed = Trainer(config_for(run_dir), overrides={"checkpoint.resume": "auto"}).train()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("step-00000006 is damaged" in w and expected in w for w in warnings), warnings
     assert resumed.history[0]["step"] == 5 and resumed.global_step == 8  # resumed from step 4
     assert_same_weights(resumed.last_checkpoint, reference.last_checkpoint)
     logged = metric_rows(resumed.metrics_file)
-    assert comparable(logged) == comparable(reference.history)
+    assert without_timing(logged) == without_timing(reference.history)
     assert ckpt.verify_checkpoint(newest) is None  # step 6 was written again, intact
 
 
@@ -250,7 +231,7 @@ def test_resume_with_no_intact_checkpoint_is_one_error_line(tmp_path, uninterrup
     shutil.copytree(at_six, run_dir)
     for checkpoint in ckpt.list_checkpoints(run_dir):
         damage(checkpoint / "optimizer.pt", "truncate")
-    path = write_config(tmp_path / "cfg.yaml", make_config(run_dir))
+    path = write_config(tmp_path / "cfg.yaml", config_for(run_dir))
     assert main(["train", "--config", str(path), "--resume"]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith("synpo train: no intact checkpoint to resume from")
@@ -294,7 +275,7 @@ def test_second_run_into_a_busy_output_dir_is_refused_until_the_first_dies(tmp_p
     long_run["checkpoint"]["save_every"] = 0
     path = write_config(tmp_path / "long.yaml", long_run)
     first = subprocess.Popen(
-        synpo_train("--config", path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
+        synpo_train("--config", path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CHILD_ENV
     )
     try:
         wait_for(lambda: len(metric_rows(run_dir / "metrics.jsonl")) >= 1, what="the first run to train")
@@ -374,7 +355,7 @@ def test_extending_max_steps_on_resume_keeps_the_lr_continuous(tmp_path, caplog)
         output_dir=str(tmp_path / "c"), resume=str(tmp_path / "b" / "checkpoints" / "step-00000010")
     )
     third = Trainer(again).train()
-    assert comparable(third.history) == comparable(second.history[6:])
+    assert without_timing(third.history) == without_timing(second.history[6:])
     assert_same_weights(third.last_checkpoint, second.last_checkpoint)
 
 
@@ -405,7 +386,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tm
     from synpo.cli import main
 
     run_dir = tmp_path / "run"
-    path = write_config(tmp_path / "cfg.yaml", make_config(run_dir))
+    path = write_config(tmp_path / "cfg.yaml", config_for(run_dir))
     real_save = ckpt.save_torch_state
 
     def save_or_fail(obj, target):
@@ -426,7 +407,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tm
     RunDirLock(run_dir).acquire().release()  # the failed run released its lock
 
     monkeypatch.setattr(ckpt, "save_torch_state", real_save)  # space again: the run resumes
-    assert Trainer(make_config(run_dir), overrides={"checkpoint.resume": "auto"}).train().global_step == 8
+    assert Trainer(config_for(run_dir), overrides={"checkpoint.resume": "auto"}).train().global_step == 8
 
 
 CUDA_MISSING = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -446,7 +427,7 @@ NO_CUDA = "train.device: 'cuda' asked for, but CUDA is not available"
 )  # fmt: skip
 def test_unusable_paths_and_devices_are_one_line_exit_2(tmp_path, args, message):
     (tmp_path / "file").write_text("a regular file, not a directory\n")
-    path = write_config(tmp_path / "cfg.yaml", make_config(tmp_path / "run"))
+    path = write_config(tmp_path / "cfg.yaml", config_for(tmp_path / "run"))
     result = run_cli("--config", path, *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr[-3000:]
     lines = error_lines(result.stderr)

@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from tiny_training import (
+    CHILD_ENV,
+    RESUMABLE_RUN,
+    assert_same_weights,
+    tiny_training_config,
+    without_timing,
+)
 
 from synpo import checkpoint as ckpt
 from synpo.trainer import Trainer
@@ -22,63 +27,25 @@ from synpo.trainer import Trainer
 CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
-    from synpo import checkpoint as ckpt
     from synpo.trainer import Trainer
+    from tiny_training import call_after_optimizer_step, call_while_saving
 
     config, mode = json.loads(sys.argv[1]), sys.argv[2]
     trainer = Trainer(config)
     if mode == "sigterm":
-        real_step = trainer._optimizer_step
-        done = [0]
-        def step_then_sigterm(counters):
-            norm = real_step(counters)
-            done[0] += 1
-            if done[0] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return norm
-        trainer._optimizer_step = step_then_sigterm
+        call_after_optimizer_step(trainer, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     elif mode == "sigkill":
-        real_save = ckpt.save_torch_state
-        def save_then_sigkill(obj, path):
-            real_save(obj, path)
-            if path.name == "optimizer.pt" and path.parent.name == ".tmp-step-00000006":
-                os.kill(os.getpid(), signal.SIGKILL)
-        ckpt.save_torch_state = save_then_sigkill
+        call_while_saving(6, lambda: os.kill(os.getpid(), signal.SIGKILL))
     result = trainer.train()
     print("RESULT " + json.dumps({"step": result.global_step, "interrupted": result.interrupted}))
     """
 )
 
-TIMING_KEYS = {"tokens_per_s", "step_time_s", "peak_memory_mb"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # Tiny models run fastest on one thread, and on a busy CI machine multi-threaded tiny ops
-    # oversubscribe the cores (4x slower measured); the subprocesses below get OMP_NUM_THREADS=1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_config(output_dir) -> dict:
-    return {
-        "model": {"tiny": {"hidden_size": 32, "layers": 2, "heads": 2}},
-        # LoRA with dropout: the resumed run must restore the RNG to draw the same dropout masks.
-        "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"max_length": 256},
-        "optim": {"lr": 1e-2, "warmup_steps": 2},
-        "train": {
-            "epochs": 1,
-            "max_steps": 8,
-            "micro_batch_size": 2,
-            "gradient_accumulation_steps": 2,
-            "seed": 5,
-        },
-        "checkpoint": {"output_dir": str(output_dir), "save_every": 2, "keep_last": 3},
-        "logging": {"progress_bar": False},
-    }
+    return tiny_training_config(output_dir, RESUMABLE_RUN)
 
 
 def run_child(tmp_path, config, mode, *, resume=None):
@@ -86,15 +53,10 @@ def run_child(tmp_path, config, mode, *, resume=None):
         config = {**config, "checkpoint": {**config["checkpoint"], "resume": resume}}
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(script), json.dumps(config), mode],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=300, env=CHILD_ENV,
     )  # fmt: skip
-
-
-def comparable(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 @pytest.mark.slow
@@ -123,11 +85,7 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
     resumed = Trainer(make_config(interrupted_dir), overrides={"checkpoint.resume": "auto"}).train()
     assert resumed.global_step == 8 and resumed.history[0]["step"] == 5
 
-    ours = load_file(str(resumed.last_checkpoint / "model.safetensors"))
-    theirs = load_file(str(reference.last_checkpoint / "model.safetensors"))
-    assert ours.keys() == theirs.keys() and ours
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_same_weights(resumed.last_checkpoint, reference.last_checkpoint)
     ours_opt = ckpt.load_torch_state(resumed.last_checkpoint / "optimizer.pt")
     theirs_opt = ckpt.load_torch_state(reference.last_checkpoint / "optimizer.pt")
     for index, state in theirs_opt["state"].items():
@@ -140,7 +98,7 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
     # uninterrupted one exactly (losses, log-probs, grad norms, lr; not timings).
     logged = [json.loads(line) for line in resumed.metrics_file.read_text().splitlines()]
     assert [row["step"] for row in logged] == list(range(1, 9))
-    assert comparable(logged) == comparable(reference.history)
+    assert without_timing(logged) == without_timing(reference.history)
 
 
 def test_resume_refuses_a_different_batch_layout(tmp_path):

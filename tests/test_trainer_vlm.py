@@ -13,8 +13,8 @@ import torch
 
 from synpo.config import LoraConfig
 from synpo.data import DataError
-from synpo.models import apply_lora
-from synpo.tiny import build_tiny_vlm, vision_parameter_prefixes
+from synpo.models import apply_lora, freeze_vision, vision_modules, vision_parameter_prefixes
+from synpo.tiny import build_tiny_vlm
 from synpo.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,6 +99,20 @@ def test_vlm_trains_on_video_frames_with_frozen_vision(tmp_path, video_pairs):
     for a, b in zip(fused.history, naive.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["chosen_logps"] == pytest.approx(b["chosen_logps"], rel=1e-4)
+
+
+def test_vision_modules_and_freeze():
+    model, _ = build_tiny_vlm(seed=0)
+    modules = vision_modules(model)
+    assert modules["vision_tower"] is model.model.vision_tower
+    assert modules["projector"] is model.model.multi_modal_projector
+    assert vision_parameter_prefixes(model) == ("model.vision_tower.", "model.multi_modal_projector.")
+    n_vision = sum(p.numel() for m in modules.values() for p in m.parameters())
+    assert freeze_vision(model) == n_vision
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith(vision_parameter_prefixes(model)) for n in trainable)
+    with pytest.raises(ValueError, match="vision tower"):
+        vision_modules(torch.nn.Linear(2, 2))
 
 
 def test_lora_on_a_vlm_skips_the_vision_modules():

@@ -193,41 +193,32 @@ def build_model(spec: ModelSpec, device: str, seed: int = 0):
     """``(peft model, pad id, vocabulary size)``: random weights built locally, LoRA applied."""
     import torch
 
+    from synpo import tiny
     from synpo.config import UPSTREAM_LORA_TARGETS, LoraConfig
     from synpo.models import apply_lora
 
     dtype = getattr(torch, spec.dtype)
     if spec.vocab is None:
-        from synpo import tiny
-
         model, tokenizer = tiny.build_tiny_causal_lm(
             arch=spec.arch, hidden_size=spec.hidden, layers=spec.layers, heads=spec.heads, seed=seed
         )
         model = model.to(device=device, dtype=dtype)
         pad, vocab = tokenizer.pad_token_id, len(tokenizer)
     else:
-        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-        config_cls = Qwen2Config if spec.arch == "qwen2" else LlamaConfig
-        config = config_cls(
-            vocab_size=spec.vocab,
-            hidden_size=spec.hidden,
-            intermediate_size=spec.intermediate or 2 * spec.hidden,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.heads,
-            max_position_embeddings=8192,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        torch.manual_seed(seed)
-        # Built directly on the device in its dtype: a 7B model never exists in fp32 on the host.
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-        model = model.to(device=device, dtype=dtype)
         pad, vocab = 0, spec.vocab
+        model = tiny.build_random_causal_lm(
+            vocab_size=vocab,
+            arch=spec.arch,
+            hidden_size=spec.hidden,
+            layers=spec.layers,
+            heads=spec.heads,
+            intermediate_size=spec.intermediate,
+            max_position_embeddings=8192,
+            special_token_ids=(1, 2, pad),
+            seed=seed,
+            dtype=dtype,
+            device=device,
+        )
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -238,6 +229,7 @@ def build_model(spec: ModelSpec, device: str, seed: int = 0):
         dropout=0.05,
         target_modules=list(UPSTREAM_LORA_TARGETS),
     )
+    torch.manual_seed(seed)  # the builders leave the global RNG alone; LoRA's init draws from it
     model = apply_lora(model, lora)
     model.train()
     return model, pad, vocab

@@ -8,13 +8,12 @@ import os
 import random
 import resource
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from synpo.config import ConfigError, TrainerConfig
+from synpo.config import ConfigError, TrainerConfig, read_config_file
 
 __all__ = [
     "Dist",
@@ -120,13 +119,7 @@ def build_deepspeed_config(config: TrainerConfig, world_size: int) -> dict:
     filled in from the trainer config; an explicit value that disagrees is a ``ConfigError``."""
     raw = config.deepspeed
     if isinstance(raw, str):
-        path = Path(raw)
-        if not path.is_file():
-            raise ConfigError(f"deepspeed: config file not found: {path}")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"deepspeed: {path} is not valid JSON ({exc})") from exc
+        ds = read_config_file(raw, key="deepspeed", fmt="JSON")
     else:
         ds = json.loads(json.dumps(raw))  # deep copy
     if not isinstance(ds, dict):

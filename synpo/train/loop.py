@@ -85,19 +85,6 @@ __all__ = ["TrainResult", "Trainer"]
 
 logger = logging.getLogger("synpo.train")
 
-# Keys of a collated batch moved to the device (everything else is bookkeeping).
-_HOST_KEYS = frozenset(
-    {
-        "num_tokens",
-        "num_response_tokens",
-        "truncated_rows",
-        "tokens_cut",
-        "padded_width",
-        "dropped_pairs",
-        "empty",
-    }
-)
-
 
 @dataclass
 class TrainResult:
@@ -413,8 +400,8 @@ class Trainer:
         device = self.dist.device
         out = {}
         for key, value in batch.items():
-            if key in _HOST_KEYS or not isinstance(value, torch.Tensor):
-                out[key] = value
+            if not isinstance(value, torch.Tensor):
+                out[key] = value  # the collator's counts (ints) and flags stay on the host
             else:
                 out[key] = value.to(device, non_blocking=True)
         if self.engine is not None and self.ds_config and self.ds_config.get("bf16", {}).get("enabled"):

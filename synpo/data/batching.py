@@ -1,0 +1,265 @@
+"""From encoded pairs to training batches: the dataset, the deterministic and resumable order of
+micro-batches per rank (:class:`PairBatchPlan`), and the collator (``[chosen; rejected]`` rows, padded or
+packed, plus the response windows the fused loss reads)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+import torch
+
+from synpo.data.encode import EncodedPair, PairEncoder
+from synpo.data.media import check_video, load_images
+from synpo.data.records import DataError, PreferenceExample
+
+IGNORE_INDEX = -100  # label of positions that are not learned (prompt, padding)
+
+__all__ = ["IGNORE_INDEX", "PairBatchPlan", "PreferenceCollator", "PreferenceDataset"]
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Examples encoded by a :class:`PairEncoder`.
+
+    Text-only data is tokenized up front (so truncation counts and dropped pairs are known before
+    training and indices are stable). Pairs with media are encoded on access (frame decoding is
+    costly); their media files are opened and checked here, before training, so that a bad file is
+    reported as ``file:line`` up front (or, with ``on_error="skip"``, dropped and counted) rather
+    than failing mid-epoch. A lazily encoded pair that still fails, or whose prompt cannot fit, comes
+    back as ``None`` and the collator drops it (counted).
+    """
+
+    def __init__(
+        self, examples: Sequence[PreferenceExample], encoder: PairEncoder, *, on_error: str = "raise"
+    ):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error: must be 'raise' or 'skip', got {on_error!r}")
+        self.encoder = encoder
+        self.on_error = on_error
+        self.media_skipped = 0
+        lazy = encoder.supports_media and any(ex.has_media for ex in examples)
+        self.lazy = lazy
+        if lazy:
+            self.examples = [ex for ex in examples if self._media_ok(ex)]
+            self.encoded: list[EncodedPair] | None = None
+        else:
+            self.examples = []
+            self.encoded = []
+            for example in examples:
+                pair = encoder.encode(example, index=len(self.encoded))
+                if pair is not None:
+                    self.examples.append(example)
+                    self.encoded.append(pair)
+
+    def _media_ok(self, example: PreferenceExample) -> bool:
+        try:
+            for path in [example.video] if example.video else []:
+                check_video(path)
+            if example.images:
+                load_images(example.images)
+        except DataError as exc:
+            if self.on_error == "raise":
+                raise DataError(f"{example.source}: {exc}") from exc
+            self.media_skipped += 1
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> EncodedPair | None:
+        if self.encoded is not None:
+            return self.encoded[index]
+        try:
+            return self.encoder.encode(self.examples[index], index=index)
+        except DataError:
+            if self.on_error == "raise":
+                raise
+            return None  # dropped by the collator, counted as a dropped pair
+
+    def fingerprint(self) -> str:
+        """A hash of the examples and token ids (text data) for keying cached reference log-probs."""
+        digest = hashlib.sha256()
+        for i, example in enumerate(self.examples):
+            digest.update(
+                json.dumps(
+                    [example.prompt, example.chosen, example.rejected, example.video, list(example.images)]
+                ).encode()
+            )
+            if self.encoded is not None:
+                pair = self.encoded[i]
+                digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+        return digest.hexdigest()[:32]
+
+
+@dataclass
+class PairBatchPlan:
+    """Which pairs each rank's micro-batches hold, for every optimizer step of every epoch.
+
+    Per epoch the pairs are permuted with a generator seeded by ``seed + epoch`` and cut into global
+    micro-batches of ``micro_batch_size``. Optimizer step ``s`` consumes global micro-batches
+    ``[s*A*W, (s+1)*A*W)`` (A = accumulation steps, W = world size); rank ``r`` takes every W-th one
+    from offset ``r``. So one process with accumulation ``A*W`` sees exactly the same pairs per
+    optimizer step as W ranks with accumulation A, and resuming at ``(epoch, step)`` needs no replay.
+    Micro-batches that do not fill a whole optimizer step at the end of an epoch are not used.
+    """
+
+    num_pairs: int
+    _: KW_ONLY
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+    shuffle: bool = True
+    # Derived: pairs one optimizer step consumes (all ranks), whole steps per epoch, the epoch's rest.
+    pairs_per_step: int = field(init=False)
+    steps_per_epoch: int = field(init=False)
+    unused_pairs_per_epoch: int = field(init=False)
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive int, got {value!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank: must be in [0, {self.world_size}), got {self.rank}")
+        self.pairs_per_step = self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+        self.steps_per_epoch = self.num_pairs // self.pairs_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"data: {self.num_pairs} pairs cannot fill one optimizer step of {self.pairs_per_step} "
+                f"pairs (micro_batch_size {self.micro_batch_size} x accumulation "
+                f"{self.gradient_accumulation_steps} x world size {self.world_size}); "
+                "use more data or a smaller batch"
+            )
+        self.unused_pairs_per_epoch = self.num_pairs - self.steps_per_epoch * self.pairs_per_step
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_pairs))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_pairs, generator=generator).tolist()
+
+    def step_micro_batches(self, epoch: int, step: int, order: list[int] | None = None) -> list[list[int]]:
+        """This rank's ``A`` micro-batches (lists of pair indices) for optimizer step ``step``."""
+        order = self._order(epoch) if order is None else order
+        m = self.micro_batch_size
+        first = step * self.gradient_accumulation_steps * self.world_size
+        batches = []
+        for a in range(self.gradient_accumulation_steps):
+            g = first + a * self.world_size + self.rank
+            batches.append(order[g * m : (g + 1) * m])
+        return batches
+
+    def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[list[int]]:
+        """This rank's micro-batches for ``epoch`` from optimizer step ``start_step`` on."""
+        order = self._order(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            yield from self.step_micro_batches(epoch, step, order)
+
+
+class PreferenceCollator:
+    """Builds a ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]`` batch from encoded pairs.
+
+    Padded (default): ``input_ids``/``attention_mask``/``labels`` of shape ``(2B, T)``, right-padded.
+    Packed (``pack=True``): all 2B sequences in one row ``(1, S)`` with ``position_ids`` restarting
+    at 0 per sequence and no attention mask; transformers then keeps attention within each sequence
+    (flash-attention varlen, or a block-diagonal mask for sdpa/eager).
+
+    Either way ``response_index`` ``(2B, L)`` indexes the flattened ``(rows*T, D)`` hidden states at
+    each sequence's last prompt position and its response positions, and ``response_labels`` holds
+    the matching labels (-100 at the prompt position and at padding): the fused loss reads only these
+    windows, so prompt and video tokens never reach the lm_head GEMM.
+    """
+
+    def __init__(self, pad_token_id: int, *, pack: bool = False):
+        if not isinstance(pad_token_id, int):
+            raise TypeError(f"pad_token_id: expected an int, got {pad_token_id!r}")
+        self.pad_token_id = pad_token_id
+        self.pack = pack
+
+    def __call__(self, pairs: Sequence[EncodedPair | None]) -> dict[str, Any]:
+        requested = len(pairs)
+        pairs = [p for p in pairs if p is not None]
+        if not pairs:
+            return {"empty": True, "dropped_pairs": requested}
+        rows = [(p, p.chosen_ids) for p in pairs] + [(p, p.rejected_ids) for p in pairs]
+        sequences = [p.prompt_ids + resp for p, resp in rows]
+        prompt_lens = [len(p.prompt_ids) for p, _ in rows]
+        lengths = [len(s) for s in sequences]
+        n_rows = len(rows)
+        extra_keys = sorted({k for p in pairs for k in p.prompt_token_extras})
+
+        if self.pack:
+            total = sum(lengths)
+            width = total
+            input_ids = torch.tensor([[t for s in sequences for t in s]], dtype=torch.long)
+            position_ids = torch.tensor([[i for n in lengths for i in range(n)]], dtype=torch.long)
+            starts = [sum(lengths[:i]) for i in range(n_rows)]
+            labels = torch.full((1, total), IGNORE_INDEX, dtype=torch.long)
+            for (_p, resp), start, plen in zip(rows, starts, prompt_lens):
+                labels[0, start + plen : start + plen + len(resp)] = torch.tensor(resp, dtype=torch.long)
+            batch: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+            for key in extra_keys:
+                values = [
+                    v
+                    for (p, resp) in rows
+                    for v in p.prompt_token_extras.get(key, [0] * len(p.prompt_ids)) + [0] * len(resp)
+                ]
+                batch[key] = torch.tensor([values], dtype=torch.long)
+        else:
+            width = max(lengths)
+            input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((n_rows, width), dtype=torch.long)
+            labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
+            for r, ((_p, resp), seq, plen) in enumerate(zip(rows, sequences, prompt_lens)):
+                input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                attention_mask[r, : len(seq)] = 1
+                labels[r, plen : len(seq)] = torch.tensor(resp, dtype=torch.long)
+            starts = [r * width for r in range(n_rows)]
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            for key in extra_keys:
+                values = torch.zeros((n_rows, width), dtype=torch.long)
+                for r, (p, _resp) in enumerate(rows):
+                    extra = p.prompt_token_extras.get(key)
+                    if extra:
+                        values[r, : len(extra)] = torch.tensor(extra, dtype=torch.long)
+                batch[key] = values
+
+        # Response windows: from the last prompt position (its output scores the first response
+        # token) to the sequence end; the loss shifts labels by one inside the window.
+        window_starts = [max(plen - 1, 0) for plen in prompt_lens]
+        window_lens = [n - s for n, s in zip(lengths, window_starts)]
+        window = max(window_lens)
+        response_index = torch.zeros((n_rows, window), dtype=torch.long)
+        response_labels = torch.full((n_rows, window), IGNORE_INDEX, dtype=torch.long)
+        flat_labels = labels.reshape(-1)
+        for r in range(n_rows):
+            first = starts[r] + window_starts[r]
+            idx = torch.arange(first, first + window_lens[r], dtype=torch.long)
+            response_index[r, : window_lens[r]] = idx
+            response_labels[r, : window_lens[r]] = flat_labels[idx]
+            # Padding positions point at the row's first window position; their labels stay -100.
+            response_index[r, window_lens[r] :] = first
+        batch["response_index"] = response_index
+        batch["response_labels"] = response_labels
+
+        vision_keys = sorted({k for p in pairs for k in p.vision_inputs})
+        for key in vision_keys:
+            # Row order is [chosen...; rejected...] and the model matches image features to image
+            # tokens in that order, so the media go in that order too (text-only pairs have none).
+            per_pair = [p.vision_inputs[key] for p in pairs if key in p.vision_inputs]
+            batch[key] = torch.cat(per_pair + per_pair, dim=0)
+
+        batch["example_index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
+        batch["num_tokens"] = int(sum(lengths))
+        batch["num_response_tokens"] = int(sum(len(resp) for _p, resp in rows))
+        batch["truncated_rows"] = int(sum(p.truncated_rows for p in pairs))
+        batch["tokens_cut"] = int(sum(p.tokens_cut for p in pairs))
+        batch["padded_width"] = width
+        batch["dropped_pairs"] = requested - len(pairs)
+        return batch

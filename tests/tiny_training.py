@@ -1,0 +1,114 @@
+"""Pieces shared by the tests that train the tiny model: its config, pair files cut from the bundled
+sample, comparisons of two runs, and hooks that act at a precise point of a run (also in child processes,
+which import this module through ``CHILD_ENV``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from synpo.data import SAMPLE_PAIRS_PATH
+
+TESTS_DIR = Path(__file__).resolve().parent
+# Child processes: offline, one thread as in-process tests (conftest.py's one_torch_thread), this module
+# importable.
+CHILD_ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p),
+}
+TIMING_KEYS = frozenset({"tokens_per_s", "step_time_s", "peak_memory_mb", "eval_seconds"})
+TINY_MODEL = {"hidden_size": 32, "layers": 2, "heads": 2}
+# 8 steps of 4 pairs, checkpoints every 2, LoRA with dropout: a resumed run must restore the RNG to draw
+# the same dropout masks as the uninterrupted one.
+RESUMABLE_RUN = {
+    "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+    "optim": {"lr": 1e-2, "warmup_steps": 2},
+    "train": {
+        "epochs": 1,
+        "max_steps": 8,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "seed": 5,
+    },
+    "checkpoint": {"save_every": 2, "keep_last": 3},
+}
+
+
+def tiny_training_config(output_dir, *overlays: dict, **sections) -> dict:
+    """The config of a quick run of the 32-wide tiny Llama into ``output_dir``, then each overlay (a
+    mapping of sections) and ``sections`` in turn: a dict updates its section, any other value
+    replaces it."""
+    config = {
+        "model": {"tiny": dict(TINY_MODEL)},
+        "data": {"max_length": 256},
+        "checkpoint": {"output_dir": str(output_dir)},
+        "logging": {"progress_bar": False},
+    }
+    for overlay in (*overlays, sections):
+        for section, values in overlay.items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+    return config
+
+
+def generic_sample_lines() -> list[str]:
+    """The bundled sample's records in the generic format (the upstream ones have ``pos_pre``)."""
+    return [line for line in SAMPLE_PAIRS_PATH.read_text().splitlines() if "pos_pre" not in line]
+
+
+def write_lines(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their wall-clock entries: what two runs must agree on exactly."""
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def assert_same_weights(ours: Path, theirs: Path) -> None:
+    """The ``model.safetensors`` of two checkpoint directories are bit-identical."""
+    a = load_file(str(ours / "model.safetensors"))
+    b = load_file(str(theirs / "model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def call_after_optimizer_step(target, step: int, action) -> None:
+    """Make ``target`` (a Trainer, or the Trainer class) call ``action()`` right after its ``step``-th
+    optimizer step from now on."""
+    real_step = target._optimizer_step
+    done = [0]
+
+    def step_then_act(*args):
+        norm = real_step(*args)
+        done[0] += 1
+        if done[0] == step:
+            action()
+        return norm
+
+    target._optimizer_step = step_then_act
+
+
+def call_while_saving(step: int, action) -> None:
+    """Call ``action()`` while the step-``step`` checkpoint is half written: its ``optimizer.pt`` is in
+    the temporary directory, the checkpoint is not published yet."""
+    from synpo import checkpoint as ckpt
+
+    real_save = ckpt.save_torch_state
+
+    def save_then_act(obj, path):
+        real_save(obj, path)
+        if path.name == "optimizer.pt" and path.parent.name == f".tmp-step-{step:08d}":
+            action()
+
+    ckpt.save_torch_state = save_then_act

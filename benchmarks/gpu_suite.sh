@@ -12,12 +12,16 @@
 #              fallback) and that kernel runs on this device, so a failed build is never benchmarked;
 #   2 tests    pytest tests/kernels (all of it: Triton kernels compiled, the CUDA C++ op; no interpreter;
 #              only that folder is collected, so no module importing av/deepspeed is imported);
-#   3 kernels  synpo bench kernels --preset gpu   (only if the tests passed)
-#   4 trainer  synpo bench trainer --preset gpu   (only if the tests passed)
+#   3 tune     python benchmarks/tune_kernels.py --quick --write (bf16 row passes; rewrites this tree's
+#              synpo_kernels/ops/kernel_configs.json, so the benchmarks run the tuned configurations;
+#              skipped when less than TUNE_TIMEOUT_S + 200 s are left, the table's defaults then stay)
+#   4 kernels  synpo bench kernels --preset gpu   (only if the tests passed)
+#   5 trainer  synpo bench trainer --preset gpu   (only if the tests passed)
 #
-# $OUT (a fresh /tmp/gpu_suite.* without it) receives at most 7 files, the device tool's limit being 8:
-# gpu_suite.log (everything), 1_setup.log, 2_tests.log, 3_kernels.log, 4_trainer.log, and after each
-# benchmark stage kernels_gpu.tar.gz / trainer_gpu.tar.gz holding benchmarks/results/<name>.{json,csv}.
+# $OUT (a fresh /tmp/gpu_suite.* without it) receives at most 8 files, the device tool's limit:
+# gpu_suite.log (everything), 1_setup.log ... 5_trainer.log, and after each benchmark stage
+# kernels_gpu.tar.gz / trainer_gpu.tar.gz holding benchmarks/results/<name>.{json,csv} (the kernels'
+# also holds the tuned synpo_kernels/ops/kernel_configs.json when stage 3 wrote one).
 # A call cut short still returns the stages that finished. On the CPU machine afterwards, from the
 # repository root: `tar -xzf <dir>/kernels_gpu.tar.gz; tar -xzf <dir>/trainer_gpu.tar.gz`, then
 # `python benchmarks/plot.py benchmarks/results/kernels_gpu.json benchmarks/results/trainer_gpu.json`
@@ -29,7 +33,8 @@
 # without them they are reported as missing in the results.
 #
 # Environment: PYTHON (default python3); SKIP_BUILD=1 (use the carried synpo_kernels/_C*.so);
-# SUITE_BUDGET_S (default 420); TESTS_TIMEOUT_S (default 150); KERNELS_SHARE (percent of the time left
+# SUITE_BUDGET_S (default 420); TESTS_TIMEOUT_S (default 150); TUNE_TIMEOUT_S (default 90);
+# KERNELS_SHARE (percent of the time left
 # after the tests for the kernel sweep, default 55); SYNPO_CUDA_ARCH_LIST (default 9.0a) and MAX_JOBS
 # for the build. Exit status: 0 all passed, 3 the gate stopped the suite, 1 another stage failed.
 set -uo pipefail
@@ -39,6 +44,8 @@ ROOT=$PWD
 PYTHON=${PYTHON:-python3}
 BUDGET=${SUITE_BUDGET_S:-420}
 TESTS_TIMEOUT=${TESTS_TIMEOUT_S:-150}
+TUNE_TIMEOUT=${TUNE_TIMEOUT_S:-90}
+TUNED=""      # set once stage 3 rewrote the kernel-config table
 KERNELS_SHARE=${KERNELS_SHARE:-55}
 END_RESERVE=10     # seconds kept for the summary at the end
 BENCH_OVERHEAD=40  # seconds a benchmark driver needs beyond its --budget-s (imports, report, writing)
@@ -104,16 +111,22 @@ step() {  # step <timeout s> <command...>: output to the stage log and the combi
 
 note() { echo "$*" | tee -a "$STAGE_LOG"; }
 
-pack_results() {  # pack_results <stem>: $OUT/<stem>.tar.gz with benchmarks/results/<stem>.{json,csv}
-  local files=()
+# pack_results <stem> [tree file...]: $OUT/<stem>.tar.gz with benchmarks/results/<stem>.{json,csv}
+pack_results() {
+  local stem=$1 files=() ext
+  shift
   for ext in json csv; do
-    [ -f "$RESULTS/$1.$ext" ] && files+=("benchmarks/results/$1.$ext")
+    [ -f "$RESULTS/$stem.$ext" ] && files+=("benchmarks/results/$stem.$ext")
   done
   if [ ${#files[@]} -eq 0 ]; then
-    note "no $1 results were written"
+    note "no $stem results were written"
     return 1
   fi
-  tar -czf "$OUT_DIR/$1.tar.gz" -C "$RESULTS_ROOT" "${files[@]}" && note "copied to \$OUT/$1.tar.gz: ${files[*]}"
+  # Tree files (the tuned table) go in under their repository path, next to the results.
+  for f in "$@"; do
+    mkdir -p "$RESULTS_ROOT/$(dirname "$f")" && cp "$ROOT/$f" "$RESULTS_ROOT/$f" && files+=("$f")
+  done
+  tar -czf "$OUT_DIR/$stem.tar.gz" -C "$RESULTS_ROOT" "${files[@]}" && note "copied to \$OUT/$stem.tar.gz: ${files[*]}"
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,12 +253,26 @@ bench_stage() {  # bench_stage <n> <benchmark> <timeout s>: `synpo bench <benchm
   fi
   step "$limit" "$PYTHON" -m synpo bench "$bench" --preset gpu --budget-s "$budget" --output-dir "$RESULTS" \
     || { FAILED+=("bench $bench"); verdict=FAILED; }
-  pack_results "${bench}_gpu" || FAILED+=("$bench results")
+  local extra=()
+  [ "$bench" = kernels ] && [ -n "$TUNED" ] && extra+=("$TUNED")
+  pack_results "${bench}_gpu" "${extra[@]}" || FAILED+=("$bench results")
   end_stage "$verdict"
 }
 
-bench_stage 3 kernels $((($(left) - END_RESERVE) * KERNELS_SHARE / 100))
-bench_stage 4 trainer $(($(left) - END_RESERVE))
+begin_stage 3 tune "benchmarks/tune_kernels.py --quick --write (timeout ${TUNE_TIMEOUT} s)"
+if [ "$(left)" -lt $((TUNE_TIMEOUT + 200)) ]; then
+  note "not enough time left: the table's defaults stay"
+  end_stage "not run"
+elif step "$TUNE_TIMEOUT" "$PYTHON" benchmarks/tune_kernels.py --quick --write; then
+  TUNED=synpo_kernels/ops/kernel_configs.json
+  end_stage "done"
+else
+  FAILED+=("tune")
+  end_stage "FAILED (the table's defaults stay)"
+fi
+
+bench_stage 4 kernels $((($(left) - END_RESERVE) * KERNELS_SHARE / 100))
+bench_stage 5 trainer $(($(left) - END_RESERVE))
 
 [ ${#FAILED[@]} -eq 0 ] && finish 0
 finish 1

@@ -165,7 +165,9 @@ if HAS_TRITON:
         col_load = cols < V_LOAD  # see _row_lse_kernel: vector loads; stores stop at V
         row_start = pid_s * rows_per_split
         row_end = tl.minimum(row_start + rows_per_split, n_rows)
-        bias_acc = tl.zeros([BLOCK_V], ACC)
+        # Column sums kept per (row lane, column) and reduced over the rows once after the loop: a
+        # cross-warp reduction per iteration would put barriers in the loop.
+        bias_acc = tl.zeros([BLOCK_M, BLOCK_V], ACC)
         for r0 in range(row_start, row_end, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < row_end
@@ -180,9 +182,10 @@ if HAS_TRITON:
             d = tl.where(active[:, None] & col_ok[None, :], g[:, None] * (onehot - p), 0.0)
             tl.store(ptrs, d.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
             if HAS_BIAS_GRAD:
-                bias_acc += tl.sum(d, axis=0)
+                bias_acc += d
         if HAS_BIAS_GRAD:
-            tl.atomic_add(bias_grad_ptr + cols, bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=col_ok)
+            bias_sum = tl.sum(bias_acc, axis=0)
+            tl.atomic_add(bias_grad_ptr + cols, bias_sum.to(bias_grad_ptr.dtype.element_ty), mask=col_ok)
 
     @triton.jit
     def _wgrad_kernel(

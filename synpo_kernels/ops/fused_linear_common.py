@@ -48,6 +48,7 @@ Design (both fused linear ops, every device):
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import math
 import os
@@ -94,6 +95,15 @@ class FusedLinearConfig:
     backend: str | None = None
     chunk_bytes: int | None = None
     weight_grad_accumulation: str = "auto"
+
+    @classmethod
+    def pop_from(cls, options: dict) -> FusedLinearConfig:
+        """The execution options taken out of a keyword dict (the other keys stay in it)."""
+        return cls(**{f.name: options.pop(f.name) for f in dataclasses.fields(cls) if f.name in options})
+
+    def kwargs(self) -> dict:
+        """The options as keyword arguments of the fused functions."""
+        return dataclasses.asdict(self)
 
     def __post_init__(self):
         if self.backend is not None and self.backend not in BACKENDS:

@@ -362,26 +362,19 @@ def fused_linear_synpo_loss(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    bias: torch.Tensor | None = None,
     alpha: float = 30.0,
     beta: float = 0.2,
-    ignore_index: int = IGNORE_INDEX,
-    shift: bool = True,
-    return_stats: bool = False,
-    backend: str | None = None,
-    chunk_bytes: int | None = None,
-    weight_grad_accumulation: str = "auto",
+    **options,
 ) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
     """SynPO ``mean_b[-sigmoid(alpha (G_w - G_l)) - beta P(y_w)]`` on ``hidden @ weight.T (+ bias)``.
 
-    See :func:`fused_linear_preference_loss` (``loss="synpo"``); ``reward_margin`` in the stats is
-    ``G_w - G_l``.
+    :func:`fused_linear_preference_loss` with ``loss="synpo"``; ``options`` are its keyword arguments
+    (``bias``, ``ignore_index``, ``shift``, ``return_stats``, ``backend``, ``chunk_bytes``,
+    ``weight_grad_accumulation``). ``reward_margin`` in the stats is ``G_w - G_l``.
     """
     return fused_linear_preference_loss(
-        hidden, weight, labels, loss="synpo", bias=bias, ignore_index=ignore_index, shift=shift,
-        return_stats=return_stats, backend=backend, chunk_bytes=chunk_bytes,
-        weight_grad_accumulation=weight_grad_accumulation, alpha=alpha, beta=beta,
-    )  # fmt: skip
+        hidden, weight, labels, loss="synpo", alpha=alpha, beta=beta, **options
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,28 +398,25 @@ class FusedLinearPreferenceLoss(nn.Module):
         shift: bool = True,
         *,
         return_stats: bool = False,
-        backend: str | None = None,
-        chunk_bytes: int | None = None,
-        weight_grad_accumulation: str = "auto",
-        **loss_options,
+        **options,
     ):
+        """``options``: the execution options (``backend``, ``chunk_bytes``,
+        ``weight_grad_accumulation``, :class:`FusedLinearConfig`) and the loss's own options."""
         super().__init__()
+        self.config = FusedLinearConfig.pop_from(options)
         # Validate the scalar options now (tensor options such as ref_logps usually come per call).
-        loss_spec(loss, **{k: v for k, v in loss_options.items() if k not in TENSOR_OPTIONS})
+        loss_spec(loss, **{k: v for k, v in options.items() if k not in TENSOR_OPTIONS})
         self.loss = loss
         self.ignore_index = ignore_index
         self.shift = shift
         self.return_stats = return_stats
-        self.options = loss_options
-        self.config = FusedLinearConfig(backend, chunk_bytes, weight_grad_accumulation)
+        self.options = options
         self.last_stats: PreferenceStats | None = None
 
     def forward(self, hidden, weight, labels, bias=None, **per_call):
-        c = self.config
         value, stats = fused_linear_preference_loss(
             hidden, weight, labels, loss=self.loss, bias=bias, ignore_index=self.ignore_index,
-            shift=self.shift, return_stats=True, backend=c.backend, chunk_bytes=c.chunk_bytes,
-            weight_grad_accumulation=c.weight_grad_accumulation, **{**self.options, **per_call},
+            shift=self.shift, return_stats=True, **self.config.kwargs(), **{**self.options, **per_call},
         )  # fmt: skip
         self.last_stats = stats
         return (value, stats) if self.return_stats else value
@@ -439,21 +429,9 @@ class FusedLinearPreferenceLoss(nn.Module):
 
 
 class FusedLinearSynPOLoss(FusedLinearPreferenceLoss):
-    """Module form of :func:`fused_linear_synpo_loss`: ``forward(hidden, weight, labels, bias=None)``."""
+    """Module form of :func:`fused_linear_synpo_loss`: ``forward(hidden, weight, labels, bias=None)``;
+    ``options`` as :class:`FusedLinearPreferenceLoss`'s (``ignore_index``, ``shift``, ``return_stats``,
+    ``backend``, ``chunk_bytes``, ``weight_grad_accumulation``)."""
 
-    def __init__(
-        self,
-        alpha: float = 30.0,
-        beta: float = 0.2,
-        ignore_index: int = IGNORE_INDEX,
-        shift: bool = True,
-        *,
-        return_stats: bool = False,
-        backend: str | None = None,
-        chunk_bytes: int | None = None,
-        weight_grad_accumulation: str = "auto",
-    ):
-        super().__init__(
-            "synpo", ignore_index, shift, return_stats=return_stats, backend=backend, chunk_bytes=chunk_bytes,
-            weight_grad_accumulation=weight_grad_accumulation, alpha=alpha, beta=beta,
-        )  # fmt: skip
+    def __init__(self, alpha: float = 30.0, beta: float = 0.2, **options):
+        super().__init__("synpo", alpha=alpha, beta=beta, **options)

@@ -252,29 +252,23 @@ def fused_linear_sequence_logprobs(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    shift: bool = True,
     average: bool = True,
-    backend: str | None = None,
-    chunk_bytes: int | None = None,
-    weight_grad_accumulation: str = "auto",
+    **options,
 ) -> torch.Tensor:
     """Per-row mean (``average=True``) or sum of response-token log-probs, shape ``labels.shape[:-1]``.
 
-    The fused counterpart of :func:`synpo_kernels.sequence_logprobs`; typically called under
+    The fused counterpart of :func:`synpo_kernels.sequence_logprobs`; ``options`` are the keyword
+    arguments of :func:`fused_linear_token_logprobs` (``bias``, ``ignore_index``, ``shift``,
+    ``backend``, ``chunk_bytes``, ``weight_grad_accumulation``). Typically called under
     ``torch.no_grad()`` for DPO/IPO reference log-probs (then only the ``2 n D V`` forward runs).
     Differentiable otherwise. A row with no response token raises ``ValueError`` when averaging.
     """
-    token_logp = fused_linear_token_logprobs(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, backend=backend,
-        chunk_bytes=chunk_bytes, weight_grad_accumulation=weight_grad_accumulation,
-    )  # fmt: skip
+    token_logp = fused_linear_token_logprobs(hidden, weight, labels, **options)
     total = token_logp.sum(-1)  # ignored positions hold exact zeros
     if not average:
         return total
-    mask = labels != ignore_index
-    if shift:
+    mask = labels != options.get("ignore_index", IGNORE_INDEX)
+    if options.get("shift", True):
         mask[..., 0] = False
     count = mask.sum(-1)
     check_nonempty_rows("labels", count.reshape(-1))
@@ -289,26 +283,24 @@ def fused_linear_sequence_logprobs(
 class FusedLinearTokenLogprobs(nn.Module):
     """Module form of :func:`fused_linear_token_logprobs`: ``forward(hidden, weight, labels, bias=None)``."""
 
-    def __init__(
-        self,
-        ignore_index: int = IGNORE_INDEX,
-        shift: bool = True,
-        *,
-        backend: str | None = None,
-        chunk_bytes: int | None = None,
-        weight_grad_accumulation: str = "auto",
-    ):
+    def __init__(self, ignore_index: int = IGNORE_INDEX, shift: bool = True, **execution):
+        """``execution``: ``backend``, ``chunk_bytes``, ``weight_grad_accumulation``
+        (:class:`~synpo_kernels.ops.fused_linear_common.FusedLinearConfig`)."""
         super().__init__()
         self.ignore_index = ignore_index
         self.shift = shift
-        self.config = FusedLinearConfig(backend, chunk_bytes, weight_grad_accumulation)
+        self.config = FusedLinearConfig(**execution)
 
     def forward(self, hidden, weight, labels, bias=None) -> torch.Tensor:
-        c = self.config
         return fused_linear_token_logprobs(
-            hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, shift=self.shift,
-            backend=c.backend, chunk_bytes=c.chunk_bytes, weight_grad_accumulation=c.weight_grad_accumulation,
-        )  # fmt: skip
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            shift=self.shift,
+            **self.config.kwargs(),
+        )
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, shift={self.shift}, {self.config}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from synpo.benchmarking.kernels import main
+from synpo.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "kernels", *sys.argv[1:]]))

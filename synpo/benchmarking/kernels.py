@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -980,11 +979,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU: skip runs estimated above this (default 70%% of free)",
     )
     common.add_run_arguments(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.standalone_main("kernels", sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

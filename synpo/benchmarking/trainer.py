@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -572,11 +571,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the methods of a model in one process, timed in turn step by step (default: the preset's)",
     )
     common.add_run_arguments(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.standalone_main("trainer", sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -269,6 +269,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+GRAD_WAVES = 4
+"""Waves of resident programs ``_row_grad_kernel``'s grid aims at (its programs are independent)."""
+
+
 def _slots(entry: tuning.KernelEntry, sm_count: int) -> int:
     # The interpreter has no SMs: its entries' ctas_per_sm is the program count itself.
     return entry.ctas_per_sm * max(sm_count, 1)
@@ -306,13 +310,16 @@ def grad_config(
     entry: tuning.KernelEntry | None = None,
 ) -> LaunchConfig:
     """``_row_grad_kernel`` over an ``(n_rows, vocab)`` chunk (``n_rows >= 1``): rows split so that the
-    grid holds as many programs as are resident at once (the entry's ``ctas_per_sm``, from the
-    compiled kernel's register use), never fewer than one row block per program."""
+    grid holds about :data:`GRAD_WAVES` times the programs that are resident at once (the entry's
+    ``ctas_per_sm``, from the compiled kernel's register use), never less than one row block per
+    program. Several short waves rather than one long one: a partial last wave of long programs
+    would leave most SMs idle (e.g. 297 column blocks on 264 slots)."""
     entry = entry or tuning.lookup("row_grad_bias" if has_bias_grad else "row_grad", arch, dtype, vocab)
     c = entry.config
     block_m, block_v = c["BLOCK_M"], min(c["BLOCK_V"], _next_pow2(vocab))
     n_vblocks = triton.cdiv(vocab, block_v)
-    splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(_slots(entry, sm_count), n_vblocks)))
+    slots = _slots(entry, sm_count) * (GRAD_WAVES if sm_count else 1)
+    splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(slots, n_vblocks)))
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
     splits = triton.cdiv(n_rows, rows_per_split)
     meta = {

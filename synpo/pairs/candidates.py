@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from synpo.pairs import prompts
-from synpo.pairs.io import STATUS_OK, VideoItem
-from synpo.pairs.runner import StageSummary, run_stage
+from synpo.pairs.io import STATUS_OK, VideoItem, video_fields
+from synpo.pairs.runner import item_stage
 from synpo.pairs.video import (
     DEFAULT_MAX_VIDEO_FRAMES,
     DEFAULT_MIN_VIDEO_FRAMES,
@@ -125,22 +125,4 @@ def generate_candidates(captioner: VideoCaptioner, item: VideoItem, settings: Ca
     }
 
 
-def run_candidates(
-    items: list[VideoItem],
-    captioner: VideoCaptioner,
-    output: str,
-    settings: CandidateSettings,
-    *,
-    retry_failed: bool = False,
-    progress: bool = True,
-) -> StageSummary:
-    return run_stage(
-        "candidates",
-        items,
-        output,
-        lambda item: generate_candidates(captioner, item, settings),
-        item_id=lambda item: item.id,
-        failure_fields=lambda item: {"video": item.video},
-        retry_failed=retry_failed,
-        progress=progress,
-    )
+run_candidates = item_stage("candidates", generate_candidates, failure_fields=video_fields)

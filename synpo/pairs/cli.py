@@ -1,4 +1,7 @@
-"""synpo pairs {clips,candidates,score,select}: the preference-pair pipeline, one stage per command.
+"""synpo pairs {clips,candidates,score,select,scenes}: the preference-pair pipeline, one stage per command.
+
+Videos: clips -> candidates -> score -> select. Text scenes (facts instead of clip captions): scenes ->
+candidates --scenes -> score --judge text -> select.
 
 Every stage appends to its ``--out`` JSONL and skips ids already there, so re-running a command after
 an interruption continues where it stopped. ``<out>.settings.json`` records the settings that made
@@ -29,6 +32,7 @@ def add_parser(subparsers) -> None:
     _add_candidates(stages)
     _add_score(stages)
     _add_select(stages)
+    _add_scenes(stages)
 
 
 def _positive_int(text: str) -> int:
@@ -112,17 +116,30 @@ def _add_clips(stages) -> None:
 def _add_candidates(stages) -> None:
     parser = stages.add_parser(
         "candidates",
-        help="sample K whole-video candidate descriptions per video, each refined",
+        help="sample K candidate descriptions per video (each refined) or per text scene (--scenes)",
         description="Candidates: K sampled descriptions of clamp(round(duration * fps), min-frames, "
-        "max-frames) uniform frames, each followed by a sampled refinement pass.",
+        "max-frames) uniform frames, each followed by a sampled refinement pass; with --scenes, K sampled "
+        "descriptions of each scene's facts from a causal LM (one generate call per scene, no refinement).",
     )
     _videos(parser)
     _vlm(parser)
+    text = parser.add_argument_group("text scenes")
+    text.add_argument(
+        "--scenes", help="scenes JSONL from 'synpo pairs scenes': describe these instead of videos"
+    )
+    text.add_argument(
+        "--gguf-file", help="with --scenes: the GGUF file inside --model (a folder, hub id or pkg:NAME)"
+    )
+    text.add_argument(
+        "--threads", type=_non_negative_int, default=0, help="CPU threads for torch (0: torch's default)"
+    )
     parser.add_argument("--num-candidates", type=int, default=10, help="K (>= 2)")
     parser.add_argument("--temperature", type=_positive_float, default=0.9)
     parser.add_argument("--top-p", type=_positive_float, default=0.95)
     parser.add_argument("--top-k", type=_non_negative_int, default=32, help="0 disables top-k")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=1024)
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, help="default: 1024 for videos, 64 for --scenes"
+    )
     parser.add_argument("--fps", type=_positive_float, default=0.5, help="frames per second of video")
     parser.add_argument("--min-frames", type=_positive_int, default=8)
     parser.add_argument("--max-frames", type=_positive_int, default=16)
@@ -154,13 +171,21 @@ def _add_score(stages) -> None:
         help="score candidates with an LLM judge (hallucination, harmony, self-consistency)",
         description="Judge scores: 1.1 * hallucination (0-5) + harmony (0-5) + consistency (0-3).",
     )
-    parser.add_argument("--clips", required=True, help="clip captions JSONL from 'synpo pairs clips'")
+    parser.add_argument("--clips", help="clip captions JSONL from 'synpo pairs clips' (http/local judges)")
+    parser.add_argument(
+        "--scenes", help="scenes JSONL from 'synpo pairs scenes' (--judge text: facts in the clips' role)"
+    )
     parser.add_argument("--candidates", required=True, help="candidates JSONL from 'synpo pairs candidates'")
-    parser.add_argument("--judge", choices=("http", "local"), required=True, help="judge back end")
+    parser.add_argument(
+        "--judge",
+        choices=("http", "local", "text"),
+        required=True,
+        help="judge back end; text: the rule-based + sentence-embedding judge for --scenes (docs/pairs.md)",
+    )
     parser.add_argument(
         "--judge-model",
-        required=True,
-        help=f"http: the model name the endpoint serves; local: a causal LM folder or hub id ({TINY_HELP})",
+        help=f"http: the model name the endpoint serves; local: a causal LM folder or hub id ({TINY_HELP}); "
+        "text: unused",
     )
     http = parser.add_argument_group("http judge")
     http.add_argument("--judge-url", help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
@@ -202,8 +227,30 @@ def _add_select(stages) -> None:
         action="store_true",
         help="also use videos where some judge calls failed (their scored candidates only)",
     )
+    parser.add_argument(
+        "--heldout-out", help="held-out pairs JSONL (appended): pairs whose id hashes below the fraction"
+    )
+    parser.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.0,
+        help="share of ids (by a hash of the id, so deterministic) written to --heldout-out, in [0, 1)",
+    )
     _common(parser, out_help="training pairs JSONL (appended)", resumable=False)
     parser.set_defaults(func=_guarded("select", _run_select))
+
+
+def _add_scenes(stages) -> None:
+    parser = stages.add_parser(
+        "scenes",
+        help="generate text scenes (3-5 short facts each) to describe instead of videos",
+        description="Scenes: NUM procedurally generated scenes (a place plus objects, people, animals, "
+        "weather), scene i a function of (seed, i) only; the file is rewritten whole.",
+    )
+    parser.add_argument("--num", type=_positive_int, required=True, help="number of scenes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="scenes JSONL (replaced)")
+    parser.set_defaults(func=_guarded("scenes", _run_scenes))
 
 
 def _guarded(stage: str, run):
@@ -287,6 +334,52 @@ def _run_clips(args) -> int:
     return _run_video_stage(args, "clips", settings, run_clips)
 
 
+def _run_scenes(args) -> int:
+    from synpo.pairs.scenes import generate_scenes, write_scenes
+
+    scenes = generate_scenes(args.num, args.seed)
+    write_scenes(scenes, args.out)
+    print(f"scenes: {len(scenes)} written -> {args.out}")
+    return 0
+
+
+def _run_scene_candidates(args, sampling) -> int:
+    import torch
+
+    from synpo.pairs.scenes import read_scenes
+    from synpo.pairs.text import TextCandidateSettings, TextGenerator, load_text_model, run_scene_candidates
+
+    if args.videos or args.manifest:
+        raise ValueError("--scenes replaces videos and --manifest; give one or the other")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scenes = read_scenes(args.scenes)
+    settings = TextCandidateSettings(num_candidates=args.num_candidates, sampling=sampling, seed=args.seed)
+    _claim(
+        args,
+        "candidates",
+        {
+            "model": args.model,
+            "gguf_file": args.gguf_file,
+            "dtype": args.dtype,
+            "scenes": os.path.abspath(args.scenes),
+            **settings.to_dict(),
+        },
+    )
+    model, tokenizer = load_text_model(
+        args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype
+    )
+    summary = run_scene_candidates(
+        scenes,
+        TextGenerator(model, tokenizer),
+        args.out,
+        settings,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+    )
+    return _report(summary)
+
+
 def _run_candidates(args) -> int:
     from synpo.pairs.candidates import CandidateSettings, run_candidates
     from synpo.pairs.vlm import Contrastive, Sampling
@@ -297,8 +390,10 @@ def _run_candidates(args) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or (64 if args.scenes else 1024),
     )
+    if args.scenes:
+        return _run_scene_candidates(args, sampling)
     contrastive = None
     if args.decoding == "contrastive":
         contrastive = Contrastive(args.cd_strong, args.cd_weak, args.cd_weak_fraction)
@@ -316,11 +411,44 @@ def _run_candidates(args) -> int:
     return _run_video_stage(args, "candidates", settings, run_candidates)
 
 
+def _run_text_score(args) -> int:
+    from synpo.pairs.scenes import read_scenes
+    from synpo.pairs.textjudge import TextJudge, judge_settings, run_text_score
+
+    if not args.scenes or args.clips:
+        raise ValueError("--judge text needs --scenes (and takes no --clips)")
+    scenes = read_scenes(args.scenes)
+    _claim(
+        args,
+        "score",
+        {
+            **judge_settings(),
+            "scenes": os.path.abspath(args.scenes),
+            "candidates": os.path.abspath(args.candidates),
+        },
+    )
+    summary = run_text_score(
+        scenes,
+        args.candidates,
+        args.out,
+        TextJudge(),
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+    )
+    return _report(summary)
+
+
 def _run_score(args) -> int:
     from synpo.pairs.judge import HTTPJudge, JudgeConfigError, LocalJudge, RetryPolicy
     from synpo.pairs.score import run_score
 
     _setup_logging()
+    if args.judge == "text":
+        return _run_text_score(args)
+    if not args.clips or args.scenes:
+        raise ValueError(f"--judge {args.judge} needs --clips (--scenes goes with --judge text)")
+    if not args.judge_model:
+        raise ValueError(f"--judge-model is required with --judge {args.judge}")
     policy = RetryPolicy(max_retries=args.max_retries, backoff=args.backoff, backoff_max=args.backoff_max)
     judge = {"judge": args.judge, "judge_model": args.judge_model, "judge_url": args.judge_url}
     _claim(
@@ -373,20 +501,24 @@ def _run_select(args) -> int:
     from synpo.pairs.select import run_select
 
     _setup_logging()
-    _claim(
-        args,
-        "select",
-        {
-            "scores": os.path.abspath(args.scores),
-            "min_score_gap": args.min_score_gap,
-            "allow_partial": args.allow_partial,
-        },
-    )
+    settings = {
+        "scores": os.path.abspath(args.scores),
+        "min_score_gap": args.min_score_gap,
+        "allow_partial": args.allow_partial,
+    }
+    if args.heldout_out:
+        settings["heldout_fraction"] = args.heldout_fraction
+    _claim(args, "select", settings)
+    if args.heldout_out:
+        # The held-out file is the other half of the same selection: same settings, same claim rules.
+        _claim(argparse.Namespace(out=args.heldout_out, overwrite=args.overwrite), "select", settings)
     summary = run_select(
         args.scores,
         args.out,
         min_score_gap=args.min_score_gap,
         allow_partial=args.allow_partial,
         progress=not args.no_progress,
+        heldout_output=args.heldout_out,
+        heldout_fraction=args.heldout_fraction,
     )
     return _report(summary)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from synpo.pairs import prompts
-from synpo.pairs.io import STATUS_OK, VideoItem
-from synpo.pairs.runner import RecordError, StageSummary, run_stage
+from synpo.pairs.io import STATUS_OK, VideoItem, video_fields
+from synpo.pairs.runner import RecordError, item_stage
 from synpo.pairs.video import (
     DEFAULT_CLIP_FRAMES,
     DEFAULT_CLIP_SECONDS,
@@ -94,22 +94,4 @@ def caption_video_clips(captioner: VideoCaptioner, item: VideoItem, settings: Cl
     }
 
 
-def run_clips(
-    items: list[VideoItem],
-    captioner: VideoCaptioner,
-    output: str,
-    settings: ClipSettings,
-    *,
-    retry_failed: bool = False,
-    progress: bool = True,
-) -> StageSummary:
-    return run_stage(
-        "clips",
-        items,
-        output,
-        lambda item: caption_video_clips(captioner, item, settings),
-        item_id=lambda item: item.id,
-        failure_fields=lambda item: {"video": item.video},
-        retry_failed=retry_failed,
-        progress=progress,
-    )
+run_clips = item_stage("clips", caption_video_clips, failure_fields=video_fields)

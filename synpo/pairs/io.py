@@ -176,6 +176,11 @@ class VideoItem:
     video: str
 
 
+def video_fields(item: VideoItem) -> dict:
+    """What a failed record of a video stage keeps besides its id."""
+    return {"video": item.video}
+
+
 def _id_for(path: Path, root: Path | None) -> str:
     relative = path.relative_to(root) if root is not None else Path(path.name)
     return relative.with_suffix("").as_posix()

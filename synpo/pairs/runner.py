@@ -72,16 +72,21 @@ def _release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _item_id(item) -> str:
+    return item.id
+
+
 def run_stage(
     stage: str,
     items: Iterable,
     output: str | Path,
     process: Callable[[object], dict],
     *,
-    item_id: Callable[[object], str],
+    item_id: Callable[[object], str] = _item_id,
     failure_fields: Callable[[object], dict] = lambda item: {},
     retry_failed: bool = False,
     progress: bool = True,
+    unit: str = "video",
 ) -> StageSummary:
     """Run ``process`` on each pending item and append its record (or a failed record) to ``output``."""
     output = Path(output)
@@ -106,7 +111,7 @@ def run_stage(
     with (
         JsonlWriter(output) as writer,
         tqdm(
-            total=len(pending), desc=f"pairs {stage}", unit="video", disable=not progress, file=sys.stderr
+            total=len(pending), desc=f"pairs {stage}", unit=unit, disable=not progress, file=sys.stderr
         ) as bar,
     ):
         for item in pending:
@@ -130,3 +135,30 @@ def run_stage(
             writer.write(record)
             bar.update(1)
     return summary
+
+
+def item_stage(
+    stage: str,
+    generate: Callable[[object, object, object], dict],
+    *,
+    failure_fields: Callable[[object], dict] = lambda item: {},
+    unit: str = "video",
+) -> Callable[..., StageSummary]:
+    """A stage that writes ``generate(model, item, settings)`` for each item (ids from ``item.id``):
+    ``run(items, model, output, settings, *, retry_failed=False, progress=True) -> StageSummary``."""
+
+    def run(items, model, output, settings, *, retry_failed: bool = False, progress: bool = True):
+        return run_stage(
+            stage,
+            items,
+            output,
+            lambda item: generate(model, item, settings),
+            failure_fields=failure_fields,
+            retry_failed=retry_failed,
+            progress=progress,
+            unit=unit,
+        )
+
+    run.__name__ = f"run_{stage}"
+    run.__doc__ = f"The {stage} stage: one record per item appended to ``output`` (see :func:`run_stage`)."
+    return run

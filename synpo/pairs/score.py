@@ -90,9 +90,9 @@ def _validated_clips(clips_record: dict) -> list[dict]:
     return clips
 
 
-def plan_video(clips_record: dict, candidates_record: dict) -> VideoPlan:
-    """The judge calls for one video; :class:`RecordError` when its inputs cannot be judged."""
-    record_id = candidates_record["id"]
+def candidate_texts(candidates_record: dict) -> tuple[str, list[str]]:
+    """The prompt and the whitespace-stripped candidate texts of a candidates record (text or video);
+    :class:`RecordError` when either is missing."""
     prompt = candidates_record.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RecordError("candidates: the record has no prompt (the instruction the candidates answer)")
@@ -105,6 +105,13 @@ def plan_video(clips_record: dict, candidates_record: dict) -> VideoPlan:
         if not isinstance(text, str):
             raise RecordError(f"candidates: candidate {number} has no 'text' string")
         texts.append(text.strip())
+    return prompt, texts
+
+
+def plan_video(clips_record: dict, candidates_record: dict) -> VideoPlan:
+    """The judge calls for one video; :class:`RecordError` when its inputs cannot be judged."""
+    record_id = candidates_record["id"]
+    prompt, texts = candidate_texts(candidates_record)
     clips_text = prompts.format_clip_captions(_validated_clips(clips_record))
     plan = VideoPlan(record_id, candidates_record.get("video"), prompt, texts)
     plan.empty = {i for i, text in enumerate(texts) if not text}

@@ -21,6 +21,8 @@ there), so the pairs file and the videos can move together.
 from __future__ import annotations
 
 import os
+import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,14 @@ from synpo.pairs.runner import StageSummary
 
 DEFAULT_MIN_SCORE_GAP = 4.0
 _DIMENSIONS = ("hallucination", "harmony", "consistency")
+
+
+def is_heldout(record_id: str, fraction: float) -> bool:
+    """Whether ``record_id`` belongs to the held-out split: a hash of the id alone, so the split does not
+    depend on which other ids exist or on their order (``fraction`` of ids, on average)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
+    return zlib.crc32(record_id.encode("utf-8")) / 2**32 < fraction
 
 
 @dataclass(frozen=True)
@@ -103,36 +113,57 @@ def run_select(
     min_score_gap: float = DEFAULT_MIN_SCORE_GAP,
     allow_partial: bool = False,
     progress: bool = True,
+    heldout_output: str | Path | None = None,
+    heldout_fraction: float = 0.0,
 ) -> StageSummary:
-    """Append a pair for each scored video not yet in ``output`` that passes the rules."""
+    """Append a pair for each scored video not yet in ``output`` that passes the rules.
+
+    With ``heldout_output``, pairs whose id :func:`is_heldout` go there instead of to ``output``.
+    """
     if min_score_gap < 0:
         raise ValueError(f"min_score_gap must be >= 0, got {min_score_gap}")
+    if (heldout_output is None) != (heldout_fraction == 0):
+        raise ValueError("heldout_output and heldout_fraction > 0 go together")
+    is_heldout("", heldout_fraction)  # validates the fraction
+    if heldout_output is not None and Path(heldout_output).resolve() == Path(output).resolve():
+        raise ValueError(f"heldout_output must differ from output ({output})")
     scores = latest_by_id(scores_path)
     bad_input = invalid_lines(scores_path)
-    state = load_progress(output)
+    outputs = [Path(output)] + ([Path(heldout_output)] if heldout_output is not None else [])
+    states = [load_progress(path) for path in outputs]
     summary = StageSummary(
-        "select", str(output), truncated_lines=state.truncated_lines, bad_lines=state.bad_lines
+        "select",
+        str(output) + (f" + {heldout_output} (held out)" if heldout_output is not None else ""),
+        truncated_lines=sum(state.truncated_lines for state in states),
+        bad_lines=[line for state in states for line in state.bad_lines],
     )
+    done = set().union(*(state.done for state in states))
     dropped: dict[str, int] = {}
-    with JsonlWriter(output) as writer:
+    kept = [0, 0]
+    with ExitStack() as stack:
+        writers = [stack.enter_context(JsonlWriter(path)) for path in outputs]
         for record_id, record in tqdm(
             scores.items(), desc="pairs select", unit="video", disable=not progress
         ):
             summary.total += 1
-            if record_id in state.done:
+            if record_id in done:
                 summary.skipped_done += 1
                 continue
+            split = int(heldout_output is not None and is_heldout(record_id, heldout_fraction))
             selection = select_pair(
                 record,
                 min_score_gap=min_score_gap,
                 allow_partial=allow_partial,
-                media_root=Path(output).parent,
+                media_root=outputs[split].parent,
             )
             if selection.record is None:
                 dropped[selection.reason] = dropped.get(selection.reason, 0) + 1
                 continue
-            writer.write(selection.record)
+            writers[split].write(selection.record)
+            kept[split] += 1
             summary.ok += 1
+    if heldout_output is not None:
+        summary.notes.append(f"written: {kept[0]} to {output}, {kept[1]} held out to {heldout_output}")
     summary.notes.extend(f"dropped ({reason}): {count}" for reason, count in sorted(dropped.items()))
     if bad_input:
         shown = ", ".join(map(str, bad_input[:10])) + (", ..." if len(bad_input) > 10 else "")

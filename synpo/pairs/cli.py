@@ -307,15 +307,12 @@ def _run_video_stage(args, stage: str, settings, run) -> int:
     """The VLM stages: resolve the videos, claim --out for these settings, load the model, run."""
     items = _items(args)
     _claim(args, stage, {"model": args.model, **dataclasses.asdict(settings)})
-    summary = run(
-        items,
-        _captioner(args),
-        args.out,
-        settings,
-        retry_failed=args.retry_failed,
-        progress=not args.no_progress,
-    )
-    return _report(summary)
+    return _report(run(items, _captioner(args), args.out, settings, **_resume_options(args)))
+
+
+def _resume_options(args) -> dict:
+    """The keyword options every resumable stage runner takes from the command line."""
+    return {"retry_failed": args.retry_failed, "progress": not args.no_progress}
 
 
 def _run_clips(args) -> int:
@@ -369,15 +366,8 @@ def _run_scene_candidates(args, sampling) -> int:
     model, tokenizer = load_text_model(
         args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype
     )
-    summary = run_scene_candidates(
-        scenes,
-        TextGenerator(model, tokenizer),
-        args.out,
-        settings,
-        retry_failed=args.retry_failed,
-        progress=not args.no_progress,
-    )
-    return _report(summary)
+    generator = TextGenerator(model, tokenizer)
+    return _report(run_scene_candidates(scenes, generator, args.out, settings, **_resume_options(args)))
 
 
 def _run_candidates(args) -> int:
@@ -427,15 +417,7 @@ def _run_text_score(args) -> int:
             "candidates": os.path.abspath(args.candidates),
         },
     )
-    summary = run_text_score(
-        scenes,
-        args.candidates,
-        args.out,
-        TextJudge(),
-        retry_failed=args.retry_failed,
-        progress=not args.no_progress,
-    )
-    return _report(summary)
+    return _report(run_text_score(scenes, args.candidates, args.out, TextJudge(), **_resume_options(args)))
 
 
 def _run_score(args) -> int:
@@ -480,15 +462,7 @@ def _run_score(args) -> int:
             label=args.judge_model,
         )
     try:
-        summary = run_score(
-            args.clips,
-            args.candidates,
-            args.out,
-            backend,
-            policy,
-            retry_failed=args.retry_failed,
-            progress=not args.no_progress,
-        )
+        summary = run_score(args.clips, args.candidates, args.out, backend, policy, **_resume_options(args))
     except JudgeConfigError as exc:
         print(f"synpo pairs score: {exc}", file=sys.stderr)
         return 1

@@ -88,36 +88,35 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
-def load_vlm(spec: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0):
-    """(model, processor) from a local folder or hub id, or synpo.tiny's random VLM for ``"tiny"``."""
+def _load(spec: str, device: str, dtype: str, tiny, auto_model: str, auto_processor: str):
+    """(model, processor or tokenizer), eval mode on the device: ``tiny()`` for ``"tiny"``, else the
+    transformers Auto classes named (from a local folder or hub id)."""
     torch_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, torch_device)
     if spec == TINY_MODEL:
-        from synpo.tiny import build_tiny_vlm
-
-        model, processor = build_tiny_vlm(seed=seed)
+        model, processor = tiny()
     else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        import transformers
 
-        processor = AutoProcessor.from_pretrained(spec)
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype)
+        processor = getattr(transformers, auto_processor).from_pretrained(spec)
+        model = getattr(transformers, auto_model).from_pretrained(spec, dtype=torch_dtype)
     return model.to(device=torch_device, dtype=torch_dtype).eval(), processor
+
+
+def load_vlm(spec: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0):
+    """(model, processor) from a local folder or hub id, or synpo.tiny's random VLM for ``"tiny"``."""
+    from synpo.tiny import build_tiny_vlm
+
+    tiny = lambda: build_tiny_vlm(seed=seed)
+    return _load(spec, device, dtype, tiny, "AutoModelForImageTextToText", "AutoProcessor")
 
 
 def load_causal_lm(spec: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0):
     """(model, tokenizer) from a local folder or hub id, or synpo.tiny's random LM for ``"tiny"``."""
-    torch_device = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, torch_device)
-    if spec == TINY_MODEL:
-        from synpo.tiny import build_tiny_causal_lm
+    from synpo.tiny import build_tiny_causal_lm
 
-        model, tokenizer = build_tiny_causal_lm(seed=seed)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
-    return model.to(device=torch_device, dtype=torch_dtype).eval(), tokenizer
+    tiny = lambda: build_tiny_causal_lm(seed=seed)
+    return _load(spec, device, dtype, tiny, "AutoModelForCausalLM", "AutoTokenizer")
 
 
 class VideoCaptioner:

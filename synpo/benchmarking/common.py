@@ -231,6 +231,11 @@ def current_rss() -> int:
 
 def peak_rss() -> int:
     """Peak RSS of this process since start or the last :func:`reset_peak_rss`, bytes."""
+    # VmHWM, not ru_maxrss: once a thread has exited (a loader's thread pool), ru_maxrss keeps the
+    # peak as of then (the signal struct's maxrss), which a reset of VmHWM does not lower.
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

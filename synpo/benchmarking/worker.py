@@ -9,6 +9,7 @@ leaves the context unusable the worker stops, and the runner continues in a fres
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -16,17 +17,14 @@ import traceback
 
 from synpo.benchmarking.runner import RESULT_PREFIX, START_PREFIX
 
+# The benchmark modules whose ``run_task`` a worker runs.
+KINDS = ("kernels", "trainer", "quality")
+
 
 def _executor(kind: str):
-    if kind == "kernels":
-        from synpo.benchmarking import kernels
-
-        return kernels.run_task
-    if kind == "trainer":
-        from synpo.benchmarking import trainer
-
-        return trainer.run_task
-    raise SystemExit(f"unknown benchmark kind {kind!r}")
+    if kind not in KINDS:
+        raise SystemExit(f"unknown benchmark kind {kind!r}")
+    return importlib.import_module(f"synpo.benchmarking.{kind}").run_task
 
 
 def main() -> int:

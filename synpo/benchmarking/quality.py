@@ -311,34 +311,32 @@ def loss_hyperparameters(loss) -> dict:
     return {p.name: loss.params.get(p.name, p.default) for p in get_loss(loss.name).params}
 
 
-class _StepWatcher:
+@contextlib.contextmanager
+def _watch_steps(path: Path, bar):
     """Advances a progress bar as the trainer appends training rows to its metrics file."""
+    seen = 0
+    stop = threading.Event()
 
-    def __init__(self, path: Path, bar):
-        self.path, self.bar, self.seen = path, bar, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _poll(self) -> None:
+    def poll() -> None:
+        nonlocal seen
         with contextlib.suppress(OSError):
-            rows = sum('"split"' not in ln for ln in self.path.read_text().splitlines() if ln.strip())
-            if rows > self.seen:
-                self.bar.update(rows - self.seen)
-                self.seen = rows
+            rows = sum('"split"' not in ln for ln in path.read_text().splitlines() if ln.strip())
+            if rows > seen:
+                bar.update(rows - seen)
+                seen = rows
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self._poll()
+    def run() -> None:
+        while not stop.wait(0.5):
+            poll()
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._poll()
-        return False
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        poll()
 
 
 _TRAIN_KEYS = (
@@ -386,7 +384,7 @@ def train_method(method: str, overrides: dict, preset: QualityPreset, texts: lis
         bar.update(1)
     bar.set_postfix_str(f"{method}: training")
     train_start = time.perf_counter()
-    with _StepWatcher(trainer.output_dir / trainer.config.logging.metrics_file, bar):
+    with _watch_steps(trainer.output_dir / trainer.config.logging.metrics_file, bar):
         result = trainer.train()
     if result.interrupted:
         # The trainer saved and stopped on SIGTERM/SIGINT; the comparison stops with it.

@@ -68,6 +68,11 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _intro(meta: dict, method: str) -> list[str]:
+    """The first lines of a results section: where and when it ran, then how it was measured."""
+    return [provenance_line(meta), "", method]
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -76,11 +81,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def kernels_markdown(records: list[dict], meta: dict, heading_level: int = 3) -> str:
     """One table per op: both passes' times, forward+backward memory/throughput/ratios, checks."""
-    out = [provenance_line(meta), ""]
-    out.append(
+    out = _intro(
+        meta,
         f"Preset `{meta.get('preset')}`: median of {meta.get('repeats')} calls after {meta.get('warmup')} "
         f"warm-up{_early_stop(meta)}; memory = {meta.get('memory_method')}. Ratios are "
-        "implementation / synpo_kernels (above 1: ours is faster / smaller), forward+backward."
+        "implementation / synpo_kernels (above 1: ours is faster / smaller), forward+backward.",
     )
     notes: dict[str, int] = {}
     for op, title in OP_TITLES.items():
@@ -142,12 +147,12 @@ def kernels_markdown(records: list[dict], meta: dict, heading_level: int = 3) ->
 
 def trainer_markdown(records: list[dict], meta: dict, heading_level: int = 3) -> str:
     """One table per model: steps/s, tokens/s, peak memory, and SynPO-fused vs DPO-reference."""
-    out = [provenance_line(meta), ""]
-    out.append(
+    out = _intro(
+        meta,
         f"Preset `{meta.get('preset')}`: median step time of {meta.get('steps')} optimizer steps after "
         f"{meta.get('warmup_steps')} warm-up (forward, backward, clip, AdamW step)"
         f"{'; the methods timed in turn, step by step, in one process' if meta.get('interleaved') else ''}"
-        f"; peak memory = {meta.get('memory_method')}."
+        f"; peak memory = {meta.get('memory_method')}.",
     )
     models = []
     for r in records:

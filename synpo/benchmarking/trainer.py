@@ -108,28 +108,13 @@ SMALL = ModelSpec(
     "small", "qwen2", hidden=256, layers=4, heads=4, intermediate=704, vocab=32768, lora_r=16, lora_alpha=32
 )
 LLAMA_256 = ModelSpec(
-    "llama-256",
-    "llama",
-    hidden=256,
-    layers=4,
-    heads=4,
-    intermediate=1024,
-    vocab=32000,
-    lora_r=64,
-    lora_alpha=32,
-)
+    "llama-256", "llama", hidden=256, layers=4, heads=4, intermediate=1024, vocab=32000,
+    lora_r=64, lora_alpha=32,
+)  # fmt: skip
 QWEN_7B = ModelSpec(
-    "7b",
-    "qwen2",
-    hidden=4096,
-    layers=32,
-    heads=32,
-    intermediate=11008,
-    vocab=152064,
-    dtype="bfloat16",
-    lora_r=128,
-    lora_alpha=64,
-)
+    "7b", "qwen2", hidden=4096, layers=32, heads=32, intermediate=11008, vocab=152064, dtype="bfloat16",
+    lora_r=128, lora_alpha=64,
+)  # fmt: skip
 
 PRESETS = {
     "smoke": TrainerPreset(

@@ -490,14 +490,3 @@ def finish(args: argparse.Namespace, stem: str, records: list[dict], meta: dict,
         json_path, csv_path = write_long_results(stem, records, meta, out_dir)
         print(f"\nresults: {json_path} and {csv_path}")
     return 0
-
-
-def standalone_main(name: str, module, argv: list[str] | None = None) -> int:
-    """``python -m synpo.benchmarking.<name>``: the same options as ``synpo bench <name>``."""
-    parser = argparse.ArgumentParser(
-        prog=f"synpo bench {name}",
-        description=module.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))

@@ -770,11 +770,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check-docs", action="store_true", help="exit 1 when the doc differs from the render of the results"
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.standalone_main("quality", sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         tuning.TABLE_PATH.write_text(text)
         tuning.entries.cache_clear()
+        tuning.lookup.cache_clear()
         print(f"wrote {tuning.TABLE_PATH}")
     return 0
 

@@ -149,6 +149,7 @@ def arch_of(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
+@functools.lru_cache(maxsize=256)  # called per chunk launch: scan the table once per key
 def lookup(kernel: str, arch: str, dtype: torch.dtype, vocab: int) -> KernelEntry:
     """The first entry for ``kernel`` on ``arch`` (else the ``"default"`` arch) with ``dtype`` and
     ``vocab`` in range. The table covers every (kernel, dtype, V) for the default arch and the

@@ -39,9 +39,9 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
-from synpo.benchmarking import common
+from synpo.benchmarking import common, presets
 
 OPS = ("token_logprobs", "fused_linear_token_logprobs", "synpo_loss")
 PASSES = ("fwd", "fwd+bwd")
@@ -183,115 +183,25 @@ class Preset:
     description: str = ""
 
 
-def _tl(n, v, dt, priority=1):
-    return Case("token_logprobs", tokens=n, vocab=v, dtype=dt, priority=priority)
+def _preset(name: str, entry: dict) -> Preset:
+    where = f"kernels.{name}"
+    cases = []
+    for i, item in enumerate(entry.get("cases", ())):
+        case = presets.from_mapping(Case, item, f"{where}.cases[{i}]")
+        if case.op not in OPS:
+            raise presets.invalid(f"{where}.cases[{i}]", f"op must be one of {list(OPS)}, got {case.op!r}")
+        cases.append(case)
+    run_impls = entry.get("run_impls")
+    if run_impls is not None:
+        unknown = sorted(set(run_impls) - set(IMPLEMENTATIONS))
+        if unknown:
+            raise presets.invalid(where, f"unknown run_impls {unknown} (known: {list(IMPLEMENTATIONS)})")
+        run_impls = tuple(run_impls)
+    fields = {**entry, "name": name, "cases": tuple(cases), "run_impls": run_impls}
+    return presets.from_mapping(Preset, fields, where)
 
 
-def _fl(n, d, v, dt, priority=1):
-    return Case("fused_linear_token_logprobs", tokens=n, hidden=d, vocab=v, dtype=dt, priority=priority)
-
-
-def _sl(rows, seq, prompt, d, v, dt, shape="text", priority=1):
-    return Case(
-        "synpo_loss",
-        rows=rows,
-        seq=seq,
-        prompt=prompt,
-        hidden=d,
-        vocab=v,
-        dtype=dt,
-        shape=shape,
-        priority=priority,
-    )
-
-
-PRESETS = {
-    "smoke": Preset(
-        "smoke",
-        "cpu",
-        (
-            _tl(256, 4096, "float32"),
-            _fl(128, 64, 4096, "float32"),
-            _sl(4, 65, 33, 64, 4096, "float32", "video"),
-        ),
-        warmup=1,
-        repeats=2,
-        isolation="none",
-        gemm_size=256,
-        copy_bytes=16 << 20,
-        run_impls=(OURS, "naive", "torch_lce"),
-        why_not_run="not in the smoke preset (torch.compile costs ~10-20 s per graph on CPU)",
-        threads=1,
-        description="CI smoke: tiny sizes, one process, seconds",
-    ),
-    "cpu": Preset(
-        "cpu",
-        "cpu",
-        (
-            _tl(2048, 32768, "float32"),
-            _tl(1024, 152064, "float32"),
-            _tl(512, 262144, "float32"),
-            _fl(256, 512, 32768, "float32"),
-            _fl(256, 1024, 32768, "float32"),
-            _fl(128, 512, 152064, "float32"),
-            _fl(64, 512, 262144, "float32"),
-            _sl(4, 65, 1, 512, 32768, "float32"),
-            _sl(2, 65, 1, 512, 152064, "float32"),
-            _sl(2, 1088, 960, 512, 32768, "float32", "video"),
-        ),
-        warmup=1,
-        repeats=3,
-        isolation="group",
-        gemm_size=2048,
-        threads=1,
-        max_pass_s=8.0,
-        copy_bytes=64 << 20,
-        description="CPU sweep: small shapes, V up to 262144, a video-shaped batch; one process per "
-        "implementation and op (its own peak RSS)",
-    ),
-    "gpu": Preset(
-        "gpu",
-        "cuda",
-        (
-            _tl(16384, 32768, "bfloat16"),
-            _tl(16384, 152064, "bfloat16", priority=0),
-            _tl(16384, 262144, "bfloat16"),
-            _fl(4096, 4096, 152064, "bfloat16"),
-            _fl(16384, 4096, 152064, "bfloat16", priority=0),
-            _fl(16384, 4096, 262144, "bfloat16"),
-            _sl(16, 1025, 1, 4096, 152064, "bfloat16", priority=0),
-            _sl(16, 1025, 1, 4096, 262144, "bfloat16"),
-            _sl(8, 2304, 2048, 4096, 152064, "bfloat16", "video"),
-        ),
-        warmup=2,
-        repeats=5,
-        isolation="none",
-        gemm_size=8192,
-        copy_bytes=1 << 30,
-        budget_s=330.0,
-        description="GPU sweep: n=16384, D=4096, V=152064/262144 bf16 and a video-shaped batch "
-        "(8 rows x 2048 prompt/video + 256 response positions)",
-    ),
-}
-
-# The cpu sweep's settings at the larger CPU shapes, ours vs naive, a fresh process per run.
-PRESETS["cpu-large"] = replace(
-    PRESETS["cpu"],
-    name="cpu-large",
-    cases=(
-        _tl(4096, 32000, "float32", priority=0),
-        _sl(16, 257, 1, 1024, 32768, "float32"),
-        _sl(8, 513, 1, 1024, 32768, "float32"),
-        _sl(4, 2304, 2048, 512, 16384, "float32", "video", priority=0),
-    ),
-    isolation="task",
-    max_pass_s=60.0,
-    run_impls=(OURS, "naive"),
-    why_not_run="not in the cpu-large preset (ours vs naive; the peers: --preset cpu)",
-    description="CPU, larger shapes: token op n=4096 V=32000; SynPO n=4096 D=1024 V=32768 (8 pairs x 256 "
-    "or 4 pairs x 512 response tokens); a video batch of 4 rows x (2048 prompt/video + 256 response) "
-    "D=512 V=16384; ours vs naive, a fresh process per run (its own peak RSS)",
-)
+PRESETS = presets.load("kernels", _preset)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from synpo.benchmarking import common
+from synpo.benchmarking import common, presets
 
 METHODS = ("synpo", "dpo", "simpo")
 SPEED_METHODS = ("dpo_reference_naive", "dpo_reference_fused", "synpo_naive", "synpo_fused")
@@ -77,54 +77,11 @@ class QualityPreset:
     description: str = ""
 
 
-PRESETS = {
-    "cpu": QualityPreset(
-        "cpu",
-        "smollm2",
-        steps=40,
-        eval_every=20,
-        heldout_pairs=24,
-        fluent_paragraphs=40,
-        speed_warmup=1,
-        speed_steps=5,
-        speed_pairs=1,  # one micro-batch, as the trainer runs it (micro_batch_size 1)
-        speed_model=None,
-        # One torch thread per process: on a shared 2-core machine two threads lose several-fold to
-        # the other processes' load (measured: a SmolLM2 step 16 s on one thread, 25-80 s on two).
-        # The SmolLM2 scene pairs have ~110-token prompts (chat template included): the config's
-        # max_length of 128 would cut their responses to ~18 tokens; at 192 none is cut.
-        overrides={"train.cpu_threads": 1, "data.max_length": 192},
-        est_load_s=20.0,
-        est_step_s={"synpo": 7.0, "dpo": 8.5, "simpo": 7.0},
-        est_forward_s=1.2,
-        description="SmolLM2-135M-Instruct (GGUF, fp32 on CPU), LoRA r=16, 40 optimizer steps of 2 pairs",
-    ),
-}
-# The smoke preset: the cpu preset's shape on the embedded tiny model (LoRA on), a few steps.
-PRESETS["smoke"] = replace(
-    PRESETS["cpu"],
-    name="smoke",
-    config=None,
-    steps=2,
-    eval_every=1,
-    heldout_pairs=4,
-    fluent_paragraphs=3,
-    speed_steps=1,
-    speed_model="tiny",
-    overrides={
-        "lora.enabled": True,
-        "lora.r": 8,
-        "lora.alpha": 16,
-        "train.micro_batch_size": 1,
-        "train.gradient_accumulation_steps": 2,
-        "optim.warmup_ratio": 0.0,
-        "train.cpu_threads": 1,
-    },
-    est_load_s=1.0,
-    est_step_s={"synpo": 0.1, "dpo": 0.15, "simpo": 0.1},
-    est_forward_s=0.02,
-    description="CI smoke: the embedded tiny Llama with LoRA, 2 steps per method, seconds",
-)
+def _preset(name: str, entry: dict) -> QualityPreset:
+    return presets.from_mapping(QualityPreset, {**entry, "name": name}, f"quality.{name}")
+
+
+PRESETS = presets.load("quality", _preset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +425,7 @@ def speed_task(preset: QualityPreset, summary: dict, lora) -> dict:
     lengths = summary["pair_lengths"]
     batch = tb.BatchSpec(preset.speed_pairs, lengths["prompt"], lengths["chosen"], lengths["rejected"])
     if preset.speed_model is not None:
-        spec = next(s for s, _ in tb.PRESETS["smoke"].models if s.name == preset.speed_model)
+        spec = tb.MODELS[preset.speed_model]
     else:
         shape = summary["model_config"]
         spec = tb.ModelSpec(

@@ -30,9 +30,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
-from synpo.benchmarking import common
+from synpo.benchmarking import common, presets
 
 
 @dataclass(frozen=True)
@@ -103,69 +103,25 @@ METHODS = {
 BASELINE = "dpo_reference_naive"
 OURS = "synpo_fused"
 
-TINY = ModelSpec("tiny", "llama", hidden=64, layers=2, heads=4, lora_r=8, lora_alpha=16)
-SMALL = ModelSpec(
-    "small", "qwen2", hidden=256, layers=4, heads=4, intermediate=704, vocab=32768, lora_r=16, lora_alpha=32
-)
-LLAMA_256 = ModelSpec(
-    "llama-256", "llama", hidden=256, layers=4, heads=4, intermediate=1024, vocab=32000,
-    lora_r=64, lora_alpha=32,
-)  # fmt: skip
-QWEN_7B = ModelSpec(
-    "7b", "qwen2", hidden=4096, layers=32, heads=32, intermediate=11008, vocab=152064, dtype="bfloat16",
-    lora_r=128, lora_alpha=64,
-)  # fmt: skip
-
-PRESETS = {
-    "smoke": TrainerPreset(
-        "smoke",
-        "cpu",
-        ((TINY, BatchSpec(1, 96, 32, 24)),),
-        warmup_steps=1,
-        steps=2,
-        isolation="none",
-        per_method_process=False,
-        threads=1,
-        description="CI smoke: the tiny model, one process, seconds",
-    ),
-    "cpu": TrainerPreset(
-        "cpu",
-        "cpu",
-        ((TINY, BatchSpec(2, 192, 64, 56)), (SMALL, BatchSpec(1, 512, 128, 112))),
-        warmup_steps=1,
-        steps=3,
-        isolation="group",
-        per_method_process=True,
-        threads=1,
-        description="CPU: the tiny model and a small Qwen2 (V=32768), one process per method",
-    ),
-    "gpu": TrainerPreset(
-        "gpu",
-        "cuda",
-        # The 7B model first: the headline, and a time budget cuts the end of a sweep.
-        ((QWEN_7B, BatchSpec(1, 2048, 256, 224)), (SMALL, BatchSpec(4, 2048, 256, 224))),
-        warmup_steps=2,
-        steps=5,
-        isolation="group",
-        per_method_process=False,
-        autocast_bf16=True,
-        budget_s=240.0,
-        description="one GPU: a small Qwen2 and a 7B-class Qwen2 (bf16, LoRA r=128), 2048 video/prompt "
-        "positions + ~256 caption tokens per row",
-    ),
+MODELS = {
+    name: presets.from_mapping(ModelSpec, {**entry, "name": name}, f"models.{name}")
+    for name, entry in presets.section("models").items()
 }
 
-# The smoke preset's settings (one process, one thread) for a larger Llama, 10 steps interleaved.
-PRESETS["cpu-interleaved"] = replace(
-    PRESETS["smoke"],
-    name="cpu-interleaved",
-    models=((LLAMA_256, BatchSpec(1, 1024, 128, 104)),),
-    steps=10,
-    isolation="group",
-    interleave=True,
-    description="CPU: a Llama (hidden 256, 4 layers, V=32000, LoRA r=64), 1024 prompt/video positions + "
-    "~128 caption tokens, the four methods timed in turn step by step in one process",
-)
+
+def _preset(name: str, entry: dict) -> TrainerPreset:
+    where = f"trainer.{name}"
+    models = []
+    for i, item in enumerate(entry.get("models", ())):
+        item, at = dict(item), f"{where}.models[{i}]"
+        model = item.pop("model", None)
+        if model not in MODELS:
+            raise presets.invalid(at, f"model must be one of {list(MODELS)}, got {model!r}")
+        models.append((MODELS[model], presets.from_mapping(BatchSpec, item, at)))
+    return presets.from_mapping(TrainerPreset, {**entry, "name": name, "models": tuple(models)}, where)
+
+
+PRESETS = presets.load("trainer", _preset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +497,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--models",
         nargs="+",
         default=None,
-        help="subset of the preset's models (tiny, small, llama-256, 7b)",
+        help=f"subset of the preset's models ({', '.join(MODELS)})",
     )
     parser.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD", help=f"subset of {list(METHODS)}"

@@ -12,7 +12,15 @@ import torch
 from synpo.cli import main
 from synpo.pairs.io import read_records, settings_path
 from synpo.pairs.runner import RecordError
-from synpo.pairs.scenes import EXTRA_TERMS, generate_scenes, make_scene, read_scenes, write_scenes
+from synpo.pairs.scenes import (
+    EXTRA_TERMS,
+    VOCABULARY_PATH,
+    generate_scenes,
+    load_vocabulary,
+    make_scene,
+    read_scenes,
+    write_scenes,
+)
 from synpo.pairs.select import is_heldout, run_select
 from synpo.pairs.text import (
     TEXT_SAMPLING,
@@ -73,6 +81,43 @@ def test_scene_generator_rejects_bad_counts(num):
         generate_scenes(num)
     with pytest.raises(ValueError, match="index"):
         make_scene(0, -1)
+
+
+def _vocabulary_with(tmp_path, change) -> Path:
+    data = json.loads(VOCABULARY_PATH.read_text())
+    change(data)
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("colours"), r"'colours' is missing"),
+        (lambda d: d.update(extra=["x"]), r"unknown keys \['extra'\]"),
+        (lambda d: d.update(colours=[]), r"'colours' must be a non-empty list"),
+        (lambda d: d.update(colours=["red", 3]), r"'colours' must be a non-empty list of non-empty strings"),
+        (lambda d: d["places"].update(park=[]), r"'places'\['park'\] must be a non-empty list"),
+        (lambda d: d.update(animals=["dog"]), r"'animals' must be a non-empty object"),
+    ],
+)
+def test_bad_vocabulary_names_the_file_and_table(tmp_path, change, message):
+    path = _vocabulary_with(tmp_path, change)
+    with pytest.raises(ValueError, match=message) as info:
+        load_vocabulary(path)
+    assert str(path) in str(info.value)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_vocabulary(path)
+
+
+def test_bundled_scenes_regenerate_exactly_from_the_vocabulary():
+    # The vocabulary's order is the draw order: the bundled scenes (scripts/make_smollm2_pairs.sh:
+    # --num 268 --seed 0) come back from it exactly.
+    bundled = read_scenes(BUNDLE / "scenes.jsonl")
+    assert len(bundled) == 268
+    assert generate_scenes(268, seed=0) == bundled
 
 
 def test_scenes_round_trip(tmp_path):

@@ -31,8 +31,25 @@ def test_clip_count_upstream_rule(duration, expected):
 def test_clip_count_rejects_bad_arguments():
     with pytest.raises(ValueError, match="duration"):
         video.clip_count(0.0)
-    with pytest.raises(ValueError, match="min_clips"):
+    with pytest.raises(ValueError, match="min_clips <= max_clips, got min_clips=4, max_clips=3"):
         video.clip_count(5.0, min_clips=4, max_clips=3)
+    with pytest.raises(ValueError, match="duration must be positive and finite"):
+        video.clip_count(float("inf"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"duration": 10.0, "min_frames": 0}, "1 <= min_frames <= max_frames, got min_frames=0"),
+        ({"duration": 10.0, "min_frames": 9, "max_frames": 8}, "got min_frames=9, max_frames=8"),
+        ({"duration": 10.0, "fps": 0.0}, "fps must be positive"),
+        ({"duration": float("nan")}, "duration must be positive and finite"),
+        ({"duration": -1.0}, "duration must be positive and finite"),
+    ],
+)
+def test_video_frame_count_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        video.video_frame_count(**kwargs)
 
 
 def test_clip_bounds_and_uniform_timestamps():

@@ -1,10 +1,19 @@
 """Text-only scenes: a short list of facts that plays the role of a video's clip captions.
 
 A scene is ``{"id": "scene-00000", "facts": ["Two red apples lie on a wooden table.", ...]}`` (3-5 facts).
-:func:`generate_scenes` draws them from the fixed vocabularies below with a seeded generator; scene ``i``
-depends only on ``(seed, i)``, so ``--num 200`` is a prefix of ``--num 400``. The vocabularies are also
-the judge's lexicon of checkable claims (:mod:`synpo.pairs.textjudge`), together with
-:data:`EXTRA_TERMS`: words a description may use that no generated fact contains.
+:func:`generate_scenes` draws them from fixed vocabularies with a seeded generator; scene ``i`` depends
+only on ``(seed, i)``, so ``--num 200`` is a prefix of ``--num 400``. The vocabularies are also the
+judge's lexicon of checkable claims (:mod:`synpo.pairs.textjudge`), together with :data:`EXTRA_TERMS`.
+
+The vocabularies are data, bundled as ``synpo/assets/scene_vocabulary.json`` and loaded once at import
+into the module-level tables below (their order is the draw order: editing the file changes every scene):
+
+- :data:`PLACES`: each place with the furniture/landmarks that make sense there, for positions ("on the
+  bench"); :data:`ANIMALS`: each animal with the (third-person) things it does.
+- :data:`COLOURS`, :data:`OBJECTS`, :data:`PEOPLE`, :data:`CLOTHES`, :data:`ACTIONS`, :data:`WEATHER`,
+  :data:`TIMES`, :data:`COUNT_WORDS`: the words the facts are made of.
+- :data:`EXTRA_TERMS`: concrete words a description may add that no scene fact uses: claims the judge
+  can catch.
 """
 
 from __future__ import annotations
@@ -13,57 +22,72 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from synpo.pairs.io import JsonlWriter
 
-# Each place lists furniture/landmarks that make sense there, for positions ("on the bench").
-PLACES = {
-    "park": ("bench", "fountain", "tree", "path"),
-    "kitchen": ("table", "counter", "window", "shelf"),
-    "beach": ("rock", "umbrella", "towel", "boat"),
-    "garden": ("fence", "tree", "bench", "pond"),
-    "library": ("table", "shelf", "window", "desk"),
-    "street": ("lamp", "bench", "wall", "door"),
-    "classroom": ("desk", "window", "board", "shelf"),
-    "market": ("stall", "cart", "table", "tent"),
-    "forest": ("tree", "rock", "path", "stream"),
-    "office": ("desk", "window", "chair", "shelf"),
-    "harbour": ("boat", "pier", "rope", "crate"),
-    "station": ("platform", "bench", "clock", "sign"),
-}
-COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple", "brown", "grey", "pink")
-OBJECTS = (
-    "apple", "book", "cup", "ball", "bag", "bottle", "hat", "kite", "basket", "box", "bicycle", "umbrella",
-    "lamp", "flower", "candle", "bowl",
-)  # fmt: skip
-ANIMALS = {
-    "dog": ("sleeps", "runs", "barks", "sits"),
-    "cat": ("sleeps", "sits", "watches", "stretches"),
-    "bird": ("sings", "sits", "flies", "hops"),
-    "duck": ("swims", "sits", "walks", "waddles"),
-    "horse": ("stands", "grazes", "walks", "rests"),
-}
-PEOPLE = ("man", "woman", "boy", "girl", "child")
-CLOTHES = ("coat", "shirt", "dress", "jacket", "scarf", "sweater")
-ACTIONS = (
-    "reading a newspaper", "eating a sandwich", "talking on a phone", "painting a picture",
-    "carrying a box", "drinking coffee", "writing a letter", "playing a guitar", "taking a photo",
-    "sweeping the floor",
-)  # fmt: skip
-WEATHER = ("sunny", "rainy", "foggy", "snowy", "windy", "cloudy")
-TIMES = ("morning", "afternoon", "evening", "night")
-COUNT_WORDS = ("two", "three", "four", "five", "six")
+VOCABULARY_PATH = Path(__file__).resolve().parent.parent / "assets" / "scene_vocabulary.json"
 
-# Concrete words a description may add that no scene fact uses: claims the judge can catch.
-EXTRA_TERMS = (
-    "car", "bus", "train", "house", "building", "mountain", "river", "lake", "sea", "ocean", "sky",
-    "sun", "moon", "star", "cloud", "grass", "field", "road", "bridge", "city", "town", "village",
-    "restaurant", "shop", "store", "church", "castle", "school", "museum", "crowd", "family", "friend",
-    "couple", "baby", "tourist", "musician", "artist", "computer", "laptop", "camera",
-    "piano", "music", "food", "pizza", "bread", "cake", "fish", "sheep", "cow", "mouse",
-    "squirrel", "rabbit", "rain", "snow", "wind", "fog", "storm", "sunset", "sunrise", "summer",
-    "winter", "spring", "autumn", "gold", "silver", "golden", "gray", "dark", "bright",
-)  # fmt: skip
+Words = tuple[str, ...]
+
+
+class SceneVocabulary(NamedTuple):
+    """The tables of ``scene_vocabulary.json``: a field per key, the two word-to-words tables first."""
+
+    places: dict[str, Words]
+    animals: dict[str, Words]
+    colours: Words
+    objects: Words
+    people: Words
+    clothes: Words
+    actions: Words
+    weather: Words
+    times: Words
+    count_words: Words
+    extra_terms: Words
+
+
+_MAPPING_TABLES = frozenset({"places", "animals"})
+
+
+def _words(value: object, where: str) -> Words:
+    if not isinstance(value, list) or not value or not all(isinstance(w, str) and w for w in value):
+        raise ValueError(f"{where} must be a non-empty list of non-empty strings")
+    return tuple(value)
+
+
+def _table(data: dict, key: str, where: str) -> dict[str, Words] | Words:
+    if key not in data:
+        raise ValueError(f"{where} is missing")
+    value = data[key]
+    if key not in _MAPPING_TABLES:
+        return _words(value, where)
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{where} must be a non-empty object of word lists")
+    return {word: _words(words, f"{where}[{word!r}]") for word, words in value.items()}
+
+
+def load_vocabulary(path: str | Path = VOCABULARY_PATH) -> SceneVocabulary:
+    """The scene vocabularies of ``path``, in file order (the draw order); a missing, unknown or
+    malformed table is a ``ValueError`` naming the file and the key."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"scene vocabulary {path}: invalid JSON ({exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"scene vocabulary {path}: expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SceneVocabulary._fields))
+    if unknown:
+        raise ValueError(f"scene vocabulary {path}: unknown keys {unknown}")
+    tables = [_table(data, key, f"scene vocabulary {path}: {key!r}") for key in SceneVocabulary._fields]
+    return SceneVocabulary(*tables)
+
+
+VOCABULARY = load_vocabulary()
+PLACES, ANIMALS, COLOURS, OBJECTS, PEOPLE, CLOTHES, ACTIONS, WEATHER, TIMES, COUNT_WORDS, EXTRA_TERMS = (
+    VOCABULARY
+)
 
 _ID_WIDTH = 5
 

@@ -102,6 +102,18 @@ def probe(path: str | Path) -> VideoInfo:
         container.close()
 
 
+def _check_duration(duration: float) -> None:
+    if not (duration > 0 and math.isfinite(duration)):
+        raise ValueError(f"duration must be positive and finite, got {duration}")
+
+
+def _clamp_count(count: int, low: int, high: int, low_name: str, high_name: str) -> int:
+    """``clamp(count, low, high)`` after checking ``1 <= low <= high`` (a ``ValueError`` naming both)."""
+    if not 1 <= low <= high:
+        raise ValueError(f"need 1 <= {low_name} <= {high_name}, got {low_name}={low}, {high_name}={high}")
+    return min(max(count, low), high)
+
+
 def clip_count(
     duration: float,
     *,
@@ -110,15 +122,12 @@ def clip_count(
     max_clips: int = DEFAULT_MAX_CLIPS,
 ) -> int:
     """``clamp(floor(duration / clip_seconds) + 1, min_clips, max_clips)`` (upstream: 10 s, 2, 16)."""
-    if not duration > 0:
-        raise ValueError(f"duration must be positive, got {duration}")
+    _check_duration(duration)
     if not clip_seconds > 0:
         raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
-    if not 1 <= min_clips <= max_clips:
-        raise ValueError(
-            f"need 1 <= min_clips <= max_clips, got min_clips={min_clips}, max_clips={max_clips}"
-        )
-    return min(max(math.floor(duration / clip_seconds) + 1, min_clips), max_clips)
+    return _clamp_count(
+        math.floor(duration / clip_seconds) + 1, min_clips, max_clips, "min_clips", "max_clips"
+    )
 
 
 def clip_bounds(duration: float, n_clips: int) -> list[tuple[float, float]]:
@@ -147,11 +156,10 @@ def video_frame_count(
     max_frames: int = DEFAULT_MAX_VIDEO_FRAMES,
 ) -> int:
     """Frames for a whole-video view: ``clamp(round(duration * fps), min_frames, max_frames)``."""
+    _check_duration(duration)
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    if not 1 <= min_frames <= max_frames:
-        raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
-    return min(max(round(duration * fps), min_frames), max_frames)
+    return _clamp_count(round(duration * fps), min_frames, max_frames, "min_frames", "max_frames")
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 #
 #   bash .ci/gpu_gate.sh          # from a checkout; .ci/run calls it
 #
-# In an environment with the GPU machine's versions (CPython 3.12 when present, torch 2.11.0 from
-# PyPI = the cu130 build, triton 3.6.0; pinned in constraints/gpu-gate.txt), cached outside the
-# checkout (SYNPO_CI_CACHE, default ~/.cache/synpo-ci) so that reruns on one machine skip the
-# multi-GB download, it:
+# In an environment with the GPU machine's versions (scripts/gpu_env.sh: CPython 3.12 when present,
+# torch 2.11.0 from PyPI = the cu130 build, triton 3.6.0; pinned in constraints/gpu-gate.txt), cached
+# outside the checkout (SYNPO_CI_CACHE, default ~/.cache/synpo-ci) so that reruns on one machine skip
+# the multi-GB download, it:
 #   1. builds the wheel with the CUDA kernels (SYNPO_CUDA_ARCH_LIST, default 8.0;9.0a;9.0+PTX),
 #      installs it, and checks that it imports with the CUDA kernels registered for the CUDA key
 #      and a cubin per arch plus PTX embedded (scripts/check_cuda_build.py);
@@ -24,26 +24,10 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 start=$(date +%s)
 stamp() { echo "=== [gpu gate $(( $(date +%s) - start ))s] $*"; }
 
-CACHE=${SYNPO_CI_CACHE:-$HOME/.cache/synpo-ci}
-CONSTRAINTS=$ROOT/constraints/gpu-gate.txt
-PY=${SYNPO_GATE_PYTHON:-$(ls -d /root/.pyenv/versions/3.12*/bin/python 2> /dev/null | tail -1)}
-PY=${PY:-$(command -v python3.12 || command -v python3)}
-key=$( (cat "$CONSTRAINTS"; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
-VENV=$CACHE/gpu-gate-$key
-mkdir -p "$CACHE"
-
-stamp "environment $VENV ($("$PY" --version))"
-if [ ! -f "$VENV/.complete" ]; then
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
-  # The machine's pip config may cap torch or add local wheel folders; the constraints say it all.
-  PIP_CONFIG_FILE=/dev/null PIP_CONSTRAINT="$CONSTRAINTS" "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  PIP_CONFIG_FILE=/dev/null PIP_CONSTRAINT="$CONSTRAINTS" "$VENV/bin/python" -m pip install --quiet \
-    torch triton numpy ninja pybind11 setuptools wheel pytest expecttest cmake
-  touch "$VENV/.complete"  # written last: an interrupted install is redone, never half-used
-  # Keep only the newest two environments: each is ~4.7 GB.
-  ls -dt "$CACHE"/gpu-gate-* 2> /dev/null | tail -n +3 | xargs -r rm -rf
-fi
+stamp "environment (scripts/gpu_env.sh)"
+GATE_PY=$(bash scripts/gpu_env.sh)
+VENV=$(dirname "$(dirname "$GATE_PY")")
+echo "$VENV"
 "$VENV/bin/python" -c 'import torch, triton; print("torch", torch.__version__, "CUDA", torch.version.cuda, "triton", triton.__version__)'
 
 stamp "wheel with the CUDA kernels (archs ${SYNPO_CUDA_ARCH_LIST:=8.0;9.0a;9.0+PTX})"

@@ -17,7 +17,8 @@
 # are not downloaded again. FORCE_BUILD=1 rebuilds.
 #
 # Environment:
-#   GPU_PYTHON            Python of a venv matching the GPU image (default /root/.cache/synpo-ci/gpu-py312/bin/python)
+#   GPU_PYTHON            Python of a venv matching the GPU image (default: the GPU gate's, made or reused
+#                         by scripts/gpu_env.sh; the first time that is a ~4.7 GB download, several minutes)
 #   CUDA_HOME             CUDA toolkit (default /usr/local/cuda; a wrapper nvcc on PATH misleads torch's guess)
 #   SYNPO_CUDA_ARCH_LIST  CUDA archs (default 9.0a: Hopper only, what the H200 runs)
 #   MAX_JOBS              parallel compile jobs (default: number of cores)
@@ -28,7 +29,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-GPU_PYTHON=${GPU_PYTHON:-/root/.cache/synpo-ci/gpu-py312/bin/python}
+if [ -z "${GPU_PYTHON:-}" ]; then
+  echo "== GPU_PYTHON: the GPU gate's environment (scripts/gpu_env.sh)"
+  GPU_PYTHON=$(bash scripts/gpu_env.sh)
+fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 ARCHS=${SYNPO_CUDA_ARCH_LIST:-9.0a}
 export SYNPO_CUDA_ARCH_LIST=$ARCHS TORCH_CUDA_ARCH_LIST=$ARCHS SYNPO_BUILD_CUDA=1 SYNPO_BUILD_EXT=1

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from synpo_kernels.loss_registry import REFERENCE_OPTION, LossContext, get_loss
 from synpo_kernels.reference import RowStats
@@ -75,6 +76,20 @@ class LossSpec:
         return self.kwargs()[name]
 
 
+def _graph_constant(value):
+    """A numeric option as a Python constant while torch.compile traces.
+
+    Under ``dynamic=True`` (and after a value changed, automatic dynamic) Dynamo traces Python numbers,
+    arguments and registry defaults alike, as symbolic ones, which ``math.isfinite`` and the fused op's
+    params string cannot take. ``guard_scalar`` specializes one with a guard on its value: the option is
+    a constant of the graph and another value recompiles, as a hyper-parameter should; shapes stay
+    symbolic.
+    """
+    if torch.compiler.is_compiling() and isinstance(value, int | float):
+        return guard_scalar(value)
+    return value
+
+
 def loss_spec(loss: str, **options) -> LossSpec:
     """Validate ``loss`` and its scalar options (no tensor options); the spec, defaults filled in.
 
@@ -83,7 +98,10 @@ def loss_spec(loss: str, **options) -> LossSpec:
     """
     definition = get_loss(loss)
     tensor_options = (REFERENCE_OPTION,) if definition.needs_reference else ()
-    return LossSpec(loss, tuple(sorted(definition.resolve(options).items())), tensor_options)
+    resolved = definition.resolve({k: _graph_constant(v) for k, v in options.items()})
+    # Sorted by name alone: Dynamo cannot sort (name, value) pairs that hold a traced number.
+    items = tuple((k, _graph_constant(resolved[k])) for k in sorted(resolved))
+    return LossSpec(loss, items, tensor_options)
 
 
 def make_loss_spec(loss: str, **options) -> tuple[LossSpec, dict[str, torch.Tensor]]:

@@ -1,6 +1,7 @@
 """The fused linear ops as opaque custom ops: ``torch.library.opcheck`` and
 ``torch.compile(fullgraph=True)`` against eager, for every loss of the registry, with and without
-bias, with gradients, under ``torch.no_grad()`` and with a frozen weight, on both CPU backends.
+bias, with gradients, under ``torch.no_grad()`` and with a frozen weight, on both CPU backends; and
+``dynamic=True`` (one graph for several sequence lengths, fused and unfused losses).
 
 Backend ``aot_eager``: Dynamo + AOTAutograd with the ops' fake kernels and autograd formulas (what
 fullgraph capture needs); one test also runs Inductor end to end.
@@ -13,6 +14,7 @@ import math
 import pytest
 import torch
 from kernel_targets import backends
+from torch._dynamo.utils import counters
 
 import synpo_kernels as sk
 from synpo_kernels.losses import loss_spec
@@ -195,3 +197,67 @@ def test_params_is_one_frozen_object_round_tripping_through_the_op_argument():
     assert hash(params) == hash(FusedLinearParams.decode(params.encode()))
     with pytest.raises(AttributeError):
         params.shift = True  # frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic=True: every dimension and every Python number symbolic from the first compile. The loss
+# options must still become constants of the graph (the fused op's params string holds them).
+# ---------------------------------------------------------------------------------------------
+
+SEQ_LENGTHS = (6, 9, 13)
+
+
+def _float_option(loss):
+    """The loss's first float option with a non-default value, passed as an argument of the compiled
+    function (where dynamic=True makes it a symbolic float), or nothing for a loss without one."""
+    for p in sk.LOSSES[loss].params:
+        if p.type is float:
+            return {p.name: p.default * 0.75 + 0.125 if p.high is None else (p.default + p.high) / 2}
+    return {}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_linear", "logits"])
+@pytest.mark.parametrize("loss", list(sk.LOSSES))
+def test_dynamic_true_one_graph_for_every_length(loss, fused):
+    opts = _float_option(loss)
+
+    def fn(h, w, b, y, ref, **options):
+        if sk.LOSSES[loss].needs_reference:
+            options["ref_logps"] = ref
+        if fused:
+            return (sk.fused_linear_preference_loss(h, w, y, loss=loss, bias=b, backend="torch", **options),)
+        return (sk.preference_loss(h @ w.T + b, y, loss=loss, **options),)
+
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for seq in SEQ_LENGTHS:
+        hidden, weight, b, labels, ref = batch(seq=seq, seed=seq + len(loss))
+
+        def eager(h, w, b, y, ref=ref):
+            return fn(h, w, b, y, ref, **opts)
+
+        def traced(h, w, b, y, ref=ref):
+            return compiled(h, w, b, y, ref, **opts)
+
+        run_mode(eager, traced, hidden, weight, b, labels, "grad")
+    # Graphs compiled, not backend calls: specializing an option restarts the first trace once.
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 1, f"{graphs} graphs for lengths {SEQ_LENGTHS}"
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_linear", "logits"])
+def test_changed_option_is_a_new_constant(fused):
+    """Automatic dynamic makes a float argument symbolic once its value changes; the loss options must
+    then still trace (as constants: one graph per value, each equal to eager)."""
+    hidden, weight, b, labels, _ = batch(seed=5)
+
+    def fn(h, w, b, y, alpha):
+        if fused:
+            return sk.fused_linear_synpo_loss(h, w, y, bias=b, alpha=alpha, backend="torch")
+        return sk.synpo_loss(h @ w.T + b, y, alpha=alpha)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    values = [compiled(hidden, weight, b, labels, alpha) for alpha in (30.0, 12.5, 3.0, 12.5)]
+    for alpha, value in zip((30.0, 12.5, 3.0, 12.5), values):
+        assert_same(value, fn(hidden, weight, b, labels, alpha))
+    assert len({round(v.item(), 6) for v in values}) == 3

@@ -83,6 +83,28 @@ def check_nonempty_rows(
         )
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda")
+"""Devices whose autocast the fused linear ops follow (their autocast kernels)."""
+
+
+def autocast_dtypes(device_type: str, *tensors: torch.Tensor | None) -> list[torch.dtype | None]:
+    """The dtypes ``tensors`` have inside the op under the running autocast (as ``F.linear``'s
+    operands: fp32/fp16/bf16 cast to the autocast dtype; fp64 and other dtypes left alone)."""
+    enabled = device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+    target = torch.get_autocast_dtype(device_type) if enabled else None
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return [
+        None if t is None else (target if target is not None and t.dtype in castable else t.dtype)
+        for t in tensors
+    ]
+
+
+def _autocast_note(hidden: torch.Tensor) -> str:
+    if torch.is_autocast_enabled(hidden.device.type):
+        return " (under torch.autocast: fp64 is not cast, as for F.linear)"
+    return ""
+
+
 def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """``hidden (..., T, D)``, ``weight (V, D)`` and optional ``bias (V,)``, same dtype and device."""
     check_floating("hidden", hidden)
@@ -105,14 +127,20 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         )
     if weight.shape[0] == 0:
         raise ValueError("weight: the vocabulary dimension V is empty")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    # Under torch.autocast the dtypes the op will see (its autocast kernel casts as F.linear does).
+    h_dtype, w_dtype, b_dtype = autocast_dtypes(hidden.device.type, hidden, weight, bias)
+    if w_dtype != h_dtype:
+        raise TypeError(
+            f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}{_autocast_note(hidden)}"
+        )
     if bias is not None:
         check_floating("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias: expected shape ({weight.shape[0]},) = (V,), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}")
+        if b_dtype != h_dtype:
+            raise TypeError(
+                f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}{_autocast_note(hidden)}"
+            )
     check_same_device(hidden=hidden, weight=weight, bias=bias)
 
 

@@ -39,8 +39,13 @@ Design (both fused linear ops, every device):
   ``CCEParams``), passed to the op as one string argument (:meth:`FusedLinearParams.encode`, a
   ``repr`` that Dynamo folds to a constant; decoded once per distinct value).
 - **Autograd.** Gradients are stored through ``ctx.save_for_backward`` (saved-tensor hooks such as
-  ``torch.autograd.graph.save_on_cpu`` see them) and never modified in place, so a graph kept with
-  ``retain_graph=True`` can be differentiated again with the same result. Second-order gradients
+  ``torch.autograd.graph.save_on_cpu`` see them). Without a retained graph the backward hands the
+  saved gradient itself (scaled in place) to autograd, so no second ``V x D`` tensor ever exists
+  (:func:`scaled_gradient`); with ``retain_graph=True`` it returns a scaled copy and the graph can be
+  differentiated again with the same result.
+- **Autocast.** Under ``torch.autocast`` each fused op's autocast kernel casts hidden, weight and
+  bias to the autocast dtype as ``F.linear``'s operands would be (:func:`register_autocast`); the
+  statistics and the loss stay fp32 and gradients return in each parameter's dtype. Second-order gradients
   through the fused ops raise ``RuntimeError`` (their gradients are computed by the kernels, not by
   differentiable operations); the logits ops (``token_logprobs`` and what builds on it) support them.
 """
@@ -56,6 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
+from synpo_kernels._validation import AUTOCAST_DEVICES, autocast_dtypes
 from synpo_kernels.losses import LossSpec
 from synpo_kernels.ops import fused_linear_kernels as K
 from synpo_kernels.ops.token_logprobs import accumulation_dtype, shift_and_flatten_labels
@@ -66,10 +72,12 @@ __all__ = [
     "FusedLinearParams",
     "GradBuffers",
     "acc_weight_dtype",
+    "autocast_dtypes",
     "chunk_rows",
     "compact_tokens",
     "double_backward_error",
     "get_backend",
+    "register_autocast",
     "resolve_backend",
     "scaled_gradient",
 ]
@@ -132,6 +140,9 @@ class FusedLinearParams:
     - ``grad_hidden`` / ``grad_weight`` / ``grad_bias``: which gradients to compute (the preference
       op in its forward, the token op's backward op in its backward); ``False`` under
       ``torch.no_grad()`` or for a frozen tensor.
+    - ``donate_grads``: the caller drops the preference op's gradient outputs at once (the public
+      functions do), so its backward may hand them to autograd, scaled in place, instead of copying
+      them (:func:`scaled_gradient`). Off for a direct call of the op, whose outputs stay intact.
 
     A custom op takes no dataclass, so it is passed as the string :meth:`encode` makes (a ``repr`` of
     primitives, which Dynamo constant-folds) and read back by :meth:`decode` (cached).
@@ -145,6 +156,7 @@ class FusedLinearParams:
     grad_hidden: bool = False
     grad_weight: bool = False
     grad_bias: bool = False
+    donate_grads: bool = False
 
     def encode(self) -> str:
         c, spec = self.config, self.spec
@@ -153,6 +165,7 @@ class FusedLinearParams:
             (
                 self.ignore_index, self.shift, c.backend, c.chunk_bytes, c.weight_grad_accumulation,
                 self.backend, spec_args, self.grad_hidden, self.grad_weight, self.grad_bias,
+                self.donate_grads,
             )
         )  # fmt: skip
 
@@ -170,21 +183,76 @@ class FusedLinearParams:
 
 @functools.lru_cache(maxsize=512)
 def _decode_params(text: str) -> FusedLinearParams:
-    ignore_index, shift, backend_opt, chunk_bytes, accumulation, backend, spec, gh, gw, gb = ast.literal_eval(
-        text
+    ignore_index, shift, backend_opt, chunk_bytes, accumulation, backend, spec, gh, gw, gb, donate = (
+        ast.literal_eval(text)
     )
     return FusedLinearParams(
         ignore_index, shift, FusedLinearConfig(backend_opt, chunk_bytes, accumulation), backend,
-        None if spec is None else LossSpec(*spec), gh, gw, gb,
+        None if spec is None else LossSpec(*spec), gh, gw, gb, donate,
     )  # fmt: skip
 
 
-def scaled_gradient(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``src * scale`` as a new tensor of ``dtype``, computed in ``src``'s precision and rounded once;
-    ``src`` (a gradient kept for the backward) is never modified."""
-    if src.dtype == dtype:
-        return src * scale.to(dtype)
-    return torch.mul(src, scale, out=torch.empty_like(src, dtype=dtype))
+def _graph_retained() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); ``True`` when unknown.
+
+    The autograd engine exposes this only privately (AOTAutograd reads it to donate saved buffers the
+    same way); without it every gradient is copied, as a retained graph needs.
+    """
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
+
+
+def scaled_gradient(
+    saved: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, donated: bool
+) -> torch.Tensor:
+    """``saved * scale`` in ``dtype``: the gradient a fused op's backward returns from a gradient it
+    computed in its forward and saved, computed in ``saved``'s precision and rounded once.
+
+    Without a retained graph (``loss.backward()``) the engine frees the node's saved tensors right
+    after its backward, before the outputs reach ``AccumulateGrad``: ``saved`` is scaled in place and
+    returned, and becomes ``.grad`` with no copy (at an lm_head a ``V x D`` tensor, 2.3 GiB at
+    D=4096, V=152064 in fp32). With a retained graph, or in a graph being traced, ``saved`` is left
+    untouched and a new tensor is returned, so a second backward gives the same gradients again;
+    likewise unless ``donated`` (``saved`` is an op output its caller dropped).
+    """
+    scale = scale.to(saved.dtype)
+    # In place only on a plain tensor: a graph being traced (torch.compile's AOTAutograd, opcheck)
+    # holds functional or fake tensors, and a traced backward may not mutate a forward output.
+    # (A mul with an out= of another dtype would allocate a full-size temporary in saved's dtype.)
+    in_place = donated and type(saved) is torch.Tensor and not _graph_retained()
+    scaled = saved.mul_(scale) if in_place else saved * scale
+    return scaled if scaled.dtype == dtype else scaled.to(dtype)
+
+
+_autocast_libs: list = []  # the registrations live as long as these libraries
+
+
+def register_autocast(qualname: str, cast_args: tuple[int, ...]) -> None:
+    """Autocast kernels (CPU and CUDA) for a fused linear custom op: under ``torch.autocast`` the
+    op's floating inputs at positions ``cast_args`` (hidden, weight, bias) are cast to the autocast
+    dtype, as ``F.linear``'s would be, and the op runs with autocast off. So the GEMMs run in the
+    autocast dtype while the log-sum-exp, the statistics and the loss stay fp32 (as the op always
+    computes them), and the casts, recorded by autograd, bring each gradient back to its parameter's
+    dtype. ``torch.library.register_autocast`` would fix one cast dtype at registration; this one
+    follows the running autocast's dtype (bf16 or fp16)."""
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "IMPL")
+    _autocast_libs.append(lib)
+    op = getattr(getattr(torch.ops, namespace), name)
+
+    for device_type in AUTOCAST_DEVICES:
+
+        def kernel(_keyset, *args, device_type=device_type):
+            args = list(args)
+            dtypes = autocast_dtypes(device_type, *(args[i] for i in cast_args))
+            for i, dtype in zip(cast_args, dtypes):
+                if args[i] is not None and args[i].device.type == device_type:
+                    args[i] = args[i].to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return op(*args)
+
+        key = "AutocastCPU" if device_type == "cpu" else "AutocastCUDA"
+        lib.impl(name, kernel, key, with_keyset=True)
 
 
 def double_backward_error(op: str, alternative: str) -> RuntimeError:
@@ -257,7 +325,11 @@ def chunk_buffer(rows: int, weight: torch.Tensor) -> torch.Tensor:
     """
     vocab = weight.shape[0]
     padded = -(-vocab // ROW_ALIGN) * ROW_ALIGN
-    return torch.empty((rows, padded), dtype=weight.dtype, device=weight.device)[:, :vocab]
+    buf = torch.empty((rows, padded), dtype=weight.dtype, device=weight.device)
+    # The padding is never written, but CPU bf16 GEMMs (oneDNN, torch 2.13) read past the last column
+    # of a strided operand and multiply it by zero: uninitialised NaN/Inf there made NaN gradients.
+    buf[:, vocab:].zero_()
+    return buf[:, :vocab]
 
 
 def compact_tokens(labels: torch.Tensor, ignore_index: int, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:

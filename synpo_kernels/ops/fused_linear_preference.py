@@ -69,6 +69,7 @@ from synpo_kernels.ops.fused_linear_common import (
     compact_tokens,
     double_backward_error,
     hidden_rows,
+    register_autocast,
     resolve_backend,
     scaled_gradient,
 )
@@ -258,24 +259,29 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (hidden.dtype, weight.dtype)
     ctx.save_for_backward(*output[5:])
     ctx.mark_non_differentiable(*output[1:])
+    # No zero gradients for the non-differentiable outputs: one of them is (V, D) fp32.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused):
     if torch.is_grad_enabled():  # backward(create_graph=True): a graph of these gradients is wanted
         raise double_backward_error("fused_linear_preference_loss", "synpo_kernels.preference_loss")
+    if grad_loss is None:  # set_materialize_grads(False): nothing flowed into the loss
+        return (None,) * 6
     gh, gw, gb = ctx.saved_tensors
     p, (hidden_dtype, weight_dtype) = ctx.params, ctx.dtypes
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    # New tensors, the saved ones untouched: a retained graph gives the same gradients again.
+    donated = p.donate_grads
     return (
-        scaled_gradient(gh, grad_loss, hidden_dtype) if need_h and p.grad_hidden else None,
-        scaled_gradient(gw, grad_loss, weight_dtype) if need_w and p.grad_weight else None,
-        scaled_gradient(gb, grad_loss, weight_dtype) if need_b and p.grad_bias else None,
+        scaled_gradient(gh, grad_loss, hidden_dtype, donated) if need_h and p.grad_hidden else None,
+        scaled_gradient(gw, grad_loss, weight_dtype, donated) if need_w and p.grad_weight else None,
+        scaled_gradient(gb, grad_loss, weight_dtype, donated) if need_b and p.grad_bias else None,
         None, None, None,
     )  # fmt: skip
 
 
 _fused_linear_preference_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_OP, cast_args=(0, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +306,7 @@ def _preference(hidden, weight, labels, bias, spec: LossSpec, tensors, ignore_in
         grad_hidden=grad_on and hidden.requires_grad,
         grad_weight=grad_on and weight.requires_grad,
         grad_bias=grad_on and bias is not None and bias.requires_grad,
+        donate_grads=True,  # the gradient outputs are dropped below
     )  # fmt: skip
     tensors = {k: v.detach() for k, v in tensors.items()}
     loss, sum_logp, sum_p, count, losses, *_grads = _fused_linear_preference_op(

@@ -39,6 +39,7 @@ from synpo_kernels.ops.fused_linear_common import (
     compact_tokens,
     double_backward_error,
     hidden_rows,
+    register_autocast,
     resolve_backend,
 )
 from synpo_kernels.ops.token_logprobs import accumulation_dtype
@@ -193,6 +194,7 @@ def _double_backward(ctx, *_grads):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_FWD, cast_args=(0, 1, 2))
 _bwd_op.register_autograd(_double_backward)
 
 

@@ -33,14 +33,21 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name}: on device {tensor.device}, but {first_name} is on {first.device}")
 
 
+def _values_unavailable(tensor: torch.Tensor) -> bool:
+    """True where a tensor's values cannot be read: while torch.compile traces (a data-dependent
+    branch would break the graph) and on the meta device (shapes only, e.g. a model initialised on
+    meta). The data-dependent checks are skipped there; shapes and dtypes still propagate."""
+    return torch.compiler.is_compiling() or tensor.device.type == "meta"
+
+
 def check_label_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Labels must be ``ignore_index`` or in ``[0, vocab_size)``.
 
     One fused reduction and one host sync; the kernels never read out of bounds regardless. Skipped
-    while torch.compile traces (a data-dependent branch): the kernels still reject such labels (CPU:
-    ValueError; CUDA: NaN for that token).
+    while torch.compile traces and on meta (:func:`_values_unavailable`): the kernels still reject
+    such labels (CPU: ValueError; CUDA: NaN for that token).
     """
-    if torch.compiler.is_compiling():
+    if _values_unavailable(labels):
         return
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
     if bool(bad.any()):
@@ -65,10 +72,10 @@ def check_nonempty_rows(
 
     ``reason`` says why an empty row is a problem for the caller (a string, or a function of the
     empty rows' indices, evaluated only when there are some); the default is the length-normalized
-    mean's. Skipped while torch.compile traces (data-dependent): the result is then NaN for such a
-    row where it divides by the row's length.
+    mean's. Skipped while torch.compile traces and on meta (:func:`_values_unavailable`): the result
+    is then NaN for such a row where it divides by the row's length.
     """
-    if torch.compiler.is_compiling():
+    if _values_unavailable(counts):
         return
     empty = counts == 0
     if bool(empty.any()):

@@ -30,13 +30,16 @@ inline void check_token_logprobs_inputs(const at::Tensor& logits, const at::Tens
                     logits.device());
 }
 
+// lse: (rows, 2), per row the max m and log sum exp(z - m), as token_logprobs_fwd returns it.
 inline void check_token_logprobs_bwd_inputs(const at::Tensor& grad_logp, const at::Tensor& logits,
                                             const at::Tensor& lse) {
   const auto acc = accumulation_dtype(logits.scalar_type());
+  TORCH_CHECK_VALUE(grad_logp.dim() == 1 && grad_logp.size(0) == logits.size(0), "grad_logp: expected shape (",
+                    logits.size(0), ",), got ", grad_logp.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == logits.size(0) && lse.size(1) == 2, "lse: expected shape (",
+                    logits.size(0), ", 2), got ", lse.sizes());
   for (const auto* t : {&grad_logp, &lse}) {
     const char* name = t == &grad_logp ? "grad_logp" : "lse";
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == logits.size(0), name, ": expected shape (", logits.size(0),
-                      ",), got ", t->sizes());
     TORCH_CHECK_TYPE(t->scalar_type() == acc, name, ": expected ", acc, ", got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->is_contiguous(), name, ": must be contiguous");
     TORCH_CHECK_VALUE(t->device() == logits.device(), name, ": on ", t->device(), " but logits on ",

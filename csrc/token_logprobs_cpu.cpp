@@ -1,9 +1,12 @@
 // CPU kernels of the fused per-token log-softmax gather (see synpo_kernels/ops/token_logprobs.py).
 //
-// Forward reads each scored row of logits once: a blocked online max/sum-exp in fp32 (fp64 for
-// fp64 logits), then logp = z[label] - lse. Backward reads the row once more and writes
-// grad = g * (onehot - exp(z - lse)) in the logits' dtype, optionally over the logits buffer.
-// Rows whose label is ignore_index are never read.
+// Forward reads each scored row of logits once: a blocked online max m and s = sum exp(z - m) in
+// fp32 (fp64 for fp64 logits), then logp = (z[label] - m) - log s; it keeps (m, log s) per row
+// (`lse`, (rows, 2)). Backward reads the row once more and writes
+// grad = g * (onehot - exp((z - m) - log s)) in the logits' dtype, optionally over the logits
+// buffer. Never exp(z - lse) with lse = m + log s rounded: for a confident token (p near 1,
+// |lse| ~ 20-40) 1 - p would carry lse's rounding, ~10x plain fp32 PyTorch's error; z - m is exact
+// near the max. Rows whose label is ignore_index are never read.
 //
 // The float inner loops are `omp simd` loops over a branch-free exp, compiled twice by GCC's
 // target_clones (AVX-512, AVX2+FMA, SSE4.2 and the baseline) and picked at load time, so one binary
@@ -44,8 +47,8 @@ constexpr int64_t kBlock = 2048;
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// 2^t for t <= 0 (callers pass (x - max) * log2(e), formed with one FMA): t = n + f with
-// f in [-1/2, 1/2], a degree-6 minimax polynomial for 2^f (max relative error 9.2e-7, measured
+// 2^t for t <= 0 (callers pass (x - max) * log2(e), x - max formed first: exact near the max):
+// t = n + f with f in [-1/2, 1/2], a degree-6 minimax polynomial for 2^f (max relative error 9.2e-7, measured
 // against double exp on N(0, 3) logits), and 2^n from the exponent bits. Branch-free, so `omp simd`
 // loops vectorize it; 1.4-1.8x faster than a Cody-Waite expf at the same accuracy. Inputs below
 // -126 are clamped (2^-126 ~ 1e-38: 0 for every purpose here); NaN stays NaN.
@@ -73,19 +76,37 @@ SYNPO_MULTIVERSION float block_max(const float* x, int64_t n) {
   return m;
 }
 
-SYNPO_MULTIVERSION float block_sum_exp(const float* x, int64_t n, float shift) {
-  const float shift2 = shift * kLog2e;
+// sum exp(x[i] - max). (x - max) first, not fma(x, log2 e, -max * log2 e), whose rounding of
+// max * log2 e would put an error of max's magnitude on every term.
+SYNPO_MULTIVERSION float block_sum_exp(const float* x, int64_t n, float max) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp2_nonpositive(__builtin_fmaf(x[i], kLog2e, -shift2));
+  for (int64_t i = 0; i < n; ++i) s += exp2_nonpositive((x[i] - max) * kLog2e);
   return s;
 }
 
-// out[i] = scale * exp(x[i] - shift); out may alias x.
-SYNPO_MULTIVERSION void block_scaled_exp(const float* x, int64_t n, float shift, float scale, float* out) {
-  const float shift2 = shift * kLog2e;
+// For the block that holds a new row max: the sum of exp(x[i] - max) over the x[i] != max, and in
+// *ties the count of x[i] == max (terms of exactly 1). Kept apart so that a confident row's small
+// terms (each below half an ulp of 1) are not absorbed by the max's 1 in its SIMD lane.
+SYNPO_MULTIVERSION float block_sum_exp_below(const float* x, int64_t n, float max, float* ties) {
+  float s = 0.0f;
+  float c = 0.0f;
+#pragma omp simd reduction(+ : s, c)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool at_max = x[i] == max;
+    s += at_max ? 0.0f : exp2_nonpositive((x[i] - max) * kLog2e);
+    c += at_max ? 1.0f : 0.0f;
+  }
+  *ties = c;
+  return s;
+}
+
+// out[i] = scale * exp((x[i] - max) - log_sum); out may alias x. log_sum >= 0 (the max's term is 1).
+SYNPO_MULTIVERSION void block_scaled_softmax(const float* x, int64_t n, float max, float log_sum, float scale,
+                                             float* out) {
+  const float log_sum2 = log_sum * kLog2e;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = scale * exp2_nonpositive(__builtin_fmaf(x[i], kLog2e, -shift2));
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * exp2_nonpositive(__builtin_fmaf(x[i] - max, kLog2e, -log_sum2));
 }
 
 // 16-bit <-> fp32 block conversions (c10's conversions are branch-free bit manipulation).
@@ -130,17 +151,18 @@ struct BadLabel {
   }
 };
 
-// A row with no target: an ignored label scores 0 (log-prob and lse; a zero gradient row), a label
-// outside [0, vocab) is recorded and gets NaN, never an out-of-bounds read. False: the caller computes.
+// A row with no target: an ignored label scores 0 (log-prob and both lse entries; a zero gradient
+// row), a label outside [0, vocab) is recorded and gets NaN, never an out-of-bounds read.
+// lse: (rows, 2), (max, log sum exp(z - max)) per row. False: the caller computes.
 template <typename T>
 bool untargeted_forward_row(int64_t r, int64_t label, const RowLayout& L, BadLabel& bad, T* logp, T* lse) {
   if (label == L.ignore_index) {
-    logp[r] = lse[r] = T(0);
+    logp[r] = lse[2 * r] = lse[2 * r + 1] = T(0);
     return true;
   }
   if (label < 0 || label >= L.vocab) {
     bad.record(r);
-    logp[r] = lse[r] = std::numeric_limits<T>::quiet_NaN();
+    logp[r] = lse[2 * r] = lse[2 * r + 1] = std::numeric_limits<T>::quiet_NaN();
     return true;
   }
   return false;
@@ -169,23 +191,37 @@ void forward_rows(const scalar_t* logits, const int64_t* labels, const RowLayout
       const int64_t label = labels[r];
       if (untargeted_forward_row(r, label, L, bad, logp, lse)) continue;
       const scalar_t* z = logits + r * L.row_stride;
-      constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-      float running_max = kNegInf;
-      float running_sum = 0.0f;
+      constexpr float kInf = std::numeric_limits<float>::infinity();
+      // s = sum exp(z - running_max) = 1 + rest: the max's own term is kept out of the float sum, so
+      // that rest (1 - p of a confident target) keeps its relative precision; log s = log1p(rest).
+      float running_max = -kInf;
+      float rest = 0.0f;
       for (int64_t start = 0; start < L.vocab; start += kBlock) {
         const int64_t n = std::min(kBlock, L.vocab - start);
         const float* x = float_block(z + start, n, scratch);
         const float block_m = block_max(x, n);
-        if (block_m > running_max) {
-          running_sum = running_max == kNegInf ? running_sum : running_sum * std::exp(running_max - block_m);
+        if (block_m == -kInf) {
+          // Only -inf (masked vocabulary) and NaN: adds nothing, but a NaN must still poison.
+          rest += block_sum_exp(x, n, 0.0f) * 0.0f;
+        } else if (block_m > running_max) {
+          // The new max's term leaves the sum: rest' = (1 + rest) e^(old - new) + below + ties - 1.
+          const float carried = running_max == -kInf ? rest : (1.0f + rest) * std::exp(running_max - block_m);
+          float ties = 0.0f;
+          const float below = block_sum_exp_below(x, n, block_m, &ties);
+          rest = carried + below + (ties - 1.0f);
           running_max = block_m;
+        } else {
+          // Ties with the max here are terms of 1 like any other: p <= 1/2, no precision at stake.
+          rest += block_sum_exp(x, n, running_max);
         }
-        // A block of only -inf (masked vocabulary) adds nothing; with a NaN it must still poison.
-        running_sum += running_max == kNegInf ? block_sum_exp(x, n, 0.0f) * 0.0f : block_sum_exp(x, n, running_max);
       }
-      const float row_lse = running_max + std::log(running_sum);
-      lse[r] = row_lse;
-      logp[r] = static_cast<float>(z[label]) - row_lse;
+      // +inf in the row: NaN, as log_softmax (inf - inf); an all -inf row: log 0 (its logp is NaN).
+      const float log_sum = running_max == kInf    ? std::numeric_limits<float>::quiet_NaN()
+                            : running_max == -kInf ? std::log(rest)
+                                                   : std::log1p(rest);
+      lse[2 * r] = running_max;
+      lse[2 * r + 1] = log_sum;
+      logp[r] = (static_cast<float>(z[label]) - running_max) - log_sum;
     }
   });
 }
@@ -205,20 +241,21 @@ void backward_rows(const float* grad, const scalar_t* logits, const int64_t* lab
         continue;
       }
       const scalar_t* z = logits + r * L.row_stride;
-      const float shift = lse[r];
-      const float p_label = std::exp(static_cast<float>(z[label]) - shift);  // read before o overwrites z
+      const float max = lse[2 * r];
+      const float log_sum = lse[2 * r + 1];
+      const float log_p_label = (static_cast<float>(z[label]) - max) - log_sum;  // before o overwrites z
       for (int64_t start = 0; start < L.vocab; start += kBlock) {
         const int64_t n = std::min(kBlock, L.vocab - start);
         if constexpr (std::is_same_v<scalar_t, float>) {
-          block_scaled_exp(z + start, n, shift, -g, o + start);
+          block_scaled_softmax(z + start, n, max, log_sum, -g, o + start);
         } else {
           const float* x = float_block(z + start, n, scratch);
-          block_scaled_exp(x, n, shift, -g, scratch);
+          block_scaled_softmax(x, n, max, log_sum, -g, scratch);
           block_from_float(scratch, n, o + start);
         }
       }
-      // One rounding for the target entry: g * (1 - p) computed in fp32.
-      o[label] = static_cast<scalar_t>(g - g * p_label);
+      // The target entry g * (1 - p) = -g * expm1(log p): relative precision even for p near 1.
+      o[label] = static_cast<scalar_t>(-g * std::expm1(log_p_label));
     }
   });
 }
@@ -235,8 +272,9 @@ void forward_rows_f64(const double* logits, const int64_t* labels, const RowLayo
       for (int64_t j = 0; j < L.vocab; ++j) m = z[j] > m ? z[j] : m;
       double s = 0.0;
       for (int64_t j = 0; j < L.vocab; ++j) s += std::exp(z[j] - m);  // NaN reaches s, as intended
-      lse[r] = m + std::log(s);
-      logp[r] = z[label] - lse[r];
+      lse[2 * r] = m;
+      lse[2 * r + 1] = std::log(s);
+      logp[r] = (z[label] - m) - lse[2 * r + 1];
     }
   });
 }
@@ -250,8 +288,10 @@ void backward_rows_f64(const double* grad, const double* logits, const int64_t* 
       if (untargeted_backward_row(r, label, L, bad, o)) continue;
       const double* z = logits + r * L.row_stride;
       const double g = grad[r];
-      const double p_label = std::exp(z[label] - lse[r]);
-      for (int64_t j = 0; j < L.vocab; ++j) o[j] = -g * std::exp(z[j] - lse[r]);
+      const double m = lse[2 * r];
+      const double log_sum = lse[2 * r + 1];
+      const double p_label = std::exp((z[label] - m) - log_sum);
+      for (int64_t j = 0; j < L.vocab; ++j) o[j] = -g * std::exp((z[j] - m) - log_sum);
       o[label] = g - g * p_label;
     }
   });
@@ -275,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::Tensor& logi
   const RowLayout L = layout_of(logits, ignore_index);
   const auto acc = accumulation_dtype(logits.scalar_type());
   at::Tensor logp = at::empty({L.rows}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({L.rows}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({L.rows, 2}, logits.options().dtype(acc));
   BadLabel bad;
   const int64_t* lab = labels.data_ptr<int64_t>();
   switch (logits.scalar_type()) {

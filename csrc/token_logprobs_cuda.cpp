@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "token_logprobs.h"
 #include "token_logprobs_kernels.h"
 
@@ -35,22 +37,28 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
-// float64 logits (gradchecks) go through ATen in double: exact, and not a hot path.
+// float64 logits (gradchecks) go through ATen in double: exact, and not a hot path. lse: (rows, 2),
+// (max, log sum exp(z - max)) per row as the kernels write it; a row with NaN or +inf gets NaN.
 std::tuple<at::Tensor, at::Tensor> fwd_double(const at::Tensor& logits, const at::Tensor& labels,
                                               int64_t ignore_index) {
   const at::Tensor valid = labels != ignore_index;
   const at::Tensor safe = at::where(valid, labels, at::zeros_like(labels));
-  const at::Tensor lse = at::logsumexp(logits, {1});
-  const at::Tensor target = logits.gather(1, safe.unsqueeze(1)).squeeze(1);
-  const at::Tensor zero = at::zeros({}, lse.options());
-  return {at::where(valid, target - lse, zero), at::where(valid, lse, zero)};
+  const at::Tensor max = at::amax(logits, {1}, /*keepdim=*/true);
+  const at::Tensor zero = at::zeros({}, max.options());
+  const at::Tensor shift = at::where(max == -std::numeric_limits<double>::infinity(), zero, max);
+  const at::Tensor log_sum = at::log(at::exp(logits - shift).sum(1, /*keepdim=*/true));
+  const at::Tensor target = logits.gather(1, safe.unsqueeze(1));
+  const at::Tensor logp = ((target - max) - log_sum).squeeze(1);
+  return {at::where(valid, logp, zero), at::where(valid.unsqueeze(1), at::cat({max, log_sum}, 1), zero)};
 }
 
 at::Tensor bwd_double(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
                       const at::Tensor& lse, int64_t ignore_index) {
   const at::Tensor valid = labels != ignore_index;
   const at::Tensor g = at::where(valid, grad, at::zeros({}, grad.options()));
-  at::Tensor out = -(g.unsqueeze(1) * at::exp(logits - lse.unsqueeze(1)));
+  const at::Tensor max = lse.select(1, 0).unsqueeze(1);
+  const at::Tensor log_sum = lse.select(1, 1).unsqueeze(1);
+  at::Tensor out = -(g.unsqueeze(1) * at::exp((logits - max) - log_sum));
   out.scatter_add_(1, at::where(valid, labels, at::zeros_like(labels)).unsqueeze(1), g.unsqueeze(1));
   return out;
 }
@@ -61,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at::Tensor& log
   const c10::cuda::CUDAGuard guard(logits.device());
   if (logits.scalar_type() == at::kDouble) return fwd_double(logits, labels, ignore_index);
   at::Tensor logp = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({logits.size(0), 2}, logits.options().dtype(at::kFloat));
   check_launch(cuda::launch_token_logprobs_fwd(rows_args(logits, labels, ignore_index), logp.data_ptr<float>(),
                                                lse.data_ptr<float>()),
                "token_logprobs_fwd");

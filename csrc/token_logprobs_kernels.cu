@@ -9,9 +9,13 @@
 // loads (a scalar prologue up to the row's first 16-byte boundary, so any vocabulary and row stride
 // vectorizes; two independent loads in flight per thread), keeping a per-thread online (max, sum of
 // exp) in fp32 that is rescaled only when the max grows, then reduces across the block once;
-// rows whose label is ignore_index exit before reading anything. Backward reads the row once and
-// writes grad = g * (onehot - exp(z - lse)) with 16-byte stores, in the logits' dtype. Bytes moved
-// for forward + backward: read 2 x N x V, write 1 x N x V (the floor for an out-of-place gradient).
+// rows whose label is ignore_index exit before reading anything. It writes (m, log s) per row
+// (`lse`, (rows, 2)) and logp = (z[label] - m) - log s. Backward reads the row once and writes
+// grad = g * (onehot - exp((z - m) - log s)) with 16-byte stores, in the logits' dtype. Every
+// exponent is formed as (z - m) first, exact near the max: exp(z - lse) with lse = m + log s rounded
+// (or z * log2 e - m * log2 e) would put an error of |m|'s rounding on p, i.e. on 1 - p of a confident
+// token (~10x plain fp32 PyTorch's error at |m| ~ 30). Bytes moved for forward + backward:
+// read 2 x N x V, write 1 x N x V (the floor for an out-of-place gradient).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -62,18 +66,21 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
   return __float2half_rn(x);
 }
 
-// exp2 with the hardware approximation (2 ulp); callers pass pre-scaled (x - max) * log2(e) <= 0.
+// exp2 with the hardware approximation (2 ulp); callers pass (x - max) * log2(e) <= 0.
 __device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
 
+// exp(x - max) for x <= max, the difference taken before the scaling (exact near the max).
+__device__ __forceinline__ float exp_below(float x, float max) { return fast_exp2((x - max) * kLog2e); }
+
 struct MaxSum {
-  float max;  // running max of x * log2(e)
-  float sum;  // sum of exp2(x * log2(e) - max)
+  float max;  // running max of the logits
+  float sum;  // sum of exp(x - max)
 };
 
 __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.max, b.max);
   if (m == -INFINITY) return {m, a.sum + b.sum};  // nothing finite yet (0, or NaN to propagate)
-  return {m, a.sum * fast_exp2(a.max - m) + b.sum * fast_exp2(b.max - m)};
+  return {m, a.sum * exp_below(a.max, m) + b.sum * exp_below(b.max, m)};
 }
 
 __device__ __forceinline__ MaxSum block_reduce(MaxSum v) {
@@ -101,14 +108,14 @@ __device__ __forceinline__ MaxSum block_reduce(MaxSum v) {
   return v;  // valid in thread 0
 }
 
-// Adds one element (already scaled by log2 e) to a thread's running (max, sum). -inf logits
-// (masked vocabulary) contribute 0; NaN and +inf make the sum NaN, as in torch.log_softmax.
-__device__ __forceinline__ void accumulate(MaxSum& acc, float x2) {
-  if (x2 > acc.max) {
-    acc.sum = (acc.max == -INFINITY ? 0.0f : acc.sum * fast_exp2(acc.max - x2)) + 1.0f;
-    acc.max = x2;
-  } else if (x2 != -INFINITY) {
-    acc.sum += fast_exp2(x2 - acc.max);
+// Adds one logit to a thread's running (max, sum). -inf logits (masked vocabulary) contribute 0;
+// NaN makes the sum NaN, as in torch.log_softmax (+inf: see the forward kernel's end).
+__device__ __forceinline__ void accumulate(MaxSum& acc, float x) {
+  if (x > acc.max) {
+    acc.sum = (acc.max == -INFINITY ? 0.0f : acc.sum * exp_below(acc.max, x)) + 1.0f;
+    acc.max = x;
+  } else if (x != -INFINITY) {
+    acc.sum += exp_below(x, acc.max);
   }
 }
 
@@ -118,24 +125,24 @@ template <typename T>
 __device__ __forceinline__ void accumulate_vector(MaxSum& acc, const uint4& raw) {
   constexpr int kElems = VecTraits<T>::kElems;
   const T* elems = reinterpret_cast<const T*>(&raw);
-  float x2[kElems];
+  float x[kElems];
   float vmax = -INFINITY;
 #pragma unroll
   for (int k = 0; k < kElems; ++k) {
-    x2[k] = to_float(elems[k]) * kLog2e;
-    vmax = fmaxf(vmax, x2[k]);  // fmaxf skips NaN; the NaN then reaches the sum below
+    x[k] = to_float(elems[k]);
+    vmax = fmaxf(vmax, x[k]);  // fmaxf skips NaN; the NaN then reaches the sum below
   }
   if (vmax > acc.max) {
-    if (acc.max != -INFINITY) acc.sum *= fast_exp2(acc.max - vmax);
+    if (acc.max != -INFINITY) acc.sum *= exp_below(acc.max, vmax);
     acc.max = vmax;
   }
   if (acc.max == -INFINITY) {  // all -inf so far: contributes nothing (a NaN lane still poisons)
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) acc.sum += x2[k] != x2[k] ? x2[k] : 0.0f;
+    for (int k = 0; k < kElems; ++k) acc.sum += x[k] != x[k] ? x[k] : 0.0f;
     return;
   }
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) acc.sum += fast_exp2(x2[k] - acc.max);
+  for (int k = 0; k < kElems; ++k) acc.sum += exp_below(x[k], acc.max);
 }
 
 // Elements before the first 16-byte boundary of a row: rows of any stride (V = 32001, say) get a
@@ -157,7 +164,8 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       const float value = label == ignore_index ? 0.0f : NAN;  // out-of-range: NaN, never an OOB read
       logp[row] = value;
-      lse[row] = value;
+      lse[2 * row] = value;
+      lse[2 * row + 1] = value;
     }
     return;
   }
@@ -167,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kVectorized) {
     constexpr int kElems = VecTraits<T>::kElems;
     const int64_t head = misaligned_head(z, vocab);
-    for (int64_t j = threadIdx.x; j < head; j += blockDim.x) accumulate(acc, to_float(z[j]) * kLog2e);
+    for (int64_t j = threadIdx.x; j < head; j += blockDim.x) accumulate(acc, to_float(z[j]));
     const int64_t n_vec = (vocab - head) / kElems;
     const uint4* zv = reinterpret_cast<const uint4*>(z + head);
     // Two independent 16-byte loads in flight per thread per iteration.
@@ -182,13 +190,18 @@ __global__ void __launch_bounds__(kThreads)
     tail_start = head + n_vec * kElems;
   }
   for (int64_t j = tail_start + threadIdx.x; j < vocab; j += blockDim.x) {
-    accumulate(acc, to_float(z[j]) * kLog2e);
+    accumulate(acc, to_float(z[j]));
   }
   const MaxSum total = block_reduce(acc);
   if (threadIdx.x == 0) {
-    const float row_lse = (total.max + __log2f(total.sum)) / kLog2e;
-    lse[row] = row_lse;
-    logp[row] = to_float(z[label]) - row_lse;
+    // log1pf(s - 1), s - 1 exact: log s of a confident row is ~1 - p, tiny, and must keep its
+    // relative precision; under --use_fast_math logf becomes __logf (absolute error ~1e-7, the size
+    // of 1 - p itself), log1pf stays accurate. A +inf logit gives NaN (as log_softmax: inf - inf),
+    // not a finite sum of exp(-inf) terms; an all -inf row log1pf(-1) = -inf (its logp is NaN).
+    const float log_sum = total.max == INFINITY ? NAN : log1pf(total.sum - 1.0f);
+    lse[2 * row] = total.max;
+    lse[2 * row + 1] = log_sum;
+    logp[row] = (to_float(z[label]) - total.max) - log_sum;
   }
 }
 
@@ -204,7 +217,8 @@ __global__ void __launch_bounds__(kThreads)
   const bool ignored = label == ignore_index;
   const bool bad = !ignored && (label < 0 || label >= vocab);
   const float g = ignored ? 0.0f : (bad ? NAN : grad[row]);
-  const float shift2 = lse[row] * kLog2e;
+  const float max = lse[2 * row];
+  const float log_sum2 = lse[2 * row + 1] * kLog2e;
   const T* z = logits + row * row_stride;
   T* o = out + row * out_stride;
   const bool zero_row = g == 0.0f;  // ignored rows and zero gradients: exact zeros, nothing read
@@ -214,7 +228,7 @@ __global__ void __launch_bounds__(kThreads)
     constexpr int kElems = VecTraits<T>::kElems;
     const int64_t head = misaligned_head(z, vocab);
     for (int64_t j = threadIdx.x; j < head; j += blockDim.x) {
-      const float p = zero_row ? 0.0f : fast_exp2(fmaf(to_float(z[j]), kLog2e, -shift2));
+      const float p = zero_row ? 0.0f : fast_exp2(fmaf(to_float(z[j]) - max, kLog2e, -log_sum2));
       o[j] = from_float<T>(zero_row ? 0.0f : (j == label ? g - g * p : -g * p));
     }
     const int64_t n_vec = (vocab - head) / kElems;
@@ -232,7 +246,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t base = head + i * kElems;
 #pragma unroll
         for (int k = 0; k < kElems; ++k) {
-          const float p = fast_exp2(fmaf(to_float(elems[k]), kLog2e, -shift2));
+          const float p = fast_exp2(fmaf(to_float(elems[k]) - max, kLog2e, -log_sum2));
           res[k] = from_float<T>(base + k == label ? g - g * p : -g * p);
         }
       }
@@ -244,7 +258,7 @@ __global__ void __launch_bounds__(kThreads)
     if (zero_row) {
       o[j] = from_float<T>(0.0f);
     } else {
-      const float p = fast_exp2(fmaf(to_float(z[j]), kLog2e, -shift2));
+      const float p = fast_exp2(fmaf(to_float(z[j]) - max, kLog2e, -log_sum2));
       o[j] = from_float<T>(j == label ? g - g * p : -g * p);
     }
   }

@@ -22,10 +22,12 @@ struct RowsArgs {
   cudaStream_t stream;
 };
 
-// logp, lse: fp32 (rows,). Ignored rows get 0; out-of-range labels get NaN (never read out of bounds).
+// logp: fp32 (rows,); lse: fp32 (rows, 2), per row the max m and log sum exp(z - m). Ignored rows get
+// 0; out-of-range labels get NaN (never read out of bounds).
 cudaError_t launch_token_logprobs_fwd(const RowsArgs& args, float* logp, float* lse);
 
-// out (rows, vocab) with row stride out_stride, same dtype as the logits; may alias the logits.
+// lse as the forward wrote it; out (rows, vocab) with row stride out_stride, same dtype as the
+// logits; may alias the logits.
 cudaError_t launch_token_logprobs_bwd(const RowsArgs& args, const float* grad, const float* lse, void* out,
                                       int64_t out_stride);
 

@@ -5,11 +5,14 @@ hold ``n x V`` logits: they work on a bounded chunk buffer of ``m x V`` logits, 
 GEMM (``h_c @ W^T``) in the input dtype, on which two memory-bound row passes run:
 
 1. :func:`row_lse` (``_row_lse_kernel``): per row, an online fp32 log-sum-exp over V and the target
-   logit; writes ``logp`` and ``lse`` (``m`` floats each). Reads the chunk once:
-   ``m * V * itemsize`` bytes.
-2. :func:`row_grad_` (``_row_grad_kernel``): ``d = g_t * (onehot(y_t) - exp(z - lse))`` written
-   *over* the logits buffer in the input dtype (reads and writes it once), with the bias gradient's
-   column sums reduced in registers and added with one fp32 atomic per column per program.
+   logit; writes ``logp = (z_y - max) - log s`` (``m`` floats) and ``lse`` (``(m, 2)``: the row max
+   and ``log s = log sum exp(z - max)``). Reads the chunk once: ``m * V * itemsize`` bytes.
+2. :func:`row_grad_` (``_row_grad_kernel``): ``d = g_t * (onehot(y_t) - exp((z - max) - log s))``
+   written *over* the logits buffer in the input dtype (reads and writes it once), with the bias
+   gradient's column sums reduced in registers and added with one fp32 atomic per column per program.
+   ``z - max`` first: ``exp(z - lse)`` with ``lse = max + log s`` rounded to one float would give
+   ``1 - p`` of a confident token (``p`` near 1, ``|lse|`` ~ 20-40) the rounding of ``lse``'s
+   magnitude, several times plain fp32 PyTorch's error.
 
 The GEMMs around them (``dlogits @ W`` for the hidden gradient, ``dlogits^T @ h_c`` for the weight
 gradient) are cuBLAS, because on Hopper/Ampere cuBLAS is at ~95% of the bf16 peak, which a Triton
@@ -83,6 +86,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 if HAS_TRITON:
+    LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 
     @triton.jit
     def _row_lse_kernel(
@@ -129,12 +133,22 @@ if HAS_TRITON:
                 m_lane = tl.maximum(m_lane, z)
             m = tl.max(m_lane, axis=1)
             m_safe = tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
-            s = tl.sum(s_lane * tl.exp(m_lane - m_safe[:, None]), axis=1)
-            lse = m + tl.log(tl.where(active, s, 1.0))
+            # s = 1 + rest, the max's own 1 kept out of the reduction (s_lane - 1 is exact on the
+            # lanes that hold the max) so that rest, 1 - p of a confident target (~1e-6), keeps its
+            # relative precision; log s = log1p(rest), by its series below 2^-10 (no log1p in
+            # the interpreter). An all -inf row: rest = -1, log s = -inf.
+            at_max = m_lane == m[:, None]
+            rest = tl.sum(tl.where(at_max, s_lane - 1.0, s_lane * tl.exp(m_lane - m_safe[:, None])), axis=1)
+            rest = tl.where(active, rest + (tl.sum(at_max.to(ACC), axis=1) - 1.0), 0.0)
+            small = (rest >= 0.0) & (rest < 0.0009765625)
+            log_s = tl.where(small, rest * (1.0 - rest * (0.5 - rest * (1.0 / 3.0))), tl.log(1.0 + rest))
+            # A +inf logit: NaN, as log_softmax (inf - inf), not a finite sum.
+            log_s = tl.where(m == float("inf"), float("nan"), log_s)
             safe_labels = tl.where(active, labels, 0)
             target = tl.load(row_base + safe_labels, mask=active, other=0.0).to(ACC)
-            tl.store(logp_ptr + rows, tl.where(active, target - lse, 0.0), mask=row_ok)
-            tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=row_ok)
+            tl.store(logp_ptr + rows, tl.where(active, (target - m) - log_s, 0.0), mask=row_ok)
+            tl.store(lse_ptr + 2 * rows, tl.where(active, m, 0.0), mask=row_ok)
+            tl.store(lse_ptr + 2 * rows + 1, tl.where(active, log_s, 0.0), mask=row_ok)
 
     # rows_per_split is not specialized (divisibility by 16): the split is sized from the kernel's
     # occupancy, which must not in turn depend on the split.
@@ -173,11 +187,15 @@ if HAS_TRITON:
             row_ok = rows < row_end
             labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
             active = row_ok & (labels != ignore_index)
-            lse = tl.load(lse_ptr + rows, mask=active, other=0.0).to(ACC)
+            row_max = tl.load(lse_ptr + 2 * rows, mask=active, other=0.0).to(ACC)
+            log2_s = tl.load(lse_ptr + 2 * rows + 1, mask=active, other=0.0).to(ACC) * LOG2E
             g = tl.load(g_ptr + rows, mask=active, other=0.0).to(ACC)
             ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
             z = tl.load(ptrs, mask=active[:, None] & col_load[None, :], other=0.0).to(ACC)
-            p = tl.exp(z - lse[:, None])
+            # (z - max) first (exact near the max); in base 2 with log s pre-scaled per row: one
+            # FMA per logit, as exp(z - lse) was (the form exp((z - m) - log s) took 106 registers
+            # instead of 80 at sm_90 bf16 V=152064, 2 CTAs/SM instead of 3).
+            p = tl.exp2((z - row_max[:, None]) * LOG2E - log2_s[:, None])
             onehot = (cols[None, :] == labels[:, None]).to(ACC)
             d = tl.where(active[:, None] & col_ok[None, :], g[:, None] * (onehot - p), 0.0)
             tl.store(ptrs, d.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -391,7 +409,7 @@ def _row_lse_impl(
     n_rows, vocab = logits.shape
     acc = _acc_dtype(logits.dtype)
     logp = torch.full((n_rows,), float("nan"), dtype=acc, device=logits.device)
-    lse = torch.full((n_rows,), float("nan"), dtype=acc, device=logits.device)
+    lse = torch.full((n_rows, 2), float("nan"), dtype=acc, device=logits.device)
     if n_rows == 0:
         return logp, lse
     arch, sms = launch_target(logits.device)
@@ -457,7 +475,8 @@ def _check_rows(logits: torch.Tensor) -> None:
 def row_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     """``(logp, lse)`` per row of a ``(m, V)`` chunk against aligned int64 ``labels`` ``(m,)``.
 
-    fp32 (fp64 for fp64 logits); both 0 on rows whose label is ``ignore_index``.
+    ``logp`` ``(m,)``; ``lse`` ``(m, 2)``: the row max and ``log sum exp(z - max)`` (what
+    :func:`row_grad_` takes). fp32 (fp64 for fp64 logits); 0 on rows whose label is ``ignore_index``.
     """
     _check_rows(logits)
     return _ops()[0](logits, labels, ignore_index)
@@ -473,8 +492,9 @@ def row_grad_(
 ) -> None:
     """Overwrite ``logits`` with ``grad_logp * (onehot - softmax)``; add column sums to ``bias_grad``.
 
-    ``bias_grad`` (``(V,)``, fp32/fp64) accumulates ``sum_rows dlogits`` in full precision (before
-    the rounding to the logits' dtype). Rows with an ignored label are set to 0.
+    ``lse``: ``(m, 2)`` as :func:`row_lse` returns it. ``bias_grad`` (``(V,)``, fp32/fp64) accumulates
+    ``sum_rows dlogits`` in full precision (before the rounding to the logits' dtype). Rows with an
+    ignored label are set to 0.
     """
     _check_rows(logits)
     _ops()[1](logits, grad_logp, labels, lse, bias_grad, ignore_index)

@@ -9,11 +9,15 @@ on labels *already aligned* with the rows (``labels[i]`` is the token row ``i`` 
 function does the Hugging Face shift by shifting the small label tensor, never the logits, so the
 logits are read in place.
 
-- ``token_logprobs_fwd(logits, labels, ignore_index) -> (logp, lse)``: ``(N,)`` each in the
-  accumulation dtype (float32; float64 for float64 logits); both 0 on ignored rows, whose logits
-  are never read.
+- ``token_logprobs_fwd(logits, labels, ignore_index) -> (logp, lse)``: ``logp`` ``(N,)`` and
+  ``lse`` ``(N, 2)``, per row the max ``m`` and ``log s = log sum exp(z - m)`` (the log-sum-exp
+  ``m + log s`` kept as two floats), in the accumulation dtype (float32; float64 for float64
+  logits); 0 on ignored rows, whose logits are never read. ``logp = (z_y - m) - log s``.
 - ``token_logprobs_bwd(grad_logp, logits, labels, lse, ignore_index) -> grad_logits``:
   ``grad * (onehot - softmax)`` in the logits' dtype, contiguous ``(N, V)``; zero on ignored rows.
+  ``softmax = exp((z - m) - log s)``, never ``exp(z - lse)`` with ``lse`` rounded to one float:
+  ``z - m`` is exact near the max, so ``1 - p`` of a confident token (``p`` near 1, ``|lse|`` ~
+  20-40 in real LMs) keeps plain PyTorch's fp32 accuracy instead of the rounding of ``lse``.
 - ``token_logprobs_bwd_(logits, grad_logp, labels, lse, ignore_index)``: the same, written over the
   logits buffer (the fused linear CPU path uses it to keep one chunk buffer).
 """
@@ -71,12 +75,21 @@ def _check_fallback_labels(labels: torch.Tensor, vocab: int, ignore_index: int) 
 
 
 def _row_lse(z: torch.Tensor) -> torch.Tensor:
-    """``log sum exp`` per row as the compiled kernels (and ``log_softmax``) compute it: NaN for a row
-    holding NaN or +inf (``torch.logsumexp`` would give +inf, hence -inf log-probs), -inf for an
-    all -inf row."""
+    """``(rows, 2)``: per row the max ``m`` and ``log s = log sum exp(z - m)``, as the compiled
+    kernels (and ``log_softmax``) compute them: ``log s`` NaN for a row holding NaN or +inf
+    (``torch.logsumexp`` would give +inf, hence -inf log-probs), -inf for an all -inf row.
+
+    ``s = 1 + rest`` with the max's own term kept out of the float sum and ``log s = log1p(rest)``,
+    as the C++ kernel: ``rest`` is ``1 - p`` of a confident target (~1e-6), which a sum holding the
+    1 would round to fp32's resolution at 1."""
     row_max = z.amax(dim=-1, keepdim=True)
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)
-    return (row_max + torch.log(torch.exp(z - shift).sum(-1, keepdim=True))).squeeze(-1)
+    terms = torch.exp(z - shift)
+    finite = torch.isfinite(row_max)
+    at_max = (z == row_max) & finite
+    rest = torch.where(at_max, 0.0, terms).sum(-1, keepdim=True) + (at_max.sum(-1, keepdim=True) - 1)
+    log_sum = torch.where(finite, torch.log1p(rest), torch.log(terms.sum(-1, keepdim=True)))
+    return torch.cat([row_max, log_sum], dim=-1)
 
 
 def _fwd_fallback(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
@@ -84,15 +97,15 @@ def _fwd_fallback(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int)
     _check_fallback_labels(labels, vocab, ignore_index)
     acc = accumulation_dtype(logits.dtype)
     logp = torch.zeros(n_rows, dtype=acc, device=logits.device)
-    lse = torch.zeros(n_rows, dtype=acc, device=logits.device)
+    lse = torch.zeros((n_rows, 2), dtype=acc, device=logits.device)
     for start, end in _fallback_chunks(n_rows, vocab):
         lab = labels[start:end]
         valid = lab != ignore_index
         z = logits[start:end].to(acc)
         row_lse = _row_lse(z)
         target = z.gather(-1, torch.where(valid, lab, 0).long().unsqueeze(-1)).squeeze(-1)
-        logp[start:end] = torch.where(valid, target - row_lse, 0.0)
-        lse[start:end] = torch.where(valid, row_lse, 0.0)
+        logp[start:end] = torch.where(valid, (target - row_lse[:, 0]) - row_lse[:, 1], 0.0)
+        lse[start:end] = torch.where(valid[:, None], row_lse, 0.0)
     return logp, lse
 
 
@@ -101,14 +114,25 @@ def _grad_chunk(grad_logp, logits, labels, lse, ignore_index, start, end):
     valid = lab != ignore_index
     acc = accumulation_dtype(logits.dtype)
     g = torch.where(valid, grad_logp[start:end].to(acc), 0.0)
-    softmax = torch.exp(logits[start:end].to(acc) - lse[start:end, None])
-    grad = -g[:, None] * softmax
-    grad.scatter_add_(-1, torch.where(valid, lab, 0).long().unsqueeze(-1), g.unsqueeze(-1))
+    row_max, log_sum = lse[start:end, :1], lse[start:end, 1:]
+    z = logits[start:end].to(acc)
+    grad = -g[:, None] * torch.exp((z - row_max) - log_sum)
+    # The target entry g * (1 - p) = -g * expm1(log p): relative precision even for p near 1.
+    target = torch.where(valid, lab, 0).long().unsqueeze(-1)
+    log_p = (z.gather(-1, target) - row_max) - log_sum
+    grad.scatter_(-1, target, torch.where(valid[:, None], -g[:, None] * torch.expm1(log_p), 0.0))
     return grad
+
+
+def _check_fallback_lse(lse: torch.Tensor, n_rows: int) -> None:
+    """The compiled kernels' shape check of ``lse``, with their message."""
+    if tuple(lse.shape) != (n_rows, 2):
+        raise ValueError(f"lse: expected shape ({n_rows}, 2), got {tuple(lse.shape)}")
 
 
 def _bwd_fallback(grad_logp, logits, labels, lse, ignore_index):
     _check_fallback_labels(labels, logits.shape[1], ignore_index)
+    _check_fallback_lse(lse, logits.shape[0])
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     for start, end in _fallback_chunks(*logits.shape):
         out[start:end] = _grad_chunk(grad_logp, logits, labels, lse, ignore_index, start, end)
@@ -117,6 +141,7 @@ def _bwd_fallback(grad_logp, logits, labels, lse, ignore_index):
 
 def _bwd_inplace_fallback(logits, grad_logp, labels, lse, ignore_index):
     _check_fallback_labels(labels, logits.shape[1], ignore_index)
+    _check_fallback_lse(lse, logits.shape[0])
     for start, end in _fallback_chunks(*logits.shape):
         grad = _grad_chunk(grad_logp, logits, labels, lse, ignore_index, start, end)
         logits[start:end] = grad
@@ -147,7 +172,7 @@ _register_ops()
 def _fwd_fake(logits, labels, ignore_index):
     n_rows = logits.shape[0]
     acc = accumulation_dtype(logits.dtype)
-    return logits.new_empty((n_rows,), dtype=acc), logits.new_empty((n_rows,), dtype=acc)
+    return logits.new_empty((n_rows,), dtype=acc), logits.new_empty((n_rows, 2), dtype=acc)
 
 
 @torch.library.register_fake(f"{_LIB}::token_logprobs_bwd")
@@ -161,8 +186,9 @@ def _bwd_inplace_fake(logits, grad_logp, labels, lse, ignore_index):
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd: d logp_t / d z_t = onehot(y_t) - softmax(z_t); lse is an internal, non-differentiable
-# output (saved so backward reads the logits once and never recomputes the row reduction).
+# Autograd: d logp_t / d z_t = onehot(y_t) - softmax(z_t); lse (max, log sum exp(z - max)) is an
+# internal, non-differentiable output (saved so backward reads the logits once and never recomputes
+# the row reduction).
 # ---------------------------------------------------------------------------------------------
 
 

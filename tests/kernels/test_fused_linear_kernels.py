@@ -41,13 +41,15 @@ def test_row_lse(dtype, vocab, rows):
     logits, labels, ignored = chunk(rows, vocab, dtype, seed=vocab)
     logp, lse = K.row_lse(logits, labels, -100)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert logp.dtype == acc and lse.dtype == acc
+    assert logp.dtype == acc and lse.dtype == acc and lse.shape == (rows, 2)
     z = logits.double()
-    ref_lse = torch.logsumexp(z, -1)
-    ref_logp = z.gather(1, labels.clamp_min(0)[:, None]).squeeze(1) - ref_lse
+    ref_max = z.amax(-1)
+    ref_log_sum = torch.logsumexp(z - ref_max[:, None], -1)
+    ref_logp = z.gather(1, labels.clamp_min(0)[:, None]).squeeze(1) - ref_max - ref_log_sum
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     keep = ~ignored
-    torch.testing.assert_close(lse[keep].double(), ref_lse[keep], rtol=0, atol=tol * vocab**0.5)
+    assert torch.equal(lse[keep, 0].double(), ref_max[keep])  # the row max, exactly
+    torch.testing.assert_close(lse[keep, 1].double(), ref_log_sum[keep], rtol=0, atol=tol * vocab**0.5)
     torch.testing.assert_close(logp[keep].double(), ref_logp[keep], rtol=0, atol=tol * vocab**0.5)
     assert (logp[ignored] == 0).all() and (lse[ignored] == 0).all()
 
@@ -57,9 +59,10 @@ def test_row_lse(dtype, vocab, rows):
 def test_row_grad_inplace_with_bias_sums(dtype, rows):
     vocab = 1500
     logits, labels, ignored = chunk(rows, vocab, dtype, seed=3)
-    lse = torch.logsumexp(logits.double(), -1)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    lse = torch.where(ignored, 0.0, lse).to(acc)
+    row_max = logits.double().amax(-1, keepdim=True)
+    lse = torch.cat([row_max, torch.logsumexp(logits.double() - row_max, -1, keepdim=True)], -1)
+    lse = torch.where(ignored[:, None], 0.0, lse).to(acc)
     g = torch.randn(rows, dtype=torch.float64, device=DEVICE).to(acc)
     z = logits.double().clone()
     expected = g.double()[:, None] * (
@@ -130,13 +133,14 @@ def test_padded_chunk_buffer_padding_is_read_masked_and_never_written(dtype):
     logp, lse = K.row_lse(buf, labels, -100)
     ref_lse = torch.logsumexp(buf.double(), -1)
     ref_logp = buf.double().gather(1, labels[:, None]).squeeze(1) - ref_lse
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=2e-5 * vocab**0.5)
+    torch.testing.assert_close(lse.double().sum(-1), ref_lse, rtol=0, atol=2e-5 * vocab**0.5)
     torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=2e-5 * vocab**0.5)
     g = torch.randn(rows, generator=gen, dtype=torch.float32).to(DEVICE)
     padding_before = full[:, vocab:].clone()
     bias_grad = torch.zeros(vocab, dtype=torch.float32, device=DEVICE)
     expected = g.double()[:, None] * (
-        torch.nn.functional.one_hot(labels, vocab).double() - torch.exp(buf.double() - lse.double()[:, None])
+        torch.nn.functional.one_hot(labels, vocab).double()
+        - torch.exp(buf.double() - lse.double().sum(-1, True))
     )
     K.row_grad_(buf, g, labels, lse, -100, bias_grad=bias_grad)
     tol = 1e-6 if dtype == torch.float32 else 1e-2

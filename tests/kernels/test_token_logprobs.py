@@ -355,7 +355,7 @@ def test_fallback_inf_and_nan_rows_follow_log_softmax():
 
 def test_fallback_rejects_out_of_range_labels_like_the_kernel():
     logits = torch.randn(3, 10)
-    lse = torch.zeros(3)
+    lse = torch.zeros(3, 2)
     for bad in (10, -1):
         labels = torch.tensor([1, bad, IGNORE_INDEX])
         with pytest.raises(ValueError, match=rf"labels: value {bad} at row 1 is outside \[0, 10\)"):

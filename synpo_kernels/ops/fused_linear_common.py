@@ -315,6 +315,18 @@ ROW_ALIGN = 64
 """Chunk buffer rows start every ``ROW_ALIGN`` elements (128 B in bf16), whatever ``V`` is."""
 
 
+def padded_chunk(rows: int, weight: torch.Tensor) -> torch.Tensor:
+    """A ``(rows, V')`` allocation, ``V'`` = ``V`` rounded up to :data:`ROW_ALIGN`, its padding columns
+    zeroed (see :func:`chunk_buffer`, its ``[:, :V]`` view)."""
+    vocab = weight.shape[0]
+    padded = -(-vocab // ROW_ALIGN) * ROW_ALIGN
+    buf = torch.empty((rows, padded), dtype=weight.dtype, device=weight.device)
+    # The padding is never written, but CPU bf16 GEMMs (oneDNN, torch 2.13) read past the last column
+    # of a strided operand and multiply it by zero: uninitialised NaN/Inf there made NaN gradients.
+    buf[:, vocab:].zero_()
+    return buf
+
+
 def chunk_buffer(rows: int, weight: torch.Tensor) -> torch.Tensor:
     """The ``(rows, V)`` logits chunk buffer, a view of a ``(rows, V')`` allocation, ``V'`` = ``V``
     rounded up to :data:`ROW_ALIGN`.
@@ -323,13 +335,7 @@ def chunk_buffer(rows: int, weight: torch.Tensor) -> torch.Tensor:
     could not use 16-byte loads anywhere; with the padded stride every row starts 128-byte aligned
     (the GEMMs write through their leading dimension, cuBLAS ``ldc``). Costs at most 63 elements a row.
     """
-    vocab = weight.shape[0]
-    padded = -(-vocab // ROW_ALIGN) * ROW_ALIGN
-    buf = torch.empty((rows, padded), dtype=weight.dtype, device=weight.device)
-    # The padding is never written, but CPU bf16 GEMMs (oneDNN, torch 2.13) read past the last column
-    # of a strided operand and multiply it by zero: uninitialised NaN/Inf there made NaN gradients.
-    buf[:, vocab:].zero_()
-    return buf[:, :vocab]
+    return padded_chunk(rows, weight)[:, : weight.shape[0]]
 
 
 def compact_tokens(labels: torch.Tensor, ignore_index: int, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:

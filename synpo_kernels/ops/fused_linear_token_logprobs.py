@@ -7,12 +7,15 @@ and its backward ``fused_linear_token_logprobs_bwd``, opaque custom ops with fak
 
 Cost. Forward: ``2 n D V`` FLOPs (``n`` = scored tokens, compacted; see
 :mod:`.fused_linear_common`) plus one read of each chunk for the fp32 log-sum-exp. The per-token
-upstream gradient is unknown in the forward, so the backward recomputes each chunk's logits from
-``hidden`` and ``W`` (saved: only the inputs and ``N`` floats of log-sum-exp): ``6 n D V`` FLOPs,
-``8 n D V`` in total. Memory: one ``(m, V)`` chunk buffer in the input dtype (``chunk_bytes``), the
-gradients, ``O(n)`` vectors. Any per-token upstream gradient is exact, including one that differs
-per token (the case where Liger's ``reduction='none'`` once gave wrong weight gradients): every
-token's ``g_t`` scales its own logits-gradient row before both gradient GEMMs.
+upstream gradient is unknown in the forward. When gradients are due and the batch's positions fit one
+chunk buffer (``chunk_bytes``), the forward keeps the logits it computed and the backward starts from a
+copy of them: ``4 n D V`` FLOPs, ``6 n D V`` in total (:func:`keeps_logits`). Otherwise the backward
+recomputes each chunk's logits from ``hidden`` and ``W`` (saved: only the inputs and the
+log-sum-exp per position): ``6 n D V`` FLOPs, ``8 n D V`` in total. Memory: one ``(m, V)`` chunk
+buffer in the input dtype (two while the kept logits are copied), the gradients, ``O(n)`` vectors.
+Any per-token upstream gradient is exact, including one that differs per token (the case where
+Liger's ``reduction='none'`` once gave wrong weight gradients): every token's ``g_t`` scales its own
+logits-gradient row before both gradient GEMMs.
 
 For the preference losses (whose gradient is known in the forward), use
 :mod:`.fused_linear_preference` (6 n D V).
@@ -39,6 +42,7 @@ from synpo_kernels.ops.fused_linear_common import (
     compact_tokens,
     double_backward_error,
     hidden_rows,
+    padded_chunk,
     register_autocast,
     resolve_backend,
 )
@@ -68,14 +72,26 @@ def _chunks(n: int, rows: int):
         yield t0, min(n, t0 + rows)
 
 
-def _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index, rows):
+def keeps_logits(p: FusedLinearParams, weight: torch.Tensor, positions: int) -> bool:
+    """Whether the forward keeps the scored rows' logits for the backward: when gradients are due and
+    every position of the batch fits one chunk buffer (decided from shapes, so the fake kernel agrees).
+    The backward then starts from them (``6 n D V`` in all) instead of recomputing them (``8 n D V``);
+    the price is the buffer (at most ``chunk_bytes``) held from the forward to the backward."""
+    if not (p.grad_hidden or p.grad_weight or p.grad_bias):
+        return False
+    return positions <= p.execution(weight)[2]
+
+
+def _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index, rows, keep=None):
+    """Log-probs and log-sum-exp of the scored rows; ``keep``: the ``(N, V')`` padded buffer the
+    logits are computed into (one chunk: the caller checked :func:`keeps_logits`) and left in."""
     n = idx.shape[0]
     acc = accumulation_dtype(weight.dtype)
     logp = torch.empty(n, dtype=acc, device=weight.device)
     lse = torch.empty(n, dtype=acc, device=weight.device)
     if n == 0:
         return logp, lse
-    buf = chunk_buffer(min(rows, n), weight)
+    buf = chunk_buffer(min(rows, n), weight) if keep is None else keep[:, : weight.shape[0]]
     for t0, t1 in _chunks(n, rows):
         logits = backend.logits(hidden2d.index_select(0, idx[t0:t1]), weight, bias, buf[: t1 - t0])
         lp, ls = backend.row_fwd(logits, labels_c[t0:t1], ignore_index)
@@ -84,14 +100,22 @@ def _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index
     return logp, lse
 
 
-def _backward_chunks(backend, grads, hidden2d, weight, bias, idx, labels_c, lse, g, ignore_index, rows):
+def _backward_chunks(
+    backend, grads, hidden2d, weight, bias, idx, labels_c, lse, g, ignore_index, rows, kept=None
+):
+    """Gradients chunk by chunk, each chunk's logits recomputed; or, with ``kept`` (the forward's
+    logits), one chunk that starts from a copy of them (the saved ones stay intact for a retained
+    graph)."""
     n = idx.shape[0]
     if n == 0:
         return
     buf = chunk_buffer(min(rows, n), weight)
+    if kept is not None:
+        rows = n
+        buf.copy_(kept[:n, : weight.shape[0]])
     for t0, t1 in _chunks(n, rows):
         h_c = hidden2d.index_select(0, idx[t0:t1])
-        logits = backend.logits(h_c, weight, bias, buf[: t1 - t0])
+        logits = buf if kept is not None else backend.logits(h_c, weight, bias, buf[: t1 - t0])
         backend.row_grad_(logits, g[t0:t1], labels_c[t0:t1], lse[t0:t1], ignore_index, grads.b)
         grads.add_chunk(backend, logits, h_c, t0, t1, idx[t0:t1])
 
@@ -110,28 +134,38 @@ _BWD = "synpo_kernels::fused_linear_token_logprobs_bwd"
 @torch.library.custom_op(
     _FWD,
     mutates_args=(),
-    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, str params) -> (Tensor, Tensor)",
+    schema=(
+        "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, str params) -> "
+        "(Tensor logp, Tensor lse, Tensor logits)"
+    ),
 )
 def _fwd_op(hidden, weight, bias, labels, params):
     p = FusedLinearParams.decode(params)
     check_label_range("labels", labels, weight.shape[0], p.ignore_index)
     backend, _, rows = p.execution(weight)
     idx, labels_c = _scored_tokens(labels, p)
+    keep = padded_chunk(labels.numel(), weight) if keeps_logits(p, weight, labels.numel()) else None
     logp_c, lse_c = _forward_chunks(
-        backend, hidden_rows(hidden), weight, bias, idx, labels_c, p.ignore_index, rows
+        backend, hidden_rows(hidden), weight, bias, idx, labels_c, p.ignore_index, rows, keep
     )
     pos = idx + 1 if p.shift else idx  # row t scores (and reports at) label position t + 1
     out = torch.zeros(labels.numel(), dtype=logp_c.dtype, device=weight.device)
     out.index_copy_(0, pos, logp_c)
     lse = torch.zeros(labels.numel(), dtype=lse_c.dtype, device=weight.device)
     lse.index_copy_(0, idx, lse_c)
-    return out.view(labels.shape), lse
+    if keep is None:
+        keep = weight.new_empty((0,))
+    else:
+        keep[idx.shape[0] :].zero_()  # rows past the scored ones: an output holds no uninitialised memory
+    return out.view(labels.shape), lse, keep
 
 
 @_fwd_op.register_fake
 def _fwd_fake(hidden, weight, bias, labels, params):
     acc = accumulation_dtype(weight.dtype)
-    return hidden.new_empty(labels.shape, dtype=acc), hidden.new_empty((labels.numel(),), dtype=acc)
+    p, positions = FusedLinearParams.decode(params), labels.numel()
+    kept = padded_chunk(positions, weight) if keeps_logits(p, weight, positions) else weight.new_empty((0,))
+    return hidden.new_empty(labels.shape, dtype=acc), hidden.new_empty((labels.numel(),), dtype=acc), kept
 
 
 @torch.library.custom_op(
@@ -139,10 +173,10 @@ def _fwd_fake(hidden, weight, bias, labels, params):
     mutates_args=(),
     schema=(
         "(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
-        "str params) -> (Tensor, Tensor, Tensor)"
+        "Tensor logits, str params) -> (Tensor, Tensor, Tensor)"
     ),
 )
-def _bwd_op(grad_logp, hidden, weight, bias, labels, lse, params):
+def _bwd_op(grad_logp, hidden, weight, bias, labels, lse, logits, params):
     p = FusedLinearParams.decode(params)
     backend, w_acc, rows = p.execution(weight)
     idx, labels_c = _scored_tokens(labels, p)
@@ -152,15 +186,27 @@ def _bwd_op(grad_logp, hidden, weight, bias, labels, lse, params):
     pos = idx + 1 if p.shift else idx
     g = grad_logp.reshape(-1).index_select(0, pos).to(lse_c.dtype).contiguous()
     if grads.any:
+        kept = logits if logits.numel() else None
         _backward_chunks(
-            backend, grads, hidden_rows(hidden), weight, bias, idx, labels_c, lse_c, g, p.ignore_index, rows
+            backend,
+            grads,
+            hidden_rows(hidden),
+            weight,
+            bias,
+            idx,
+            labels_c,
+            lse_c,
+            g,
+            p.ignore_index,
+            rows,
+            kept,
         )
     gh, gw, gb = grads.finish(idx, tuple(hidden.shape), weight.dtype)
     return tuple(hidden.new_empty((0,)) if x is None else x for x in (gh, gw, gb))  # outputs never alias
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_logp, hidden, weight, bias, labels, lse, params):
+def _bwd_fake(grad_logp, hidden, weight, bias, labels, lse, logits, params):
     p = FusedLinearParams.decode(params)
     return (
         hidden.new_empty(hidden.shape if p.grad_hidden else (0,)),
@@ -171,21 +217,21 @@ def _bwd_fake(grad_logp, hidden, weight, bias, labels, lse, params):
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, params = inputs
-    _, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    _, lse, logits = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, logits)
     ctx.params = params
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, logits)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_logits):
+    hidden, weight, bias, labels, lse, logits = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if not (need_h or need_w or need_b):
         return None, None, None, None, None
     params = replace(
         FusedLinearParams.decode(ctx.params), grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b
     )
-    gh, gw, gb = _bwd_op(grad_out, hidden, weight, bias, labels, lse, params.encode())
+    gh, gw, gb = _bwd_op(grad_out, hidden, weight, bias, labels, lse, logits, params.encode())
     return gh if need_h else None, gw if need_w else None, gb if need_b else None, None, None
 
 
@@ -244,8 +290,14 @@ def fused_linear_token_logprobs(
     """
     config = FusedLinearConfig(backend, chunk_bytes, weight_grad_accumulation)
     backend_name = _prepare(hidden, weight, labels, bias, ignore_index, config)
-    params = FusedLinearParams(ignore_index, bool(shift), config, backend_name)
-    logp, _lse = _fwd_op(hidden, weight, bias, labels, params.encode())
+    grad_on = torch.is_grad_enabled()
+    params = FusedLinearParams(
+        ignore_index, bool(shift), config, backend_name,
+        grad_hidden=grad_on and hidden.requires_grad,
+        grad_weight=grad_on and weight.requires_grad,
+        grad_bias=grad_on and bias is not None and bias.requires_grad,
+    )  # fmt: skip
+    logp, _lse, _logits = _fwd_op(hidden, weight, bias, labels, params.encode())
     return logp
 
 

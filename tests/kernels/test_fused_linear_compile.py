@@ -173,14 +173,28 @@ def test_opcheck_token_logprobs_ops(backend):
         (h, w, b, labels, _params(backend, grads=(False, False, False))),
         test_utils=OPCHECK_UTILS,
     )
-    logp, lse = torch.ops.synpo_kernels.fused_linear_token_logprobs(
-        hidden.double(), weight.double(), None, labels, _params(backend, grads=(False, False, False))
+    # Gradients due and every position in one chunk buffer: the forward keeps its logits.
+    kept = FusedLinearParams(
+        -100, True, FusedLinearConfig(chunk_bytes=1 << 20), backend, None, True, True, True
     )
     torch.library.opcheck(
-        torch.ops.synpo_kernels.fused_linear_token_logprobs_bwd.default,
-        (torch.randn_like(logp), hidden.double(), weight.double(), None, labels, lse, _params(backend)),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        torch.ops.synpo_kernels.fused_linear_token_logprobs.default,
+        (h, w, b, labels, kept.encode()),
+        test_utils=OPCHECK_UTILS,
     )
+    for fwd_params, bwd_params in (
+        (_params(backend, grads=(False, False, False)), _params(backend)),
+        (kept.encode(),) * 2,
+    ):
+        logp, lse, logits = torch.ops.synpo_kernels.fused_linear_token_logprobs(
+            hidden.double(), weight.double(), None, labels, fwd_params
+        )
+        assert (logits.numel() > 0) == (fwd_params == kept.encode())
+        torch.library.opcheck(
+            torch.ops.synpo_kernels.fused_linear_token_logprobs_bwd.default,
+            (torch.randn_like(logp), hidden.double(), weight.double(), None, labels, lse, logits, bwd_params),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,10 +56,13 @@ def reference_grads(hidden, weight, bias, labels, upstream, *, shift=True, dtype
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_outputs_and_grads_per_token_upstream(dtype, with_bias, backend):
+@pytest.mark.parametrize("chunk_bytes", [7 * 113 * 8, None], ids=["recompute", "kept"])
+def test_outputs_and_grads_per_token_upstream(dtype, with_bias, backend, chunk_bytes):
+    """Both backward paths: logits recomputed chunk by chunk (8 n D V), and the forward's logits kept
+    when every position fits one chunk buffer (6 n D V)."""
     hidden, weight, bias, labels = make_inputs((2, 3), 9, 40, 113, dtype, bias=with_bias, seed=3)
     out = sk.fused_linear_token_logprobs(
-        hidden, weight, labels, bias=bias, backend=backend, chunk_bytes=7 * 113 * 8
+        hidden, weight, labels, bias=bias, backend=backend, chunk_bytes=chunk_bytes
     )
     assert out.shape == labels.shape
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -150,6 +153,41 @@ def test_flops_skip_ignored_rows(monkeypatch):
     labels[:, :30] = -100  # prompt/video tokens
     sk.fused_linear_token_logprobs(hidden, weight, labels, backend="torch")
     assert sum(seen) == int((R.shift_labels(labels) != -100).sum())
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_backward_recomputes_logits_only_when_they_were_not_kept(monkeypatch, grad):
+    """The logits GEMM runs once per scored row when the forward keeps them (all positions fit
+    ``chunk_bytes``; gradients due), twice when they do not fit; without gradients nothing is kept."""
+    from synpo_kernels.ops import fused_linear_common as C
+    from synpo_kernels.ops import fused_linear_token_logprobs as T
+
+    seen = []
+    original = C._TorchBackend.logits
+
+    def counting(h_c, weight, bias, out):
+        seen.append(h_c.shape[0])
+        return original(h_c, weight, bias, out)
+
+    monkeypatch.setattr(C._TorchBackend, "logits", staticmethod(counting))
+    hidden, weight, bias, labels = make_inputs((2,), 30, 8, 23, torch.float64, seed=4)
+    scored = int((R.shift_labels(labels) != -100).sum())
+    expected = []
+    for chunk_bytes, kept in ((None, True), (7 * 23 * 8, False)):
+        seen.clear()
+        with torch.set_grad_enabled(grad):
+            out = sk.fused_linear_token_logprobs(hidden, weight, labels, bias=bias, chunk_bytes=chunk_bytes)
+            params = C.FusedLinearParams(
+                -100, True, C.FusedLinearConfig("torch", chunk_bytes), "torch", grad_hidden=grad
+            )
+            assert T.keeps_logits(params, weight, labels.numel()) == (kept and grad)
+        if grad:
+            expected.append(torch.autograd.grad(out.sum(), (hidden, weight, bias)))
+        passes = 1 if (kept or not grad) else 2
+        assert sum(seen) == passes * scored, (chunk_bytes, seen)
+    if grad:
+        for g_kept, g_recomputed in zip(*expected):
+            torch.testing.assert_close(g_kept, g_recomputed, rtol=1e-12, atol=1e-13)
 
 
 def test_input_errors():

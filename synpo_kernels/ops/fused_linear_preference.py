@@ -169,7 +169,7 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
         local = plan.local_rows(g0, g1, t0, t1)
         subs = [(s, min(t1, s + max_rows)) for s in range(t0, t1, max_rows)]
         logp = torch.empty(t1 - t0, dtype=acc, device=dev)
-        lse = torch.empty(t1 - t0, dtype=acc, device=dev)
+        lse = torch.empty((t1 - t0, 2), dtype=acc, device=dev)  # per row: max, log sum exp(z - max)
         h_c = logits = None
         for s0, s1 in subs:  # pass 1: statistics (one sub-chunk unless a pair exceeds the buffer)
             h_c = hidden2d.index_select(0, plan.tok_idx[s0:s1])

@@ -88,7 +88,7 @@ def _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index
     n = idx.shape[0]
     acc = accumulation_dtype(weight.dtype)
     logp = torch.empty(n, dtype=acc, device=weight.device)
-    lse = torch.empty(n, dtype=acc, device=weight.device)
+    lse = torch.empty((n, 2), dtype=acc, device=weight.device)  # per row: max, log sum exp(z - max)
     if n == 0:
         return logp, lse
     buf = chunk_buffer(min(rows, n), weight) if keep is None else keep[:, : weight.shape[0]]
@@ -122,9 +122,9 @@ def _backward_chunks(
 
 # ---------------------------------------------------------------------------------------------
 # The ops: forward and backward, each one opaque custom op (torch.compile never traces the chunk
-# loops), with fake kernels and autograd. The forward saves the inputs and a full-length ``(N,)``
-# log-sum-exp (0 on unscored rows: static shapes, N floats); the backward recomputes the compaction
-# from the labels.
+# loops), with fake kernels and autograd. The forward saves the inputs and a full-length ``(N, 2)``
+# log-sum-exp (max, log sum exp(z - max); 0 on unscored rows: static shapes); the backward recomputes
+# the compaction from the labels.
 # ---------------------------------------------------------------------------------------------
 
 _FWD = "synpo_kernels::fused_linear_token_logprobs"
@@ -151,7 +151,7 @@ def _fwd_op(hidden, weight, bias, labels, params):
     pos = idx + 1 if p.shift else idx  # row t scores (and reports at) label position t + 1
     out = torch.zeros(labels.numel(), dtype=logp_c.dtype, device=weight.device)
     out.index_copy_(0, pos, logp_c)
-    lse = torch.zeros(labels.numel(), dtype=lse_c.dtype, device=weight.device)
+    lse = torch.zeros((labels.numel(), 2), dtype=lse_c.dtype, device=weight.device)
     lse.index_copy_(0, idx, lse_c)
     if keep is None:
         keep = weight.new_empty((0,))
@@ -165,7 +165,7 @@ def _fwd_fake(hidden, weight, bias, labels, params):
     acc = accumulation_dtype(weight.dtype)
     p, positions = FusedLinearParams.decode(params), labels.numel()
     kept = padded_chunk(positions, weight) if keeps_logits(p, weight, positions) else weight.new_empty((0,))
-    return hidden.new_empty(labels.shape, dtype=acc), hidden.new_empty((labels.numel(),), dtype=acc), kept
+    return hidden.new_empty(labels.shape, dtype=acc), hidden.new_empty((labels.numel(), 2), dtype=acc), kept
 
 
 @torch.library.custom_op(

@@ -286,7 +286,8 @@ def fused_linear_token_logprobs(
         float32 (float64 for float64 inputs) tensor of ``labels.shape``, 0 where the label is
         ignored (and at ``t = 0`` when shifting): the contract of :func:`synpo_kernels.token_logprobs`.
         Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` under any per-token upstream
-        gradient (the backward recomputes the logits chunk by chunk).
+        gradient (the backward starts from the forward's logits when every position fits one chunk
+        buffer, else recomputes them chunk by chunk).
     """
     config = FusedLinearConfig(backend, chunk_bytes, weight_grad_accumulation)
     backend_name = _prepare(hidden, weight, labels, bias, ignore_index, config)

@@ -43,6 +43,8 @@ __all__ = [
     "load_config",
     "parse_override_args",
     "read_config_file",
+    "resolve_config_path",
+    "resolve_deepspeed_path",
     "unexpected_resume_changes",
 ]
 
@@ -212,7 +214,9 @@ class CheckpointConfig:
     save_at_end: bool = True
     # Resume: null (fresh run), "auto" (latest checkpoint in output_dir, if any) or a checkpoint path.
     resume: str | None = None
-    # A fresh run into an output_dir that holds checkpoints: an error, or (true) delete them first.
+    # A fresh run into an output_dir that holds a finished run's checkpoints: an error, or (true)
+    # delete them first (and with resume "auto", start over instead of continuing the finished run).
+    # A run that did not finish (stopped by a signal, killed, crashed) is never deleted: resume it.
     overwrite: bool = False
     # Config keys (or whole sections) allowed to differ from the checkpoint's when resuming
     # (`--resume-allow-changes optim.lr,train.seed`); other changes are refused. Extending
@@ -529,9 +533,27 @@ def apply_overrides(mapping: dict, overrides: dict[str, Any]) -> dict:
     return result
 
 
-def bundled_config_names() -> list[str]:
-    """The names ``--config`` accepts besides paths: the YAML files in ``synpo/configs/``, sans suffix."""
-    return sorted(p.stem for p in DEFAULT_CONFIG_PATH.parent.glob("*.yaml"))
+def bundled_config_names(suffix: str = ".yaml") -> list[str]:
+    """The names ``--config`` (``suffix`` ".yaml") or ``--deepspeed`` (".json") accept besides paths:
+    those files in ``synpo/configs/``, sans suffix."""
+    return sorted(p.stem for p in DEFAULT_CONFIG_PATH.parent.glob(f"*{suffix}"))
+
+
+def _resolve_bundled(path: str | Path, *, suffix: str, key: str, what: str) -> Path:
+    """An existing path wins, else the bundled file of that name in ``synpo/configs/`` (with or
+    without ``suffix``). A bare name that is neither is a :class:`ConfigError` listing the bundled
+    names; a path with directories is returned as is (its reader reports it missing)."""
+    path = Path(path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    name = path.name[: -len(suffix)] if path.name.endswith(suffix) else path.name
+    bundled = DEFAULT_CONFIG_PATH.parent / f"{name}{suffix}"
+    if bundled.is_file():
+        return bundled
+    raise ConfigError(
+        f"{key}: file not found: {path}, and no bundled {what} has that name "
+        f"(bundled: {', '.join(bundled_config_names(suffix))})"
+    )
 
 
 def resolve_config_path(path: str | Path | None) -> Path:
@@ -540,17 +562,13 @@ def resolve_config_path(path: str | Path | None) -> Path:
     A bare name that is neither is an error listing the bundled configs."""
     if path is None:
         return DEFAULT_CONFIG_PATH
-    path = Path(path)
-    if path.exists() or len(path.parts) != 1:
-        return path  # a path: _read_yaml reports a missing file
-    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
-    bundled = DEFAULT_CONFIG_PATH.parent / f"{name}.yaml"
-    if bundled.is_file():
-        return bundled
-    raise ConfigError(
-        f"config: file not found: {path}, and no bundled config has that name "
-        f"(bundled: {', '.join(bundled_config_names())})"
-    )
+    return _resolve_bundled(path, suffix=".yaml", key="config", what="config")
+
+
+def resolve_deepspeed_path(path: str | Path) -> Path:
+    """The JSON file ``deepspeed`` names: an existing path wins, else a bundled DeepSpeed config's
+    name (``zero3`` or ``zero3.json`` -> ``synpo/configs/zero3.json``, wherever synpo is installed)."""
+    return _resolve_bundled(path, suffix=".json", key="deepspeed", what="DeepSpeed config")
 
 
 def load_config(
@@ -573,7 +591,10 @@ def load_config(
         overrides = parse_override_args(overrides)
     if overrides:
         mapping = apply_overrides(mapping, overrides)
-    return config_from_dict(mapping)
+    config = config_from_dict(mapping)
+    if isinstance(config.deepspeed, str):
+        config.deepspeed = str(resolve_deepspeed_path(config.deepspeed))  # --print-config shows the file
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

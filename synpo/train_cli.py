@@ -3,7 +3,7 @@
     synpo train                                   # the embedded tiny model on the bundled sample
     synpo train --config cfg.yaml --optim.lr 1e-5 --loss.name dpo
     synpo train --config cfg.yaml --resume        # continue from the latest checkpoint
-    torchrun --nproc_per_node 2 -m synpo train --config cfg.yaml --deepspeed synpo/configs/zero3.json
+    torchrun --nproc_per_node 2 -m synpo train --config cfg.yaml --deepspeed zero3
 
 Any config key can be overridden as ``--section.key value`` (values are YAML: ``true``, ``1e-5``,
 ``[a, b]``); unknown keys are errors.
@@ -17,7 +17,7 @@ import sys
 
 from synpo.cli import add_group_parser
 
-__all__ = ["add_parser", "loss_help", "run"]
+__all__ = ["add_parser", "loss_help", "resume_command", "run"]
 
 
 class _TrainArgumentParser(argparse.ArgumentParser):
@@ -54,12 +54,15 @@ def loss_help() -> str:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = add_group_parser(subparsers, __name__, allow_abbrev=False, epilog=OVERRIDES_HELP)
     parser.__class__ = _TrainArgumentParser  # the subparsers action builds a plain ArgumentParser
+    from synpo.config import bundled_config_names
+
     parser.add_argument(
         "--config",
         "-c",
         default=None,
-        help="YAML config file, or the name of a bundled config in synpo/configs/ (default, smollm2, "
-        "upstream_lora; an existing file of that name wins); default: the bundled tiny demo",
+        help="YAML config file, or the name of a bundled config ("
+        + ", ".join(bundled_config_names())
+        + "; an existing file of that name wins); default: the bundled tiny demo",
     )
     parser.add_argument(
         "--resume",
@@ -68,7 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="CHECKPOINT",
         help="resume from CHECKPOINT (a checkpoint or output directory), or the latest one in "
-        "checkpoint.output_dir when no path is given",
+        "checkpoint.output_dir when no path is given; never starts over (checkpoint.overwrite: false)",
     )
     parser.add_argument(
         "--resume-allow-changes",
@@ -82,9 +85,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--deepspeed",
         default=None,
         metavar="DS_CONFIG",
-        help="train with DeepSpeed (ZeRO) using this JSON config, e.g. synpo/configs/zero3.json "
-        "(overrides the config's deepspeed key); launch with torchrun or the deepspeed launcher for "
-        "several processes (docs/training.md, DeepSpeed)",
+        help="train with DeepSpeed (ZeRO) using this JSON config file, or the name of a bundled one ("
+        + ", ".join(bundled_config_names(".json"))
+        + "; an existing file of that name wins); overrides the config's deepspeed key. Launch with "
+        "torchrun or the deepspeed launcher for several processes (docs/training.md, DeepSpeed)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
@@ -104,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
             overrides["deepspeed"] = RawOverride(args.deepspeed)
         if args.resume is not None:
             overrides["checkpoint.resume"] = args.resume
+            # Resuming asked for: a finished run is continued (e.g. with a higher train.max_steps),
+            # not replaced, even where the config lets a fresh run replace it.
+            overrides.setdefault("checkpoint.overwrite", False)
         if args.resume_allow_changes is not None:
             keys = [key.strip() for key in args.resume_allow_changes.split(",") if key.strip()]
             overrides["checkpoint.resume_allow_changes"] = keys
@@ -126,12 +133,15 @@ def run(args: argparse.Namespace) -> int:
     from synpo.checkpoint import CheckpointError
     from synpo.data import DataError
     from synpo.run_lock import RunLockError
+    from synpo.train.checkpointing import UnfinishedRunError
     from synpo.train.loop import Trainer
 
     try:
         result = Trainer(config).train()
     except (ConfigError, DataError, CheckpointError, RunLockError) as exc:
         print(f"synpo train: {exc}", file=sys.stderr)
+        if isinstance(exc, UnfinishedRunError):
+            print(f"  resume it: {resume_command(args, config)}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the disk filled up while writing the metrics log
         where = f": {exc.filename}" if exc.filename else ""
@@ -142,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             "synpo train: interrupted without saving; the last complete checkpoint, if any, is intact",
             file=sys.stderr,
         )
+        print(f"  resume: {resume_command(args, config)}", file=sys.stderr)
         return 130
     if rank == 0:
         status = f"stopped by {result.stop_signal or 'request'}" if result.interrupted else "finished"
@@ -151,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  checkpoint:  {result.last_checkpoint}")
         if result.final_model_dir is not None:
             print(f"  final model: {result.final_model_dir}")
+        if result.interrupted:
+            print(f"  resume:      {resume_command(args, config)}")
         if result.history:
             first, last = result.history[0], result.history[-1]
             loss_line = (
@@ -172,6 +185,29 @@ def run(args: argparse.Namespace) -> int:
             )
     # Ctrl-C: the checkpoint is saved, but the run did not finish (128 + SIGINT, as shells report it).
     return 130 if result.stop_signal == "SIGINT" else 0
+
+
+def resume_command(args: argparse.Namespace, config) -> str:
+    """The command line that resumes this run: the same one when the config resumes by itself
+    (``checkpoint.resume: auto``), else with ``--resume`` (in place of any ``--resume PATH``)."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or ["train"])
+    if config.checkpoint.resume != "auto":
+        kept, skip = [], False
+        for i, token in enumerate(argv):
+            if skip:
+                skip = False
+                continue
+            if token == "--resume":
+                # nargs="?": a following token that is not an option is its path
+                skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+                continue
+            if token.startswith("--resume="):
+                continue
+            kept.append(token)
+        argv = [*kept, "--resume"]
+    return "synpo " + shlex.join(argv)
 
 
 def loss_meaning(name: str, options: dict) -> str:

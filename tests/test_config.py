@@ -212,3 +212,33 @@ def test_cli_resume_allow_changes_flag(capsys):
     assert main(["train", "--print-config", "--resume-allow-changes", "optim.lr, train.seed"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["checkpoint"]["resume_allow_changes"] == ["optim.lr", "train.seed"]
+
+
+def test_bundled_deepspeed_configs_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    """``--deepspeed zero3`` names the installed package's file, as ``--config smollm2`` does, from
+    any working directory; ``--help`` lists the names (issue 23, item 8)."""
+    from synpo.cli import main
+    from synpo.train.engine import build_deepspeed_config
+
+    monkeypatch.chdir(tmp_path)  # not a clone's root: synpo/configs/zero3.json is no path here
+    bundled = DEFAULT_CONFIG_PATH.parent
+    for name in ("zero2", "zero3", "zero3_offload", "zero3.json"):
+        assert main(["train", "--print-config", "--deepspeed", name]) == 0
+        path = json.loads(capsys.readouterr().out)["deepspeed"]
+        assert path == str(bundled / (name if name.endswith(".json") else f"{name}.json"))
+    stage = build_deepspeed_config(config_from_dict({"deepspeed": "zero3"}), world_size=2)
+    assert stage["zero_optimization"]["stage"] == 3 and stage["train_batch_size"] == 2 * 32
+
+    (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 1}}')  # an existing file wins
+    assert load_config(None, ["--deepspeed", "zero3.json"]).deepspeed == "zero3.json"
+
+    assert main(["train", "--print-config", "--deepspeed", "zero4"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "synpo train: config error: deepspeed: file not found: zero4, and no bundled DeepSpeed config "
+        "has that name (bundled: zero2, zero3, zero3_offload)"
+    )
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the name of a bundled one (zero2, zero3, zero3_offload;" in help_text
+    assert "bundled config (default, smollm2, upstream_lora;" in help_text

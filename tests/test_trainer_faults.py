@@ -150,9 +150,10 @@ def test_second_ctrl_c_while_saving_keeps_the_previous_checkpoint(tmp_path):
         [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=300, env=CHILD_ENV
     )
     assert child.returncode == 130, child.stderr[-3000:]
-    assert error_lines(child.stderr)[-1] == (
-        "synpo train: interrupted without saving; the last complete checkpoint, if any, is intact"
-    ), child.stderr[-3000:]
+    assert error_lines(child.stderr)[-2:] == [
+        "synpo train: interrupted without saving; the last complete checkpoint, if any, is intact",
+        f"  resume: synpo train --config {path} --resume",
+    ], child.stderr[-3000:]
     root = ckpt.checkpoint_root(run_dir)
     assert not list(root.glob(".tmp-*"))
     latest = ckpt.find_resume_checkpoint("auto", run_dir)

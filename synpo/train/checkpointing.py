@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,9 +36,13 @@ if TYPE_CHECKING:
     from synpo.train.loop import Trainer
 
 __all__ = [
+    "RUN_STATUS_FILE",
+    "EarlierRun",
+    "UnfinishedRunError",
     "acquire_run_lock",
     "check_resume_config",
     "cpu_state_dict",
+    "earlier_run",
     "export_model",
     "find_resume_checkpoint",
     "load_checkpoint",
@@ -45,6 +50,7 @@ __all__ = [
     "save_checkpoint",
     "state_payload",
     "truncate_metrics",
+    "write_run_status",
 ]
 
 logger = logging.getLogger("synpo.train")
@@ -284,30 +290,112 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 # -- the output directory ------------------------------------------------------------------------
 
 
-def prepare_fresh_output(output_dir: Path, metrics_path: Path, *, overwrite: bool, dist: Dist) -> None:
-    """A fresh run must not mix its checkpoints with an earlier run's (pruning keeps the highest
-    steps, which would be the old ones): refuse, or delete them with checkpoint.overwrite."""
+# ``<output_dir>/run_status.json``: whether the run that last trained here finished. Written
+# "running" when training starts, "interrupted" when a signal stopped it (after its checkpoint),
+# "finished" at the end; a run killed (SIGKILL, OOM) or crashed leaves "running". Only a finished
+# run may be replaced by a fresh one (checkpoint.overwrite); an unfinished one is resumed or kept.
+RUN_STATUS_FILE = "run_status.json"
+
+
+class UnfinishedRunError(ConfigError):
+    """A fresh run was asked for in an output directory whose earlier run did not finish."""
+
+    def __init__(self, message: str, output_dir: Path):
+        super().__init__(message)
+        self.output_dir = output_dir
+
+
+@dataclass
+class EarlierRun:
+    """The run whose checkpoints an output directory holds."""
+
+    finished: bool
+    how: str  # "finished", "stopped by SIGINT", "did not finish (killed or crashed)"
+    latest: str | None  # the newest checkpoint's directory name (None: only best/)
+    step: int | None  # its step and the run's length, when readable
+    total_steps: int | None
+
+    def describe(self) -> str:
+        """``stopped by SIGINT; latest checkpoint step-00000004, step 4 of 8``."""
+        where = f"latest checkpoint {self.latest}" if self.latest else "only best/"
+        if self.step is not None and self.total_steps is not None:
+            where += f", step {self.step} of {self.total_steps}"
+        return f"{self.how}; {where}"
+
+
+def write_run_status(output_dir: Path, status: str, *, step: int, total_steps: int, stop_signal=None) -> None:
+    """Record ``status`` ("running", "interrupted", "finished") in ``<output_dir>/run_status.json``."""
+    payload = {"status": status, "step": step, "total_steps": total_steps, "stop_signal": stop_signal}
+    ckpt.write_json_atomic(output_dir / RUN_STATUS_FILE, payload)
+
+
+def _read_earlier_run(output_dir: Path) -> EarlierRun | None:
     existing = ckpt.list_checkpoints(output_dir)
-    best = ckpt.best_checkpoint_dir(output_dir)
-    has_best = best.is_dir()
+    if not existing and not ckpt.best_checkpoint_dir(output_dir).is_dir():
+        return None
+    latest = ckpt.find_checkpoint("auto", output_dir) if existing else None
+    step = total = None
+    if latest is not None:
+        try:
+            state = ckpt.read_trainer_state(latest)
+            step, total = int(state["step"]), int(state["total_steps"])
+        except (ckpt.CheckpointError, KeyError, TypeError, ValueError):
+            pass  # a damaged newest checkpoint: resuming will skip it with a warning
+    try:
+        status = json.loads((output_dir / RUN_STATUS_FILE).read_text())
+    except FileNotFoundError:
+        # Written before run_status.json existed: finished when the newest checkpoint is the last step.
+        status = {"status": "finished" if step is not None and step >= total else "running"}
+    except (OSError, ValueError):
+        status = {"status": "running"}  # unreadable: assume the worst (never delete it)
+    name = status.get("status") if isinstance(status, dict) else None
+    if name == "finished":
+        how = "finished"
+    elif name == "interrupted":
+        how = f"stopped by {status.get('stop_signal') or 'request'}"
+    else:
+        how = "did not finish (killed or crashed)"
+    return EarlierRun(name == "finished", how, latest.name if latest else None, step, total)
+
+
+def earlier_run(output_dir: Path, dist: Dist) -> EarlierRun | None:
+    """The earlier run in ``output_dir`` (None when it holds no checkpoints); rank 0 reads it and
+    tells the other ranks."""
+    return dist.broadcast_object(_read_earlier_run(output_dir) if dist.is_main else None)
+
+
+def prepare_fresh_output(
+    output_dir: Path, metrics_path: Path, *, overwrite: bool, dist: Dist, earlier: EarlierRun | None
+) -> None:
+    """A fresh run must not mix its checkpoints with an earlier run's (pruning keeps the highest
+    steps, which would be the old ones): refuse, or with checkpoint.overwrite delete them when that
+    run finished. An unfinished run (stopped, killed, crashed) is never deleted: it can be resumed."""
     dist.barrier()  # every rank looked before rank 0 deletes anything
-    if (existing or has_best) and not overwrite:
-        latest = existing[-1].name if existing else best.name
+    if earlier is not None and not earlier.finished:
+        raise UnfinishedRunError(
+            f"checkpoint.output_dir: {output_dir} holds an unfinished run ({earlier.describe()}); "
+            "resume it with --resume (checkpoint.resume: auto) or choose another output_dir; "
+            f"checkpoint.overwrite replaces only a finished run (delete {output_dir} to discard this one)",
+            output_dir,
+        )
+    if earlier is not None and not overwrite:
         raise ConfigError(
             f"checkpoint.output_dir: {output_dir} holds checkpoints of an earlier run "
-            f"(latest {latest}); resume with --resume, choose another output_dir, "
+            f"({earlier.describe()}); resume with --resume, choose another output_dir, "
             "or set checkpoint.overwrite: true to delete them"
         )
     if dist.is_main:
-        if has_best:
-            import shutil
+        import shutil
 
+        best = ckpt.best_checkpoint_dir(output_dir)
+        if best.is_dir():
             shutil.rmtree(best)
-        if existing:
-            import shutil
-
+        if ckpt.checkpoint_root(output_dir).is_dir():
             shutil.rmtree(ckpt.checkpoint_root(output_dir))
-            logger.warning("checkpoint.overwrite: deleted the earlier run's checkpoints in %s", output_dir)
+        if earlier is not None:
+            logger.warning(
+                "checkpoint.overwrite: deleted the finished earlier run's checkpoints in %s", output_dir
+            )
         if metrics_path.exists():
             metrics_path.unlink()  # a fresh run starts a fresh log
     dist.barrier()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from synpo.config import ConfigError, TrainerConfig, read_config_file
+from synpo.config import ConfigError, TrainerConfig, read_config_file, resolve_deepspeed_path
 
 __all__ = [
     "Dist",
@@ -119,7 +119,7 @@ def build_deepspeed_config(config: TrainerConfig, world_size: int) -> dict:
     filled in from the trainer config; an explicit value that disagrees is a ``ConfigError``."""
     raw = config.deepspeed
     if isinstance(raw, str):
-        ds = read_config_file(raw, key="deepspeed", fmt="JSON")
+        ds = read_config_file(resolve_deepspeed_path(raw), key="deepspeed", fmt="JSON")
     else:
         ds = json.loads(json.dumps(raw))  # deep copy
     if not isinstance(ds, dict):

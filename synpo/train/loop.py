@@ -590,7 +590,11 @@ class Trainer:
             "truncated_rows_seen": 0,
             "tokens_cut_seen": 0,
         }
-        resume_from = checkpointing.find_resume_checkpoint(cfg.checkpoint.resume, self.output_dir, dist)
+        resume = cfg.checkpoint.resume
+        earlier = checkpointing.earlier_run(self.output_dir, dist)
+        if resume == "auto" and cfg.checkpoint.overwrite and earlier is not None and earlier.finished:
+            resume = None  # checkpoint.overwrite: a finished run is replaced, not continued
+        resume_from = checkpointing.find_resume_checkpoint(resume, self.output_dir, dist)
         if resume_from is not None:
             state = checkpointing.load_checkpoint(self, resume_from)
             start_step = state["step"]
@@ -600,9 +604,13 @@ class Trainer:
                 checkpointing.truncate_metrics(metrics_path, start_step)
         else:
             checkpointing.prepare_fresh_output(
-                self.output_dir, metrics_path, overwrite=cfg.checkpoint.overwrite, dist=dist
+                self.output_dir, metrics_path, overwrite=cfg.checkpoint.overwrite, dist=dist, earlier=earlier
             )
             self._eval_state = {"last_step": 0, "best": None}
+        if dist.is_main:
+            checkpointing.write_run_status(
+                self.output_dir, "running", step=start_step, total_steps=self.total_steps
+            )
         ref_cache = self._reference_cache()
         if resume_from is not None:
             ckpt.load_rng_state(resume_from, dist.rank)
@@ -713,6 +721,14 @@ class Trainer:
         final_dir = None
         if not interrupted and cfg.checkpoint.save_at_end:
             final_dir = self.export_model(self.output_dir / "final")
+        if dist.is_main:
+            checkpointing.write_run_status(
+                self.output_dir,
+                "interrupted" if interrupted else "finished",
+                step=step,
+                total_steps=self.total_steps,
+                stop_signal=self._stop_signal if interrupted else None,
+            )
         summary = {
             **counters,
             "read": {

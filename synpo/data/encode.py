@@ -46,6 +46,23 @@ class EncodeStats:
     tokens_cut: int = 0
     dropped_too_long: int = 0  # pairs whose prompt alone leaves no room for a response token
     media_ignored: int = 0  # pairs with video/images given to a text-only model
+    # The longest prompt + response before responses are cut: the max_length that cuts none.
+    longest: int = 0
+
+    def truncation_advice(self, max_length: int) -> str | None:
+        """One line on what truncation cut and the ``data.max_length`` that cuts nothing; None when
+        nothing was cut. Cut responses change the training signal (the end of a response is lost)."""
+        if not self.truncated_rows:
+            return None
+        advice = (
+            f"data.max_length {self.longest} fits every pair (now {max_length})"
+            if self.longest > max_length
+            else "only prompts were cut, by data.max_prompt_length: raise it (or null) to keep them"
+        )
+        return (
+            f"truncation cut {self.truncated_rows} sequences ({self.tokens_cut} tokens): "
+            f"the cut tokens are not trained on; {advice}"
+        )
 
     def summary(self) -> str:
         return (
@@ -197,6 +214,7 @@ class PairEncoder:
         responses = []
         for text in (chosen_text, rejected_text):
             ids = self._response_ids(text)
+            self.stats.longest = max(self.stats.longest, len(prompt_ids) + len(ids))
             if len(ids) > room:
                 tokens_cut += len(ids) - room
                 truncated_rows += 1

@@ -79,7 +79,12 @@ from synpo.train.engine import (
     zero_stage,
 )
 from synpo.train.reference_cache import reference_logps
-from synpo.train.schedule import describe_training_length, linear_warmup_schedule, training_steps
+from synpo.train.schedule import (
+    batch_size_problem,
+    describe_training_length,
+    linear_warmup_schedule,
+    training_steps,
+)
 
 __all__ = ["TrainResult", "Trainer"]
 
@@ -370,6 +375,7 @@ class Trainer:
                     f"({self.eval_dataset.encoder.stats.summary()})"
                 )
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, pack=data.pack)
+        batch_problem = batch_size_problem(cfg, len(self.dataset), self.dist.world_size)
         self.plan = PairBatchPlan(
             len(self.dataset),
             micro_batch_size=cfg.train.micro_batch_size,
@@ -383,11 +389,16 @@ class Trainer:
             logger.info("data %s", report.summary())
             if not self.dataset.lazy:
                 logger.info("tokenization: %s", encoder.stats.summary())
+                cut = encoder.stats.truncation_advice(data.max_length)
+                if cut is not None:
+                    logger.warning("%s", cut)
+            if batch_problem is not None:
+                logger.warning("%s", batch_problem)
             if self.eval_dataset is not None:
                 logger.info("eval data %s: %d pairs", eval_where, len(self.eval_dataset))
             if self.dataset.media_skipped:
                 logger.warning("%d pairs skipped: unreadable video/image files", self.dataset.media_skipped)
-            if self.plan.unused_pairs_per_epoch:
+            if self.plan.unused_pairs_per_epoch and batch_problem is None:  # else the warning says it
                 logger.info(
                     "%d pairs per epoch do not fill an optimizer step of %d pairs and are not used",
                     self.plan.unused_pairs_per_epoch,

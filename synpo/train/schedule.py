@@ -8,8 +8,11 @@ from typing import Any
 import torch
 
 from synpo.config import TrainerConfig
+from synpo.data import DataError
 
 __all__ = [
+    "FEW_STEPS_PER_EPOCH",
+    "batch_size_problem",
     "continued_decay_start",
     "describe_training_length",
     "linear_warmup_schedule",
@@ -106,6 +109,50 @@ def describe_training_length(config: TrainerConfig, steps_per_epoch: int, total_
     return (
         f"{total_steps} optimizer steps (train.max_steps; it overrides train.epochs "
         f"{config.train.epochs}): {total_steps / steps_per_epoch:.4g} epochs of {steps_per_epoch} steps"
+    )
+
+
+# Fewer optimizer steps per epoch than this: one step takes most of the data (the upstream recipe's
+# accumulation of 32 on a small file), the weights barely move; warned, with a smaller accumulation.
+FEW_STEPS_PER_EPOCH = 4
+# The steps per epoch the suggested accumulation aims for.
+SUGGESTED_STEPS_PER_EPOCH = 8
+
+
+def batch_size_problem(config: TrainerConfig, num_pairs: int, world_size: int) -> str | None:
+    """One line when an optimizer step (``train.micro_batch_size x train.gradient_accumulation_steps x
+    world size`` pairs) leaves fewer than :data:`FEW_STEPS_PER_EPOCH` steps per epoch of
+    ``num_pairs``, naming the setting to change; None when there are enough, or nothing smaller to
+    suggest (accumulation and micro-batch 1: the data is that small). Not one step: a
+    :class:`~synpo.data.DataError` saying the same."""
+    train = config.train
+    micro, accumulation = train.micro_batch_size, train.gradient_accumulation_steps
+    per_step = micro * accumulation * world_size
+    steps = num_pairs // per_step
+    if steps >= FEW_STEPS_PER_EPOCH or (steps > 0 and micro * accumulation == 1):
+        return None
+    batch = (
+        f"{per_step} pairs (train.micro_batch_size {micro} x "
+        f"train.gradient_accumulation_steps {accumulation}"
+        + (f" x world size {world_size})" if world_size > 1 else ")")
+    )
+    better = max(1, num_pairs // (micro * world_size * SUGGESTED_STEPS_PER_EPOCH))
+    better_steps = num_pairs // (micro * better * world_size)
+    if better < accumulation and better_steps > steps:
+        fix = f"lower train.gradient_accumulation_steps ({better} gives {better_steps} steps per epoch)"
+    elif micro > 1:
+        fix = "lower train.micro_batch_size"
+    else:
+        fix = "use fewer processes"
+    if steps == 0:
+        raise DataError(
+            f"{num_pairs} pairs cannot fill one optimizer step of {batch}: {fix}, or use more data"
+        )
+    times = "once" if steps == 1 else f"{steps} times"
+    return (
+        f"{num_pairs} pairs make only {steps} optimizer step{'s' if steps > 1 else ''} per epoch of "
+        f"{batch}, {num_pairs - steps * per_step} left over: the weights change {times} per pass over "
+        f"the data; {fix}"
     )
 
 

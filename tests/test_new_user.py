@@ -1,0 +1,89 @@
+"""What a new user meets in the first hour (issue 23): warnings that name the setting to change,
+and no noise from the libraries underneath."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from tiny_training import tiny_training_config
+
+from synpo.data import DataError
+from synpo.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def warnings_of(caplog) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "synpo.train"
+    ]
+
+
+# -- item 6: accumulation larger than the data -----------------------------------------------------
+
+
+def test_upstream_accumulation_on_a_small_file_warns_with_the_setting_to_change(tmp_path, caplog):
+    # The upstream recipe's batch (micro-batch 1 x accumulation 32) on the 41 sample pairs: 1 step/epoch.
+    config = tiny_training_config(tmp_path / "run", data={"max_length": 512}, train={"max_steps": 5})
+    caplog.set_level(logging.INFO)
+    Trainer(config).setup()
+    assert warnings_of(caplog) == [
+        "41 pairs make only 1 optimizer step per epoch of 32 pairs (train.micro_batch_size 1 x "
+        "train.gradient_accumulation_steps 32), 9 left over: the weights change once per pass over the "
+        "data; lower train.gradient_accumulation_steps (5 gives 8 steps per epoch)"
+    ]
+
+    caplog.clear()
+    fixed = tiny_training_config(
+        tmp_path / "fixed", data={"max_length": 512}, train={"max_steps": 5, "gradient_accumulation_steps": 5}
+    )
+    assert Trainer(fixed).setup().plan.steps_per_epoch == 8
+    assert warnings_of(caplog) == []
+
+
+def test_a_batch_larger_than_the_data_is_one_line(tmp_path, capsys):
+    config = tiny_training_config(
+        tmp_path / "run", train={"micro_batch_size": 2, "gradient_accumulation_steps": 64}
+    )
+    with pytest.raises(DataError) as info:
+        Trainer(config).setup()
+    assert str(info.value) == (
+        "41 pairs cannot fill one optimizer step of 128 pairs (train.micro_batch_size 2 x "
+        "train.gradient_accumulation_steps 64): lower train.gradient_accumulation_steps (2 gives 10 steps "
+        "per epoch), or use more data"
+    )
+    from synpo.cli import main
+
+    args = ["--checkpoint.output_dir", str(tmp_path / "cli"), "--train.gradient_accumulation_steps", "64"]
+    assert main(["train", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("synpo train:")]
+    assert err == [f"synpo train: {info.value}"]
+
+
+# -- item 5: truncation ----------------------------------------------------------------------------
+
+
+def test_truncation_warns_with_the_max_length_that_fits(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    train = {"max_steps": 1, "gradient_accumulation_steps": 2}
+    config = tiny_training_config(tmp_path / "cut", data={"max_length": 200}, train=train)
+    trainer = Trainer(config).setup()
+    stats = trainer.dataset.encoder.stats
+    assert stats.truncated_rows > 0
+    (line,) = warnings_of(caplog)
+    assert line.startswith(
+        f"truncation cut {stats.truncated_rows} sequences ({stats.tokens_cut} tokens): "
+        "the cut tokens are not trained on; data.max_length "
+    )
+    fits = int(line.split("data.max_length ")[1].split()[0])
+    assert line.endswith(f"data.max_length {fits} fits every pair (now 200)") and fits > 200
+
+    # That length cuts nothing (and warns about nothing); one token less cuts again.
+    caplog.clear()
+    enough = Trainer(tiny_training_config(tmp_path / "fits", data={"max_length": fits}, train=train)).setup()
+    assert enough.dataset.encoder.stats.truncated_rows == 0 and warnings_of(caplog) == []
+    short = Trainer(
+        tiny_training_config(tmp_path / "short", data={"max_length": fits - 1}, train=train)
+    ).setup()
+    assert short.dataset.encoder.stats.truncated_rows > 0

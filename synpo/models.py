@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,11 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():
+        # peft reads the model's deprecated `is_gradient_checkpointing` (transformers 5 warns
+        # FutureWarning each time); nothing for a user to change.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_cfg)
 
 
 def resolve_reference_mode(loss_cfg: LossConfig, lora_enabled: bool) -> str | None:

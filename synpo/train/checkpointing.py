@@ -464,12 +464,19 @@ def export_model(trainer: Trainer, directory: Path) -> Path:
     dist = trainer.dist
     policy = trainer.objective.policy
     state = cpu_state_dict(policy, engine=trainer.engine, ds_config=trainer.ds_config, dist=dist)
+    options = {}
+    lora = trainer.config.lora
+    if lora.enabled and not set(lora.target_modules) & {"embed_tokens", "lm_head"}:
+        # The vocabulary is never resized here: no embeddings to save. peft's "auto" would read the
+        # base model's config.json to compare vocabulary sizes, and warn "Could not find a config
+        # file" for a base read from a GGUF file (which has none).
+        options["save_embedding_layers"] = False
     if dist.is_main:
         tmp = directory.with_name(f".{directory.name}.tmp")
         try:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            policy.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            policy.save_pretrained(str(tmp), state_dict=state, safe_serialization=True, **options)
             (trainer.processor or trainer.tokenizer).save_pretrained(str(tmp))
             if directory.exists():
                 shutil.rmtree(directory)

@@ -18,6 +18,7 @@ from synpo.config import ConfigError, TrainerConfig, read_config_file, resolve_d
 __all__ = [
     "Dist",
     "build_deepspeed_config",
+    "declare_cpu_to_deepspeed",
     "init_deepspeed_distributed",
     "peak_memory_mb",
     "select_device",
@@ -86,10 +87,18 @@ def select_device(requested: str, local_rank: int) -> torch.device:
     return device
 
 
+def declare_cpu_to_deepspeed() -> None:
+    """Tell DeepSpeed that this process computes on the CPU, before anything imports it: its
+    accelerator detection otherwise warns "Setting accelerator to CPU. If you have GPU or other
+    accelerator, we were unable to detect it", and DeepSpeed is imported even by runs that do not use
+    it (transformers' save_pretrained unwraps models through accelerate, which imports DeepSpeed
+    whenever it is installed)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_deepspeed_distributed(device: torch.device, cpu_threads: int | None) -> None:
     if device.type == "cpu":
-        # Must precede DeepSpeed's accelerator detection; gloo is the CPU backend.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        declare_cpu_to_deepspeed()  # gloo is the CPU backend
     import deepspeed
     import deepspeed.ops
 

@@ -73,6 +73,7 @@ from synpo.train import metrics as m
 from synpo.train.engine import (
     Dist,
     build_deepspeed_config,
+    declare_cpu_to_deepspeed,
     init_deepspeed_distributed,
     select_device,
     set_seed,
@@ -190,6 +191,8 @@ class Trainer:
         device = select_device(cfg.train.device, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if device.type == "cpu":
+            declare_cpu_to_deepspeed()
         if device.type == "cpu" and cfg.train.cpu_threads:
             torch.set_num_threads(cfg.train.cpu_threads)
         if self.use_deepspeed:

@@ -176,10 +176,19 @@ class Options:
 Formula = Callable[[Any, Any, Options, LossContext], torch.Tensor]
 """``(chosen, rejected, options, context) -> (P,)``; chosen/rejected are RowStats of the pairs' rows."""
 
+RowFormula = Callable[[Any, Options, "torch.Tensor | None"], torch.Tensor]
+"""``(rows, options, ref) -> (rows,)``: a per-row quantity of RowStats rows (either side of the pairs);
+``ref`` their summed reference log-probs (None for a loss without a reference)."""
+
 
 @dataclass(frozen=True)
 class LossDef:
-    """A preference loss: everything the package, the trainer and the docs know about it."""
+    """A preference loss: everything the package, the trainer and the docs know about it.
+
+    ``reward``: the per-row reward the loss compares (what TRL logs as ``rewards/chosen`` and
+    ``rewards/rejected``), such that ``reward(chosen) - reward(rejected)`` is ``margin`` (up to rounding;
+    ``margin`` keeps its own formula, the one the fused ops' statistics report). None: no per-row reward.
+    """
 
     name: str
     formula: Formula
@@ -192,6 +201,7 @@ class LossDef:
     trl: str | None = None  # the TRL class/config and settings that compute this loss
     liger: str | None = None  # the Liger-Kernel class (or why there is none)
     hints: Mapping[str, str] = field(default_factory=dict)  # option -> why it is not ours
+    reward: RowFormula | None = None
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -241,6 +251,16 @@ class LossDef:
 
     def reward_margin(self, stats, options, ref_logps=None, context=None) -> torch.Tensor:
         return self._apply(self.margin, stats, options, ref_logps, context)
+
+    def rewards(self, stats, options, ref_logps=None) -> torch.Tensor | None:
+        """Per-row rewards ``(rows,)`` of ``stats`` (RowStats of any rows), ``options`` already resolved;
+        ``ref_logps``: the rows' summed reference log-probs. None for a loss without a ``reward``."""
+        if self.reward is None:
+            return None
+        if self.needs_reference and ref_logps is None:
+            raise ValueError(f"{REFERENCE_OPTION}: loss {self.name!r} needs {REFERENCE_OPTION}= for rewards")
+        ref = None if ref_logps is None else ref_logps.to(stats.sum_logp.dtype)
+        return self.reward(stats, Options(options), ref)
 
     def from_stats(self, stats, **options) -> torch.Tensor:
         """Per-pair losses of a whole batch's statistics; ``options`` as keywords (``ref_logps=``)."""
@@ -331,23 +351,39 @@ def _pick(row, average: bool) -> torch.Tensor:
     return row.mean_logp if average else row.sum_logp
 
 
+def _log_ratio(row, o, ref) -> torch.Tensor:
+    """A row's policy-minus-reference log-ratio ``s - r``, divided by its token count with ``average``."""
+    d = row.sum_logp - ref
+    return d / row.count if o.average else d
+
+
 def _reference_margin(w, lo, o, ctx) -> torch.Tensor:
     """``h = (s_w - r_w) - (s_l - r_l)``, each side divided by its row's token count with ``average``."""
-    dw, dl = w.sum_logp - ctx.ref_w, lo.sum_logp - ctx.ref_l
-    if o.average:
-        dw, dl = dw / w.count, dl / lo.count
-    return dw - dl
+    return _log_ratio(w, o, ctx.ref_w) - _log_ratio(lo, o, ctx.ref_l)
 
 
-def _sigmoid_plus_nll(score, margin_offset: str | None = None) -> dict[str, Formula]:
-    """Formula and margin of ``-(1-ε) logσ(x) - ε logσ(-x) + nll_weight * NLL``, ``x = β score - γ``
-    (``γ`` the option named ``margin_offset``, if any); the margin is ``β score``."""
+def _geometric_mean_prob(row, o=None, ref=None) -> torch.Tensor:
+    """SynPO's ``G = exp(m)``, the geometric-mean token probability of a row."""
+    return row.mean_logp.exp()
+
+
+def _sigmoid_plus_nll(value, margin_offset: str | None = None) -> dict[str, Any]:
+    """Formula, margin and reward of ``-(1-ε) logσ(x) - ε logσ(-x) + nll_weight * NLL`` with
+    ``x = β (v_w - v_l) - γ`` (``v`` = ``value(row, options)``, ``γ`` the option named ``margin_offset``,
+    if any); the reward of a row is ``β v``, the margin ``β (v_w - v_l)``."""
+
+    def score(w, lo, o):
+        return value(w, o) - value(lo, o)
 
     def formula(w, lo, o, ctx):
         x = o.beta * score(w, lo, o) - (getattr(o, margin_offset) if margin_offset else 0.0)
         return smoothed_logsigmoid_loss(x, o.label_smoothing) + o.nll_weight * chosen_nll(w, o, ctx)
 
-    return {"formula": formula, "margin": lambda w, lo, o, ctx: o.beta * score(w, lo, o)}
+    return {
+        "formula": formula,
+        "margin": lambda w, lo, o, ctx: o.beta * score(w, lo, o),
+        "reward": lambda row, o, ref: o.beta * value(row, o),
+    }
 
 
 def _beta(doc: str) -> Param:
@@ -388,9 +424,10 @@ register_loss(
     LossDef(
         name="synpo",
         formula=lambda w, lo, o, ctx: (
-            -torch.sigmoid(o.alpha * (w.mean_logp.exp() - lo.mean_logp.exp())) - o.beta * w.mean_p
+            -torch.sigmoid(o.alpha * (_geometric_mean_prob(w) - _geometric_mean_prob(lo))) - o.beta * w.mean_p
         ),
-        margin=lambda w, lo, o, ctx: w.mean_logp.exp() - lo.mean_logp.exp(),
+        margin=lambda w, lo, o, ctx: _geometric_mean_prob(w) - _geometric_mean_prob(lo),
+        reward=_geometric_mean_prob,
         params=(
             Param("alpha", 30.0, "scale of the geometric-mean probability gap", low=0.0, low_open=True),
             Param("beta", 0.2, "weight of the chosen row's mean token probability", low=0.0),
@@ -409,6 +446,7 @@ register_loss(
             o.beta * _reference_margin(w, lo, o, ctx), o.cdpo_smoothing
         ),
         margin=lambda w, lo, o, ctx: o.beta * _reference_margin(w, lo, o, ctx),
+        reward=lambda row, o, ref: o.beta * _log_ratio(row, o, ref),
         params=(
             _beta("inverse temperature"),
             Param(
@@ -445,6 +483,7 @@ register_loss(
         name="ipo",
         formula=lambda w, lo, o, ctx: (_reference_margin(w, lo, o, ctx) - 1.0 / (2.0 * o.tau)) ** 2,
         margin=_reference_margin,
+        reward=_log_ratio,
         params=(
             Param(
                 "tau",
@@ -474,7 +513,7 @@ register_loss(
 register_loss(
     LossDef(
         name="simpo",
-        **_sigmoid_plus_nll(lambda w, lo, o: w.mean_logp - lo.mean_logp, margin_offset="gamma"),
+        **_sigmoid_plus_nll(lambda row, o: row.mean_logp, margin_offset="gamma"),
         params=(
             _beta("scale of the length-normalized reward"),
             Param(
@@ -500,7 +539,7 @@ register_loss(
 register_loss(
     LossDef(
         name="cpo",
-        **_sigmoid_plus_nll(lambda w, lo, o: _pick(w, o.average) - _pick(lo, o.average)),
+        **_sigmoid_plus_nll(lambda row, o: _pick(row, o.average)),
         params=(
             _beta("inverse temperature"),
             _LABEL_SMOOTHING,
@@ -530,6 +569,7 @@ register_loss(
             chosen_nll(w, o, ctx) - o.lam * F.logsigmoid(log_odds(w.mean_logp) - log_odds(lo.mean_logp))
         ),
         margin=lambda w, lo, o, ctx: log_odds(w.mean_logp) - log_odds(lo.mean_logp),
+        reward=lambda row, o, ref: log_odds(row.mean_logp),
         params=(
             Param(
                 "lam",

@@ -150,6 +150,32 @@ def test_reference_functions_are_derived_from_the_registry():
         torch.testing.assert_close(named(stats, **opts), R.PREFERENCE_LOSSES[name](stats, **opts))
 
 
+def test_per_row_rewards_differ_by_the_margin():
+    """``LossDef.reward`` (TRL's rewards/chosen|rejected): chosen minus rejected is the loss's margin, with
+    every boolean option both ways; float64 rows of unequal lengths, random reference sums."""
+    gen = torch.Generator().manual_seed(3)
+    rows, half = 14, 7
+    n = torch.randint(1, 12, (rows,), generator=gen).double()
+    s = -(torch.rand(rows, generator=gen, dtype=torch.float64) * 3 + 0.02) * n
+    stats = R.RowStats(s, torch.rand(rows, generator=gen, dtype=torch.float64) * n, n)
+    ref = s + torch.randn(rows, generator=gen, dtype=torch.float64)
+    checked = 0
+    for definition in sk.LOSSES.values():
+        flags = [p.name for p in definition.params if p.type is bool]
+        for flip in [None, *flags]:
+            options = definition.resolve({flip: not definition.param(flip).default} if flip else {})
+            r = ref if definition.needs_reference else None
+            rewards = definition.rewards(stats, options, r)
+            assert rewards.shape == (rows,) and rewards.dtype == torch.float64
+            margin = definition.reward_margin(stats, options, r)
+            torch.testing.assert_close(rewards[:half] - rewards[half:], margin, rtol=1e-12, atol=1e-12)
+            checked += 1
+    assert checked >= len(sk.LOSSES) + 3  # dpo, ipo and cpo have an `average` flag
+    with pytest.raises(ValueError, match="ref_logps: loss 'dpo' needs"):
+        sk.LOSSES["dpo"].rewards(stats, sk.LOSSES["dpo"].resolve({}))
+    assert toy_loss().rewards(stats, toy_loss().resolve({})) is None  # a loss may define none
+
+
 def test_docs_tables_are_generated_from_the_registry():
     text = DOCS.read_text()
     assert LR.render_docs(text) == text, (

@@ -9,7 +9,13 @@
   trainer registers ``lm_head.weight`` as an external parameter of this module, so DeepSpeed gathers
   it for this forward and for its backward.
 - ``impl="naive"``: the model's full logits for every position and ``synpo_kernels.row_stats`` on
-  them, as the upstream code does; the benchmark baseline.
+  them, as the upstream code does; the benchmark baseline, and what a ``fused`` objective falls back
+  to (with one log line) for a model that post-processes its logits (Gemma-2's soft-capping, a logit
+  scale): the fused loss computes ``hidden @ lm_head.weight.T`` only.
+
+The trainers share this module: ``synpo train`` (:mod:`synpo.train.loop`) and the TRL adapter
+(:mod:`synpo.integrations.trl`) hand it to DeepSpeed / DDP / FSDP as the model, so every check, dtype
+cast and autocast rule below holds for both.
 
 Losses with ``needs_reference`` (DPO/IPO) need reference log-probs, per-row *sums* whatever the loss
 (TRL's convention; a loss that normalizes divides by the token count itself): from a frozen reference
@@ -20,6 +26,7 @@ the batch as ``ref_logps``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
@@ -32,6 +39,7 @@ __all__ = [
     "NON_MODEL_KEYS",
     "PreferenceObjective",
     "backbone_hidden_states",
+    "logit_postprocessing",
     "loss_default",
     "model_inputs",
     "output_embedding",
@@ -68,6 +76,11 @@ METRIC_NAMES = (
 )
 
 REFERENCE_MODES = ("adapter_disabled", "copy")
+MODES = ("train", "reference", "policy", "null")
+# Config attributes of transformers models whose logits are not hidden @ lm_head.weight.T (+ bias).
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+logger = logging.getLogger(__name__)
 
 
 def loss_default(loss: str, option: str):
@@ -96,17 +109,20 @@ def output_embedding(model: nn.Module) -> nn.Module:
     return head
 
 
-def check_fusable(model: nn.Module) -> None:
-    """Raise for models whose logits are not ``hidden @ lm_head.weight.T (+ bias)``."""
+def logit_postprocessing(model: nn.Module) -> str | None:
+    """``"name=value"`` of the config setting by which ``model``'s logits differ from
+    ``hidden @ lm_head.weight.T (+ bias)`` (soft-capping, a logit scale), or None."""
     config = getattr(unwrap_hf_model(model), "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+    for name in LOGIT_POSTPROCESSING:
         value = getattr(text_config, name, None)
         if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"model: {type(model).__name__} post-processes its logits ({name}={value}); the fused "
-                "loss assumes logits = hidden @ lm_head.weight.T; use loss.impl: naive"
-            )
+            return f"{name}={value}"
+    return None
+
+
+def check_fusable(model: nn.Module) -> None:
+    """Raise for a model whose lm_head the fused loss would misread (a LoRA adapter on it)."""
     if hasattr(output_embedding(model), "base_layer"):
         # A peft adapter on the lm_head: the fused loss reads lm_head.weight only (with tied
         # embeddings the lm_head weight is the embedding matrix, which must then stay frozen).
@@ -114,7 +130,7 @@ def check_fusable(model: nn.Module) -> None:
 
         raise ConfigError(
             "lora.target_modules: LoRA wraps the lm_head, whose adapter the fused loss would not "
-            "apply; remove lm_head from lora.target_modules or use loss.impl: naive"
+            "apply; remove lm_head from the LoRA target modules (or, in synpo train, use loss.impl: naive)"
         )
 
 
@@ -169,10 +185,15 @@ class PreferenceObjective(nn.Module):
             log-probs come cached in the batch (``ref_logps``) or the loss needs none.
         reference: the frozen reference model for ``copy``.
         autocast_dtype: run the model under ``torch.autocast`` with this dtype (bf16 mixed precision).
+        fused_options: execution options of the fused ops (``backend``, ``chunk_bytes``...; None
+            values are left to the op's defaults).
 
     ``forward`` returns the scalar loss (fp32) and a detached float64 vector of per-micro-batch sums,
-    laid out as :data:`METRIC_NAMES`. ``forward(..., mode="reference")`` returns the reference
-    summed log-probs ``(2B,)`` instead (used to precompute the cache; runs under no_grad).
+    laid out as :data:`METRIC_NAMES`; with ``return_stats=True`` also the per-pair
+    :class:`synpo_kernels.PreferenceStats` and the ``(2B,)`` summed reference log-probs the loss used
+    (None without a reference). ``forward(..., mode="reference")`` returns the reference summed
+    log-probs ``(2B,)`` instead (used to precompute the cache), ``mode="policy"`` the policy's (a
+    reference precomputed from the initial policy); both run under no_grad in eval mode.
     """
 
     def __init__(
@@ -185,6 +206,7 @@ class PreferenceObjective(nn.Module):
         reference_mode: str | None = None,
         reference: nn.Module | None = None,
         autocast_dtype: torch.dtype | None = None,
+        fused_options: dict[str, Any] | None = None,
     ):
         super().__init__()
         from synpo_kernels.loss_registry import get_loss
@@ -215,8 +237,19 @@ class PreferenceObjective(nn.Module):
         self.impl = impl
         self.reference_mode = reference_mode if self.needs_reference else None
         self.autocast_dtype = autocast_dtype
+        self.fused_options = {k: v for k, v in (fused_options or {}).items() if v is not None}
         if impl == "fused":
-            check_fusable(policy)
+            postprocessing = logit_postprocessing(policy)
+            if postprocessing is not None:
+                logger.warning(
+                    "model: %s post-processes its logits (%s), which the fused loss (logits = hidden @ "
+                    "lm_head.weight.T) cannot apply: using the unfused loss (impl='naive', full logits)",
+                    type(unwrap_hf_model(policy)).__name__,
+                    postprocessing,
+                )
+                self.impl = "naive"
+            else:
+                check_fusable(policy)
 
     # -- pieces ------------------------------------------------------------------------------------
 
@@ -271,10 +304,15 @@ class PreferenceObjective(nn.Module):
             if self.reference_mode == "adapter_disabled"
             else contextlib.nullcontext()
         )
+        with adapters_off:
+            return self.summed_logps(model, inputs, labels, response_index, response_labels)
+
+    def summed_logps(self, model, inputs, labels, response_index, response_labels) -> torch.Tensor:
+        """Summed response log-probs ``(2B,)`` of ``model`` (the policy or the reference), no grad."""
         was_training = model.training
-        model.eval()  # no dropout in the reference pass
+        model.eval()  # no dropout in a reference pass
         try:
-            with torch.no_grad(), adapters_off, self._autocast(response_index.device):
+            with torch.no_grad(), self._autocast(response_index.device):
                 if self.impl == "fused":
                     _, sequence_logprobs = _fused_ops()
                     windows = self._windows(model, inputs, response_index)
@@ -288,6 +326,7 @@ class PreferenceObjective(nn.Module):
                             ignore_index=IGNORE_INDEX,
                             shift=True,
                             average=False,
+                            **self.fused_options,
                         )
                 else:
                     stats = self._row_statistics_naive(model, inputs, labels, response_index, response_labels)
@@ -298,17 +337,25 @@ class PreferenceObjective(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
 
-    def forward(self, mode: str = "train", ref_logps: torch.Tensor | None = None, **batch):
+    def forward(
+        self,
+        mode: str = "train",
+        ref_logps: torch.Tensor | None = None,
+        return_stats: bool = False,
+        **batch,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode: must be one of {list(MODES)}, got {mode!r}")
         labels = batch.get("labels")
         response_index = batch["response_index"]
         response_labels = batch["response_labels"]
         inputs = model_inputs(batch)
         if mode == "reference":
             return self.reference_logps(inputs, labels, response_index, response_labels)
+        if mode == "policy":
+            return self.summed_logps(self.policy, inputs, labels, response_index, response_labels)
         if mode == "null":
             return self._null_loss(inputs)
-        if mode != "train":
-            raise ValueError(f"mode: must be 'train', 'reference' or 'null', got {mode!r}")
 
         extra: dict[str, Any] = {}
         if self.needs_reference:
@@ -335,6 +382,7 @@ class PreferenceObjective(nn.Module):
                     shift=True,
                     return_stats=True,
                     **options,
+                    **self.fused_options,
                 )
         else:
             with self._autocast(device):
@@ -349,6 +397,8 @@ class PreferenceObjective(nn.Module):
                 (stats.reward_margin > 0).double().sum(),
             ]
         ).detach()
+        if return_stats:
+            return loss.float(), metrics, stats, extra.get("ref_logps")
         return loss.float(), metrics
 
     def _null_loss(self, inputs) -> torch.Tensor:

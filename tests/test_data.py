@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from synpo.data.batching import IGNORE_INDEX, PairBatchPlan, PreferenceCollator, PreferenceDataset
+from synpo.data.batching import (
+    IGNORE_INDEX,
+    PairBatchPlan,
+    PreferenceCollator,
+    PreferenceDataset,
+    response_windows,
+)
 from synpo.data.encode import PairEncoder
 from synpo.data.records import SAMPLE_PAIRS_PATH, DataError, PreferenceExample, read_preference_jsonl
 from synpo.tiny import build_tiny_causal_lm, build_tiny_tokenizer
@@ -182,6 +188,27 @@ def test_response_windows_select_exactly_the_scored_positions(tokenizer):
     # The window is the longest response plus one prompt position, not the whole padded row.
     longest = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     assert batch["response_index"].shape[1] == longest + 1 < width
+    # The same windows from the padded labels alone (what the TRL integration has).
+    index, labels = response_windows(batch["labels"])
+    assert torch.equal(index, batch["response_index"]) and torch.equal(labels, batch["response_labels"])
+
+
+def test_response_windows_from_labels_edge_rows():
+    """A response at position 0 (nothing scores it), a gap, a row without labels, a row ending in padding."""
+    x = IGNORE_INDEX
+    labels = torch.tensor(
+        [
+            [7, 8, 9, x, x, x],  # no prompt: the window starts at 0, label 7 is dropped by the shift
+            [x, x, 4, x, 5, x],  # an ignored position inside the response stays inside the window
+            [x, x, x, x, x, x],  # no labels: one position, scoring nothing
+            [x, x, x, x, x, 6],
+        ]
+    )
+    index, window = response_windows(labels)
+    assert index.tolist() == [[0, 1, 2, 0], [7, 8, 9, 10], [12, 12, 12, 12], [22, 23, 22, 22]]
+    assert window.tolist() == [[7, 8, 9, x], [x, 4, x, 5], [x, x, x, x], [x, 6, x, x]]
+    with pytest.raises(ValueError, match="labels: expected shape"):
+        response_windows(labels[0])
 
 
 def test_packed_batch_gives_the_same_hidden_states_as_padded(tokenizer):

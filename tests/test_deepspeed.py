@@ -11,26 +11,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_training import CHILD_ENV, TINY_MODEL, generic_sample_lines, tiny_training_config, write_lines
+from tiny_training import (
+    CHILD_ENV,
+    TINY_MODEL,
+    free_port,
+    generic_sample_lines,
+    tiny_training_config,
+    write_lines,
+)
 
 from synpo.trainer import Trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 COMPARED = ("loss", "chosen_logps", "rejected_logps", "reward_margin", "chosen_mean_prob", "grad_norm", "lr")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(output_dir, *, accumulation: int, **sections) -> dict:

@@ -90,13 +90,13 @@ def test_trl_fused_dpo_matches_trl_dpo(tmp_path):
     # Move the LoRA B matrices off zero so the policy differs from the reference.
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
-        for name, p in trainer.model.named_parameters():
+        for name, p in trainer.policy.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    theirs.model.load_state_dict(trainer.model.state_dict())
+    theirs.model.load_state_dict(trainer.policy.state_dict())
     batch = next(iter(trainer.get_train_dataloader()))
     ours = trainer.compute_loss(trainer.model, batch)
-    ours_grads = torch.autograd.grad(ours, [p for p in trainer.model.parameters() if p.requires_grad])
+    ours_grads = torch.autograd.grad(ours, [p for p in trainer.policy.parameters() if p.requires_grad])
     their_loss = theirs.compute_loss(theirs.model, batch)
     theirs_grads = torch.autograd.grad(their_loss, [p for p in theirs.model.parameters() if p.requires_grad])
     assert abs(ours.item() - math.log(2)) > 1e-4  # a non-trivial margin

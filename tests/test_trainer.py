@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_training import TINY_MODEL, generic_sample_lines, tiny_training_config, write_lines
+from tiny_training import (
+    TINY_MODEL,
+    generic_sample_lines,
+    tiny_softcapped_lm,
+    tiny_training_config,
+    without_timing,
+    write_lines,
+)
 
 from synpo.config import ConfigError
 from synpo.trainer import Trainer, linear_warmup_schedule
@@ -92,6 +100,32 @@ def test_fused_and_naive_give_the_same_training(tmp_path):
     naive_w = load_file(str(runs["naive"].last_checkpoint / "model.safetensors"))
     for name, tensor in fused_w.items():
         torch.testing.assert_close(tensor, naive_w[name], rtol=1e-4, atol=1e-5)
+
+
+def test_softcapped_logits_fall_back_to_the_naive_loss(tmp_path, caplog):
+    """A model that post-processes its logits (Gemma-2's final_logit_softcapping): the fused loss would
+    train on hidden @ W.T, logits the model never produces. The objective takes the naive loss on the
+    real logits instead (one log line, as in the TRL trainer): the training of ``loss.impl: naive``."""
+    from synpo.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(512)
+    tiny_softcapped_lm(len(tokenizer)).save_pretrained(tmp_path / "gemma2")
+    tokenizer.save_pretrained(tmp_path / "gemma2")
+    runs, said = {}, {}
+    for impl in ("fused", "naive"):
+        model = {"name_or_path": str(tmp_path / "gemma2"), "attn_implementation": "eager"}
+        config = base_config(tmp_path / impl, model=model, loss={"impl": impl})
+        config["train"]["max_steps"] = 2
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="synpo.objective"):
+            trainer = Trainer(config)
+            runs[impl] = trainer.train()
+        said[impl] = [r.getMessage() for r in caplog.records if "post-processes its logits" in r.getMessage()]
+        assert trainer.objective.impl == "naive"
+    assert not said["naive"] and len(said["fused"]) == 1
+    assert "final_logit_softcapping=0.25" in said["fused"][0]
+    assert without_timing(runs["fused"].history) == without_timing(runs["naive"].history)
+    assert losses(runs["fused"])[0] != losses(runs["fused"])[1]
 
 
 def test_packed_batches_train_like_padded_ones(tmp_path):

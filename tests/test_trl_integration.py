@@ -24,6 +24,7 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 from _tiny import tiny_llama  # noqa: E402
+from tiny_training import tiny_softcapped_lm  # noqa: E402
 
 import synpo_kernels as sk  # noqa: E402
 
@@ -147,7 +148,7 @@ def test_synpo_trains_reference_free_with_trl_metrics(tmp_path):
     model = tiny_llama(vocab_size=len(tokenizer))
     before = len(llamas())
     calls = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.model.register_forward_pre_hook(lambda *_: calls.append(1))  # the backbone
     trainer = SynPOTrainer(
         model=model,
         args=SynPOConfig(output_dir=str(tmp_path), max_steps=5, alpha=30.0, beta=0.2, **COMMON),
@@ -159,7 +160,7 @@ def test_synpo_trains_reference_free_with_trl_metrics(tmp_path):
     assert getattr(trainer, "ref_model", None) is None
     assert trainer.loss_options == {"alpha": 30.0, "beta": 0.2}
     trainer.train()
-    assert len(calls) == 5  # one forward per step: no reference pass
+    assert len(calls) == 5  # one backbone forward per step: no reference pass
     rows = [h for h in trainer.state.log_history if "loss" in h]
     assert len(rows) == 5
     losses = [h["loss"] for h in rows]
@@ -215,6 +216,19 @@ def _row_logps64(model, ids, start):
     return logp[start - 1 :]
 
 
+def _synpo64(model, dataset, alpha=30.0, beta=0.2) -> torch.Tensor:
+    """Independent float64 SynPO from the model's own logits, unpadded rows, completion tokens only."""
+    terms = []
+    for ex in dataset:
+        p = len(ex["prompt_ids"])
+        lw = _row_logps64(model, ex["prompt_ids"] + ex["chosen_ids"], p)
+        ll = _row_logps64(model, ex["prompt_ids"] + ex["rejected_ids"], p)
+        assert len(lw) == len(ex["chosen_ids"]) and len(ll) == len(ex["rejected_ids"])
+        g = lw.mean().exp() - ll.mean().exp()
+        terms.append(-torch.sigmoid(alpha * g) - beta * lw.exp().mean())
+    return torch.stack(terms).mean()
+
+
 def test_fused_loss_equals_float64_synpo_on_logits_tied_embeddings(tmp_path):
     """Exact loss wiring: labels, shift, prompt masking; tied lm_head/embeddings get the gradient."""
     model, tokenizer = chat_model(tie=True)
@@ -226,24 +240,52 @@ def test_fused_loss_equals_float64_synpo_on_logits_tied_embeddings(tmp_path):
         processing_class=tokenizer,
     )
     trainer.model.eval()
+    assert trainer.policy is model and trainer.model.policy is model  # trainer.model: the objective
     loader = torch.utils.data.DataLoader(
         trainer.train_dataset, batch_size=4, collate_fn=trainer.data_collator
     )
     batch = next(iter(loader))
     ours = trainer.compute_loss(trainer.model, batch)
-    # Independent float64 SynPO from unpadded rows: the completion tokens only, given the prompt.
-    terms = []
-    for ex in trainer.train_dataset:
-        p = len(ex["prompt_ids"])
-        lw = _row_logps64(trainer.model, ex["prompt_ids"] + ex["chosen_ids"], p)
-        ll = _row_logps64(trainer.model, ex["prompt_ids"] + ex["rejected_ids"], p)
-        assert len(lw) == len(ex["chosen_ids"]) and len(ll) == len(ex["rejected_ids"])
-        g = lw.mean().exp() - ll.mean().exp()
-        terms.append(-torch.sigmoid(30.0 * g) - 0.2 * lw.exp().mean())
-    expected = torch.stack(terms).mean()
+    expected = _synpo64(model, trainer.train_dataset)
     assert ours.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     ours.backward()
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_softcapped_logits_are_trained_as_the_model_computes_them(tmp_path, caplog):
+    """Gemma-2's final_logit_softcapping: the fused loss (hidden @ W.T) would train on logits the model
+    never produces. The trainer takes the unfused loss on the real logits instead, says so once, and its
+    loss is the float64 SynPO of those logits (the objective ``synpo train`` uses: same guard)."""
+    import logging
+
+    tokenizer = word_tokenizer()
+    model = tiny_softcapped_lm(len(tokenizer))
+    with caplog.at_level(logging.WARNING, logger="synpo.objective"):
+        trainer = SynPOTrainer(
+            model=model,
+            args=SynPOConfig(output_dir=str(tmp_path), max_steps=2, alpha=30.0, beta=0.2, **COMMON),
+            train_dataset=plain_pairs(4),
+            processing_class=tokenizer,
+        )
+    said = [r.getMessage() for r in caplog.records if "post-processes its logits" in r.getMessage()]
+    assert len(said) == 1 and "final_logit_softcapping=0.25" in said[0] and "unfused" in said[0]
+    assert trainer.objective.impl == "naive"
+    trainer.model.eval()
+    loader = torch.utils.data.DataLoader(
+        trainer.train_dataset, batch_size=4, collate_fn=trainer.data_collator
+    )
+    batch = next(iter(loader))
+    ours = trainer.compute_loss(trainer.model, batch)
+    assert ours.item() == pytest.approx(_synpo64(model, trainer.train_dataset).item(), rel=1e-5, abs=1e-6)
+    # What the fused loss would have trained on: clearly another loss.
+    with torch.no_grad():
+        hidden = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        uncapped = sk.fused_linear_synpo_loss(hidden.hidden_states[-1], model.lm_head.weight, labels)
+    assert abs(uncapped.item() - ours.item()) > 1e-3
+    trainer.model.train()
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "loss" in h]) == 2
 
 
 def test_lora_trains_only_the_adapter(tmp_path):
@@ -251,7 +293,7 @@ def test_lora_trains_only_the_adapter(tmp_path):
     model = tiny_llama(vocab_size=len(tokenizer))
     base = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.model.register_forward_pre_hook(lambda *_: calls.append(1))
     trainer = SynPOTrainer(
         model=model,
         args=SynPOConfig(output_dir=str(tmp_path), max_steps=3, **COMMON),
@@ -263,13 +305,57 @@ def test_lora_trains_only_the_adapter(tmp_path):
     assert len(calls) == 3
     rows = [h for h in trainer.state.log_history if "loss" in h]
     assert all(-1.2 <= h["loss"] <= 0 for h in rows) and set(rows[0]) >= TRL_METRICS
-    changed = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    changed = [n for n, p in trainer.policy.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
     assert changed
     merged = {
         k.replace("base_model.model.", "").replace("base_layer.", ""): v
         for k, v in model.state_dict().items()
     }
     assert all(torch.equal(v, merged[k]) for k, v in base.items())  # the base weights are frozen
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_checkpoints_hold_the_policy_and_resume_exactly(tmp_path, peft):
+    """``trainer.model`` is the objective around the policy; checkpoints and save_model hold the policy
+    as save_pretrained writes it (the adapter alone with LoRA), and resuming continues the run."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = word_tokenizer()
+
+    def run(out, **kwargs):
+        args = SynPOConfig(output_dir=str(out), max_steps=4, **{**COMMON, "save_strategy": "steps"})
+        args.save_steps = 2
+        trainer = SynPOTrainer(
+            model=tiny_llama(vocab_size=len(tokenizer)),
+            args=args,
+            train_dataset=plain_pairs(6),
+            processing_class=tokenizer,
+            peft_config=lora() if peft else None,
+        )
+        trainer.train(**kwargs)
+        return trainer, {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+    trainer, losses = run(tmp_path / "a")
+    step2 = tmp_path / "a" / "checkpoint-2"
+    weights = "adapter_model.safetensors" if peft else "model.safetensors"
+    assert (step2 / weights).is_file() and (step2 / "trainer_state.json").is_file()
+    trainer.save_model(str(tmp_path / "final"))
+    if peft:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(tiny_llama(vocab_size=len(tokenizer)), str(tmp_path / "final"))
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    trained = trainer.policy.state_dict()
+    assert loaded.state_dict().keys() == trained.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+    resumed, resumed_losses = run(tmp_path / "b", resume_from_checkpoint=str(step2))
+    assert sorted(losses) == sorted(resumed_losses) == [1, 2, 3, 4]  # steps; 1-2 from the checkpoint
+    assert [resumed_losses[k] for k in (3, 4)] == pytest.approx([losses[k] for k in (3, 4)], rel=1e-6)
+    for name, tensor in resumed.policy.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name], rtol=1e-5, atol=1e-7)
 
 
 def test_config_validation():
@@ -282,6 +368,31 @@ def test_config_validation():
     # TRL's beta is IPO's tau and ORPO's lam.
     assert SynPOConfig(output_dir="x", loss_type="ipo", beta=0.3).resolved_loss_options()["tau"] == 0.3
     assert SynPOConfig(output_dir="x", loss_type="orpo", beta=0.2).resolved_loss_options()["lam"] == 0.2
+    # Dict fields from the command line: JSON objects.
+    from transformers import HfArgumentParser
+
+    flags = ["--output_dir", "x", "--loss_type", "simpo", "--loss_options", '{"gamma": 1.5}']
+    (parsed,) = HfArgumentParser(SynPOConfig).parse_args_into_dataclasses(flags)
+    assert parsed.loss_options == {"gamma": 1.5} and parsed.resolved_loss_options()["gamma"] == 1.5
+    with pytest.raises(ValueError, match="loss_options: expected a JSON object"):
+        SynPOConfig(output_dir="x", loss_options="[1]")
+    with pytest.raises(ValueError, match="model_init_kwargs: not a JSON object"):
+        SynPOConfig(output_dir="x", model_init_kwargs="{dtype: bf16}")
+
+
+def test_lora_on_the_lm_head_is_refused(tmp_path):
+    """The fused loss reads lm_head.weight: an adapter there would be skipped (the objective's check)."""
+    from peft import LoraConfig
+
+    tokenizer = word_tokenizer()
+    with pytest.raises(ValueError, match="LoRA wraps the lm_head"):
+        SynPOTrainer(
+            model=tiny_llama(vocab_size=len(tokenizer)),
+            args=SynPOConfig(output_dir=str(tmp_path), **COMMON),
+            train_dataset=plain_pairs(4),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+        )
 
 
 def test_dpo_without_a_reference_is_refused(tmp_path):
@@ -338,8 +449,8 @@ def test_dpo_ipo_with_adapter_disabled_reference_match_trl(tmp_path, loss_type, 
         processing_class=word_tokenizer(),
         peft_config=lora(),
     )
-    theirs.model.load_state_dict(ours.model.state_dict())
-    perturb_lora(ours.model, theirs.model)
+    theirs.model.load_state_dict(ours.policy.state_dict())
+    perturb_lora(ours.policy, theirs.model)
     batch, their_batch = first_batch(ours), first_batch(theirs)
     assert all(
         torch.equal(batch[k], their_batch[k]) for k in ("input_ids", "attention_mask", "completion_mask")
@@ -447,11 +558,11 @@ def test_reference_free_family_matches_trl_cpo_orpo(tmp_path, loss_type, trainer
         # odds-ratio terms (loss minus each side's NLL) and the log odds ratio itself.
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         with torch.no_grad():
-            hidden = ours.model(
+            hidden = ours.policy(
                 **{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True
             )
             sums = sk.fused_linear_sequence_logprobs(
-                hidden.hidden_states[-1], ours.model.lm_head.weight, labels, average=False
+                hidden.hidden_states[-1], ours.policy.lm_head.weight, labels, average=False
             )
         half = sums.shape[0] // 2
         our_nll = (-sums[:half].sum() / (labels[:half, 1:] != -100).sum()).item()

@@ -5,6 +5,7 @@ which import this module through ``CHILD_ENV``)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -22,6 +23,15 @@ CHILD_ENV = {
     "OMP_NUM_THREADS": "1",
     "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p),
 }
+
+
+def free_port() -> int:
+    """A free TCP port for a launcher's rendezvous (``--master_port``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 TIMING_KEYS = frozenset({"tokens_per_s", "step_time_s", "peak_memory_mb", "eval_seconds"})
 TINY_MODEL = {"hidden_size": 32, "layers": 2, "heads": 2}
 # 8 steps of 4 pairs, checkpoints every 2, LoRA with dropout: a resumed run must restore the RNG to draw
@@ -112,3 +122,29 @@ def call_while_saving(step: int, action) -> None:
             action()
 
     ckpt.save_torch_state = save_then_act
+
+
+def tiny_softcapped_lm(vocab_size: int, softcap: float = 0.25, seed: int = 0):
+    """A tiny Gemma-2 (tied embeddings) whose logits are ``softcap * tanh(hidden @ W.T / softcap)``,
+    not the ``hidden @ lm_head.weight.T`` the fused loss computes. The cap is small enough to change
+    this random model's logits (about +-0.3) a lot."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=softcap,
+        attn_logit_softcapping=None,
+        max_position_embeddings=512,
+        sliding_window=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return Gemma2ForCausalLM(config).train()

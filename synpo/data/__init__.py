@@ -8,7 +8,13 @@ micro-batches per rank) -> :class:`PreferenceCollator` (``batching``: ``[chosen;
 padded or packed, plus the response windows the fused loss reads).
 """
 
-from synpo.data.batching import IGNORE_INDEX, PairBatchPlan, PreferenceCollator, PreferenceDataset
+from synpo.data.batching import (
+    IGNORE_INDEX,
+    PairBatchPlan,
+    PreferenceCollator,
+    PreferenceDataset,
+    response_windows,
+)
 from synpo.data.encode import PLAIN_SYSTEM_PROMPT, EncodedPair, EncodeStats, PairEncoder
 from synpo.data.records import (
     DEFAULT_PROMPT,
@@ -35,5 +41,6 @@ __all__ = [
     "PreferenceExample",
     "ReadReport",
     "read_preference_jsonl",
+    "response_windows",
     "split_eval_examples",
 ]

@@ -18,7 +18,7 @@ from synpo.data.records import DataError, PreferenceExample
 
 IGNORE_INDEX = -100  # label of positions that are not learned (prompt, padding)
 
-__all__ = ["IGNORE_INDEX", "PairBatchPlan", "PreferenceCollator", "PreferenceDataset"]
+__all__ = ["IGNORE_INDEX", "PairBatchPlan", "PreferenceCollator", "PreferenceDataset", "response_windows"]
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -263,3 +263,29 @@ class PreferenceCollator:
         batch["padded_width"] = width
         batch["dropped_pairs"] = requested - len(pairs)
         return batch
+
+
+def response_windows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``response_index`` / ``response_labels`` of a padded ``(rows, T)`` batch, from its labels alone.
+
+    What :class:`PreferenceCollator` builds for the rows it pads (the TRL integration gets its batches
+    from TRL's collator): each row's window runs from the position before its first label (whose output
+    scores that label) to its last label; windows shorter than the longest repeat their first position
+    with ``IGNORE_INDEX`` labels. A row without labels gets a one-position window that scores nothing.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels: expected shape (rows, T), got {tuple(labels.shape)}")
+    rows, width = labels.shape
+    scored = labels != IGNORE_INDEX
+    positions = torch.arange(width, device=labels.device)
+    any_scored = scored.any(dim=1)
+    first = torch.where(scored, positions, width).amin(dim=1)
+    last = torch.where(scored, positions, -1).amax(dim=1)
+    start = torch.where(any_scored, (first - 1).clamp(min=0), 0)
+    length = torch.where(any_scored, last + 1 - start, 1)
+    offsets = torch.arange(int(length.max()), device=labels.device)
+    inside = offsets[None, :] < length[:, None]
+    index = start[:, None] + torch.where(inside, offsets[None, :], 0)
+    index = index + torch.arange(rows, device=labels.device)[:, None] * width
+    window_labels = labels.reshape(-1)[index].masked_fill(~inside, IGNORE_INDEX)
+    return index, window_labels

@@ -16,17 +16,25 @@
 
 How it is built (so that it does not break when TRL's trainers change inside):
 
-- it subclasses :class:`transformers.Trainer` and overrides only its public ``compute_loss``, ``log``,
-  ``prediction_step`` and ``evaluate``; it uses TRL's public data utilities
+- it subclasses :class:`transformers.Trainer` and overrides its public ``compute_loss``, ``log``,
+  ``prediction_step`` and ``evaluate`` (plus ``_save`` / ``_load_from_checkpoint`` /
+  ``_load_best_model``, so that checkpoints hold the policy as ``save_pretrained`` writes it); it uses
+  TRL's public data utilities
   (``trl.data_utils.maybe_extract_prompt``, ``is_conversational``) and TRL's public
   ``DataCollatorForPreference`` (``input_ids``/``attention_mask``/``completion_mask`` of ``[chosen;
   rejected]`` rows, as TRL's ``DPOTrainer`` sees them). Tokenization follows TRL's ``DPOTrainer``
   (EOS appended to plain-text completions, the chat template for conversational rows, the completion
   starting where prompt and prompt+completion tokens diverge), so both trainers see the same batches.
-- the loss is :func:`synpo_kernels.fused_linear_preference_loss` on the backbone's last hidden state
-  (``model(..., output_hidden_states=True, logits_to_keep=1)``: one forward, no ``N x V`` logits)
-  and the lm_head weight as is (tied embeddings included); labels are ``input_ids`` with ``-100``
-  outside the completion, shifted by the op.
+- the model the Trainer optimizes (``trainer.model``, what DDP / DeepSpeed / FSDP wrap) is
+  :class:`synpo.objective.PreferenceObjective` around the causal LM (``trainer.policy``), the module
+  ``synpo train`` optimizes: its forward runs the backbone and the fused loss
+  (:func:`synpo_kernels.fused_linear_preference_loss` on the final hidden states at the completion
+  positions and the lm_head weight, tied embeddings included; no ``N x V`` logits), with its checks,
+  dtype cast and autocast rules. Under ZeRO-3 ``lm_head.weight`` is registered as an external
+  parameter of that module, so DeepSpeed gathers it for the loss and its backward; under FSDP the
+  root unit holds it unsharded during the forward. A model that post-processes its logits
+  (soft-capping, a logit scale) gets the unfused loss on its real logits (one log line), as in
+  ``synpo train``. Labels are ``input_ids`` with ``-100`` outside the completion, shifted by the op.
 - reference-free: for ``synpo`` (default), ``simpo``, ``cpo`` and ``orpo`` no reference model is
   created or loaded and the model runs once per step. ``dpo`` / ``ipo`` need reference log-probs,
   taken, in this order, from ``ref_chosen_logps`` / ``ref_rejected_logps`` dataset columns (TRL's
@@ -40,7 +48,8 @@ Logged metrics (TRL's names; batch means; ``eval_`` prefixed in evaluation), wit
 - ``loss``; ``logps/chosen``, ``logps/rejected``: ``s`` (TRL's DPO meaning);
   ``logps/chosen_per_token``, ``logps/rejected_per_token``: ``m``; ``probs/chosen``: ``P(y_w)``, the
   chosen row's mean token probability (SynPO's ``beta`` term).
-- ``rewards/chosen`` / ``rewards/rejected``: the per-row *reward* the loss compares, defined so that
+- ``rewards/chosen`` / ``rewards/rejected``: the per-row *reward* the loss compares (the ``reward`` of
+  its registry entry, :meth:`synpo_kernels.loss_registry.LossDef.rewards`), defined so that
   ``rewards/margins = rewards/chosen - rewards/rejected`` is the registry's reward margin
   (:attr:`synpo_kernels.PreferenceStats.reward_margin`, docs/losses.md):
 
@@ -68,12 +77,14 @@ import json
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainingArguments, set_seed
 
 import synpo_kernels as sk
+from synpo.data import response_windows
+from synpo.objective import PreferenceObjective, unwrap_hf_model
 from synpo_kernels.loss_registry import Peer, get_loss
 
 __all__ = ["SynPOConfig", "SynPOTrainer", "row_rewards"]
@@ -114,12 +125,22 @@ class SynPOConfig(TrainingArguments):
     Model: ``model_init_kwargs`` (when ``model`` is a string), ``disable_dropout`` (True).
 
     ``remove_unused_columns`` defaults to False: the trainer keeps only the columns it needs itself.
+    ``loss_options`` and ``model_init_kwargs`` also take a JSON object string (the command line:
+    ``--loss_options '{"gamma": 1.0}'``).
     """
+
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [
+        *TrainingArguments._VALID_DICT_FIELDS,
+        "loss_options",
+        "model_init_kwargs",
+    ]
 
     loss_type: str = field(default="synpo", metadata={"help": "Preference loss (synpo_kernels.LOSSES)."})
     alpha: float | None = field(default=None, metadata={"help": "SynPO alpha (default 30.0)."})
     beta: float | None = field(default=None, metadata={"help": "The loss's beta (None: its default)."})
-    loss_options: dict[str, Any] | None = field(default=None, metadata={"help": "Other loss options."})
+    loss_options: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Other loss options (a JSON object on the command line)."}
+    )
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "dpo/ipo: precompute refs."})
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Precompute batch."})
     fused_backend: str | None = field(default=None, metadata={"help": "backend= of the fused op."})
@@ -129,11 +150,23 @@ class SynPOConfig(TrainingArguments):
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad to a multiple of this."})
     pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: tokenizer's)."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
-    model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "from_pretrained kw."})
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "from_pretrained keywords (a JSON object on the command line)."}
+    )
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False (see docstring)."})
 
     def __post_init__(self):
+        for key in ("loss_options", "model_init_kwargs"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{key}: not a JSON object: {value!r} ({e})") from None
+                if not isinstance(value, dict):
+                    raise ValueError(f"{key}: expected a JSON object, got {value!r}")
+                setattr(self, key, value)
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode: 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
         self.resolved_loss_options()  # fail at construction on a bad loss or option
@@ -172,25 +205,52 @@ def row_rewards(loss_type: str, options: dict[str, Any], mean_logp, count, ref_l
     """Per-row rewards (float64) of one side of the pairs, as logged in ``rewards/chosen|rejected``.
 
     ``mean_logp``/``count``: the rows' per-token mean response log-prob and token count; ``ref_logps``:
-    their summed reference log-probs (dpo/ipo). ``None`` for a loss without a per-row reward (a loss
-    registered elsewhere): then only ``rewards/margins`` and ``rewards/accuracies`` are logged.
+    their summed reference log-probs (dpo/ipo). The formula is the loss's registry ``reward``
+    (:meth:`synpo_kernels.loss_registry.LossDef.rewards`); ``None`` for a loss that defines none: then
+    only ``rewards/margins`` and ``rewards/accuracies`` are logged.
     """
     m, n = mean_logp.double(), count.double()
-    s = m * n
-    o = options
-    if loss_type == "synpo":
-        return m.exp()
-    if loss_type in ("dpo", "ipo"):
-        d = s - ref_logps.double()
-        d = d / n if o["average"] else d
-        return o["beta"] * d if loss_type == "dpo" else d
-    if loss_type == "simpo":
-        return o["beta"] * m
-    if loss_type == "cpo":
-        return o["beta"] * (m if o["average"] else s)
-    if loss_type == "orpo":
-        return sk.loss_registry.log_odds(m)
-    return None
+    # No reward reads the probability sums, which the fused op's statistics hold for chosen rows only.
+    rows = sk.RowStats(m * n, torch.full_like(m, float("nan")), n)
+    return get_loss(loss_type).rewards(rows, options, None if ref_logps is None else ref_logps.double())
+
+
+class TrainerObjective(PreferenceObjective):
+    """:class:`~synpo.objective.PreferenceObjective` as the model of a :class:`transformers.Trainer`:
+    forward takes TRL's batch (``input_ids``, ``attention_mask``, ``completion_mask``, optional
+    ``ref_chosen_logps`` / ``ref_rejected_logps``), and what the Trainer asks of its model
+    (activation checkpointing, FSDP's layer classes to wrap) reaches the policy."""
+
+    def forward(self, mode: str = "train", return_stats: bool = False, **inputs):
+        labels = _labels(inputs)
+        response_index, response_labels = response_windows(labels)
+        ref_logps = None
+        if all(c in inputs for c in _REF_COLUMNS):
+            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+        return super().forward(
+            mode,
+            ref_logps=ref_logps,
+            return_stats=return_stats,
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+            response_index=response_index,
+            response_labels=response_labels,
+        )
+
+    @property
+    def _no_split_modules(self):
+        return getattr(unwrap_hf_model(self.policy), "_no_split_modules", None)
+
+    def activation_checkpointing_enable(self, *args, **kwargs):
+        model = unwrap_hf_model(self.policy)
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        return enable(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        return unwrap_hf_model(self.policy).gradient_checkpointing_enable(*args, **kwargs)
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -205,12 +265,6 @@ def _is_peft_model(model) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
-
-
-def _is_tuner_layer(module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return isinstance(module, BaseTunerLayer)
 
 
 class SynPOTrainer(Trainer):
@@ -295,11 +349,6 @@ class SynPOTrainer(Trainer):
             model = get_peft_model(model, peft_config)
             if args.gradient_checkpointing:
                 model.enable_input_require_grads()
-        if _is_peft_model(model) and _is_tuner_layer(model.get_output_embeddings()):
-            raise ValueError(
-                "peft_config: an adapter on lm_head is not supported (the fused loss reads lm_head.weight); "
-                "remove 'lm_head' from target_modules"
-            )
         if args.disable_dropout:
             _disable_dropout(model)
 
@@ -330,8 +379,32 @@ class SynPOTrainer(Trainer):
         train_dataset = self._prepare_dataset(train_dataset, "train")
         eval_dataset = self._prepare_dataset(eval_dataset, "eval")
 
+        # The module the Trainer optimizes (and DDP / DeepSpeed / FSDP wrap): the loss runs in its forward.
+        adapter_reference = self._loss_def.needs_reference and _is_peft_model(model)
+        reference_mode = "adapter_disabled" if adapter_reference else None
+        objective = TrainerObjective(
+            model,
+            loss=self.loss_type,
+            loss_options=self.loss_options,
+            impl="fused",
+            reference_mode=reference_mode,
+            fused_options={"backend": args.fused_backend, "chunk_bytes": args.fused_chunk_bytes},
+        )
+        deepspeed_plugin = getattr(args, "deepspeed_plugin", None)
+        if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            # Outside its module's forward lm_head.weight is an empty partition: DeepSpeed gathers it
+            # for the objective's forward (the fused loss) and backward once registered here.
+            for param in objective.external_parameters():
+                deepspeed.zero.register_external_parameter(objective, param)
+        if args.ddp_find_unused_parameters is None:
+            # What Trainer picks for a transformers model (it cannot see one inside the objective):
+            # searching for unused parameters breaks reentrant activation checkpointing.
+            args.ddp_find_unused_parameters = not args.gradient_checkpointing
+
         super().__init__(
-            model=model,
+            model=objective,
             args=args,
             data_collator=data_collator,
             train_dataset=train_dataset,
@@ -410,9 +483,10 @@ class SynPOTrainer(Trainer):
 
     @torch.no_grad()
     def _with_reference(self, dataset, batch_size: int):
-        """``dataset`` plus ``ref_chosen_logps``/``ref_rejected_logps`` from the current (initial) model.
+        """``dataset`` plus ``ref_chosen_logps``/``ref_rejected_logps`` from the current (initial) model,
+        with its adapter disabled for a PEFT model (the objective's ``reference`` / ``policy`` modes).
 
-        Every process computes the whole dataset with its own copy of the model (not for ZeRO-3).
+        Every process computes the whole dataset (the same forwards on every rank, as ZeRO-3 needs).
         """
         if dataset is None or all(c in dataset.column_names for c in _REF_COLUMNS):
             return dataset
@@ -420,13 +494,14 @@ class SynPOTrainer(Trainer):
 
         size = self.args.precompute_ref_batch_size or batch_size
         loader = DataLoader(dataset, batch_size=size, collate_fn=self.data_collator, shuffle=False)
+        mode = "reference" if self.objective.reference_mode else "policy"
         chosen, rejected = [], []
         was_training = self.model.training
         self.model.eval()
         try:
             for batch in loader:
                 batch = {k: v.to(self.args.device) for k, v in batch.items()}
-                ref = self._reference_logps(self.model, batch, _labels(batch))
+                ref = self.model_wrapped(mode=mode, **batch)
                 w, lo = ref.chunk(2)
                 chosen += w.tolist()
                 rejected += lo.tolist()
@@ -438,56 +513,23 @@ class SynPOTrainer(Trainer):
     # Loss
     # ------------------------------------------------------------------------------------------
 
-    def _lm_head(self, model):
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        return head.weight, getattr(head, "bias", None)
+    @property
+    def objective(self) -> TrainerObjective:
+        """The module the Trainer optimizes (``trainer.model``, unwrapped from DDP / DeepSpeed / FSDP)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    @staticmethod
-    def _hidden_states(model, inputs) -> torch.Tensor:
-        out = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        return out.hidden_states[-1]
-
-    def _reference_logps(self, model, inputs, labels) -> torch.Tensor:
-        """``(2B,)`` summed reference log-probs: dataset columns, else the model with its adapter disabled."""
-        if all(c in inputs for c in _REF_COLUMNS):
-            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
-        unwrapped = self.accelerator.unwrap_model(model)
-        with (
-            torch.no_grad(),
-            unwrapped.disable_adapter() if _is_peft_model(unwrapped) else contextlib.nullcontext(),
-        ):
-            hidden = self._hidden_states(model, inputs)
-            weight, bias = self._lm_head(model)
-            return sk.fused_linear_sequence_logprobs(hidden, weight, labels, bias=bias, average=False).float()
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The causal LM being trained (a ``peft.PeftModel`` with LoRA): what ``save_model`` writes."""
+        return self.objective.policy
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The fused preference loss of a ``[chosen; rejected]`` batch; metrics are kept for ``log``."""
+        """The fused preference loss of a ``[chosen; rejected]`` batch; metrics are kept for ``log``.
+
+        ``model``: ``trainer.model`` (the objective) or its DDP / DeepSpeed / FSDP wrapper.
+        """
         mode = "train" if self.model.training else "eval"
-        labels = _labels(inputs)
-        options = dict(self.loss_options)
-        ref = None
-        if self._loss_def.needs_reference:
-            ref = self._reference_logps(model, inputs, labels)
-            options["ref_logps"] = ref
-        hidden = self._hidden_states(model, inputs)
-        weight, bias = self._lm_head(model)
-        loss, stats = sk.fused_linear_preference_loss(
-            hidden,
-            weight,
-            labels,
-            loss=self.loss_type,
-            bias=bias,
-            return_stats=True,
-            backend=self.args.fused_backend,
-            chunk_bytes=self.args.fused_chunk_bytes,
-            **options,
-        )
+        loss, _, stats, ref = model(**inputs, return_stats=True)
         self._record(mode, stats, ref)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
@@ -542,9 +584,7 @@ class SynPOTrainer(Trainer):
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = self._prepare_dataset(eval_dataset, "eval")
             if self._loss_def.needs_reference and self.args.precompute_ref_log_probs:
-                if self.state.global_step > 0 and not _is_peft_model(
-                    self.accelerator.unwrap_model(self.model)
-                ):
+                if self.state.global_step > 0 and not _is_peft_model(self.policy):
                     raise ValueError(
                         "evaluate(eval_dataset=...): the reference log-probs of a new dataset cannot be "
                         "precomputed after training started (the initial policy is gone); pass it as "
@@ -558,6 +598,40 @@ class SynPOTrainer(Trainer):
                 else:
                     eval_dataset = self._with_reference(eval_dataset, self.args.per_device_eval_batch_size)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    # ------------------------------------------------------------------------------------------
+    # Saving and loading: the policy, as save_pretrained writes it (not the objective around it)
+    # ------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _policy_as_model(self):
+        """``self.model`` is the policy inside: Trainer's save/load code then treats it as it treats
+        a transformers or PEFT model (``save_pretrained``, adapter-only checkpoints, ``load_adapter``)."""
+        model = self.model
+        self.model = self.policy
+        try:
+            yield
+        finally:
+            self.model = model
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if state_dict is not None:  # gathered from DeepSpeed / FSDP: the objective's names
+            prefix = "policy."
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        with self._policy_as_model():
+            super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if model is not None:  # DeepSpeed / FSDP: their own checkpoints of the wrapped objective
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        with self._policy_as_model():
+            return super()._load_from_checkpoint(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        with self._policy_as_model():
+            return super()._load_best_model()
 
 
 def _labels(inputs) -> torch.Tensor:

@@ -55,3 +55,41 @@ def random_preference_batch(pairs: int, vocab_size: int, *, prompt=(6, 12), resp
         attention_mask[i, :n] = 1
         labels[i, len(p) : n] = r
     return input_ids, attention_mask, labels
+
+
+def training_arguments(cls, settings: dict, cli_args=()):
+    """``cls`` (``TrainingArguments`` or a subclass) from the example's ``settings``, overridden by
+    ``cli_args``: any of its flags as on a command line (``--deepspeed ds.json``, ``--fsdp ...``)."""
+    from transformers import HfArgumentParser
+
+    # argparse keeps the last value of a repeated flag: the command line wins over the settings.
+    flags = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    (args,) = HfArgumentParser(cls).parse_args_into_dataclasses([*flags, *cli_args])
+    return args
+
+
+def distribution(trainer) -> dict:
+    """How a Trainer's run was spread: processes, accelerate's distributed type, ZeRO stage, FSDP version,
+    and the class that wrapped the model (``DistributedDataParallel``, ``DeepSpeedEngine``,
+    ``FullyShardedDataParallel``; FSDP2 prefixes the model's class with ``FSDP``)."""
+    state = trainer.accelerator.state
+    return {
+        "processes": state.num_processes,
+        "type": str(state.distributed_type).rsplit(".", 1)[-1],
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "zero_stage": state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "fsdp_version": state.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None,
+    }
+
+
+def write_history(trainer, history, path) -> None:
+    """Print the logged rows and write them with :func:`distribution` to ``path`` (JSON), on rank 0."""
+    import json
+
+    if not trainer.accelerator.is_main_process:
+        return
+    for h in history:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()})
+    if path:
+        with open(path, "w") as f:
+            json.dump({"distribution": distribution(trainer), "rows": history}, f)

@@ -14,7 +14,12 @@ private methods:
 
 The example builds a tiny word-level tokenizer and a tiny Llama with a LoRA adapter, offline.
 
-Run: ``python examples/trl_dpo_trainer.py --loss synpo --steps 6``
+Run: ``python examples/trl_dpo_trainer.py --loss synpo --steps 6``; ``--full`` trains all weights
+instead of a LoRA adapter, and any ``SynPOConfig`` / ``TrainingArguments`` flag passes through, so the
+same script runs at scale (docs/training.md, "Launching at scale")::
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/trl_dpo_trainer.py --full \
+        --deepspeed synpo/configs/zero3.json
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _tiny import tiny_llama
+from _tiny import tiny_llama, training_arguments, write_history
 
 import synpo_kernels as sk
 
@@ -105,44 +110,78 @@ def caption_pairs(n: int, seed: int = 0):
 
 
 def build_trainer(
-    output_dir, loss: str = "synpo", steps: int = 6, pairs: int = 8, lr: float = 5e-3, seed: int = 0
+    output_dir,
+    loss: str = "synpo",
+    steps: int = 6,
+    pairs: int = 8,
+    lr: float = 5e-3,
+    seed: int = 0,
+    *,
+    lora: bool = True,
+    vocab_size: int | None = None,
+    config_args: list[str] = (),
 ):
-    """A ``SynPOTrainer`` on the tiny model (LoRA adapter) and random caption pairs."""
+    """A ``SynPOTrainer`` on the tiny model (a LoRA adapter, or full fine-tuning) and random caption pairs.
+
+    ``config_args``: ``SynPOConfig`` / ``TrainingArguments`` flags as on a command line (``--deepspeed
+    ds.json``, ``--fsdp "full_shard auto_wrap"``, ``--per_device_train_batch_size 4`` ...); they override
+    the example's settings. ``vocab_size``: the model's, padded beyond the tokenizer's (the lm_head of a
+    real model is its largest matrix; DeepSpeed ZeRO-3 keeps parameters below 1e5 elements whole).
+    """
     from peft import LoraConfig
 
     from synpo.integrations.trl import SynPOConfig, SynPOTrainer
 
     tokenizer = tiny_tokenizer()
-    model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
-    args = SynPOConfig(
-        output_dir=output_dir,
-        loss_type=loss,
-        max_steps=steps,
-        per_device_train_batch_size=2,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        disable_tqdm=True,
+    model = tiny_llama(vocab_size=max(vocab_size or 0, len(tokenizer)), seed=seed)
+    settings = {
+        "output_dir": output_dir,
+        "loss_type": loss,
+        "max_steps": steps,
+        "per_device_train_batch_size": 2,
+        "learning_rate": lr,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": not torch.cuda.is_available(),
+        "seed": seed,
+        "disable_tqdm": True,
+    }
+    args = training_arguments(SynPOConfig, settings, config_args)
+    lora_config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]
     )
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
     return SynPOTrainer(
         model=model,
         args=args,
         train_dataset=caption_pairs(pairs, seed=seed),
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=lora_config if lora else None,
     )
 
 
-def train(loss: str = "synpo", steps: int = 6, pairs: int = 8, lr: float = 5e-3, seed: int = 0):
+def train(
+    loss: str = "synpo",
+    steps: int = 6,
+    pairs: int = 8,
+    lr: float = 5e-3,
+    seed: int = 0,
+    *,
+    save_to: str | None = None,
+    return_trainer: bool = False,
+    **kwargs,
+):
+    """Train and return the logged rows (and the trainer with ``return_trainer``); ``save_to``: a directory
+    for the trained model (``save_pretrained`` format); ``kwargs``: ``lora=``, ``config_args=`` of
+    :func:`build_trainer`."""
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(tmp, loss, steps, pairs, lr, seed)
+        trainer = build_trainer(tmp, loss, steps, pairs, lr, seed, **kwargs)
         trainer.train()
-        return [h for h in trainer.state.log_history if "loss" in h]
+        if save_to:
+            trainer.save_model(save_to)
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        return (history, trainer) if return_trainer else history
 
 
 def main(argv=None):
@@ -151,10 +190,23 @@ def main(argv=None):
     )
     parser.add_argument("--loss", default="synpo", choices=sorted(sk.LOSSES))
     parser.add_argument("--steps", type=int, default=6)
-    args = parser.parse_args(argv)
-    history = train(args.loss, args.steps)
-    for h in history:
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()})
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of a LoRA adapter")
+    parser.add_argument("--vocab-size", type=int, help="pad the model's vocabulary to this size")
+    parser.add_argument("--save", help="save the trained model to this directory")
+    parser.add_argument("--history", help="write the logged rows and how the run was distributed (JSON)")
+    args, config_args = parser.parse_known_args(argv)
+    history, trainer = train(
+        args.loss,
+        args.steps,
+        args.pairs,
+        lora=not args.full,
+        vocab_size=args.vocab_size,
+        config_args=config_args,
+        save_to=args.save,
+        return_trainer=True,
+    )
+    write_history(trainer, history, args.history)
     return history
 
 

@@ -9,7 +9,8 @@
     synpo bench quality                       # SynPO vs DPO vs SimPO on SmolLM2-135M: quality and speed
 
 Results go to benchmarks/results/ (in a checkout; else ./synpo-bench-results, or --output-dir) as
-long-format JSON and CSV with device, driver, versions, commit and date. Charts and the README
+long-format JSON and CSV with device, driver, versions, commit and date; a smoke preset's go to
+./runs/bench-smoke/ unless --output-dir says otherwise. Charts and the README
 table: ``python benchmarks/plot.py`` and ``python scripts/update_readme_results.py``.
 """
 

@@ -40,6 +40,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "format_change",
+    "json_error_text",
     "load_config",
     "parse_override_args",
     "read_config_file",
@@ -440,6 +441,17 @@ def read_config_file(path: str | Path, *, key: str, fmt: Literal["YAML", "JSON"]
         return yaml.safe_load(path.read_text()) if fmt == "YAML" else json.loads(path.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{key}: {path} is not valid {fmt}: {exc}") from exc
+
+
+def json_error_text(exc: json.JSONDecodeError) -> str:
+    """What a ``JSONDecodeError`` says, as one phrase: ``Expecting ',' delimiter at column 61``
+    (its ``msg`` may end in "at": ``Invalid control character at``). Text that ends inside a value
+    says so: a truncated or partly written file, not a bad character."""
+    message = exc.msg.removesuffix(" at")
+    where = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno} column {exc.colno}"
+    if exc.pos >= len(exc.doc.rstrip()) or message.startswith("Unterminated string"):
+        return f"{message} at {where}; the text ends inside a value: a truncated or partly written file?"
+    return f"{message} at {where}"
 
 
 def _read_yaml(path: str | Path) -> dict:

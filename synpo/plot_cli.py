@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from synpo.cli import add_group_parser
+from synpo.config import json_error_text
 
 __all__ = ["add_parser", "ema", "load_metrics", "plot_metrics", "run"]
 
@@ -43,6 +44,9 @@ class Panel(NamedTuple):
     left: tuple[Series, ...]
     right: tuple[Series, ...] = ()
     right_ylabel: str = ""  # also added to the title (" and ...") when the right axis is drawn
+    # The right axis's full range when its values are bounded (a fraction: 0 to 1), so that a constant
+    # accuracy of 1 is drawn at the top of [0, 1], not in the middle of an axis from 0.96 to 1.04.
+    right_range: tuple[float, float] | None = None
 
 
 PANELS = (
@@ -58,6 +62,7 @@ PANELS = (
         (Series("reward_margin", "margin", "#9467bd"),),
         (Series("reward_accuracy", "accuracy", "#ff7f0e"),),
         "accuracy",
+        (0.0, 1.0),
     ),
     Panel(
         "learning rate",
@@ -90,7 +95,7 @@ def load_metrics(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            bad.append((number, f"not JSON: {exc.msg}"))
+            bad.append((number, f"not JSON: {json_error_text(exc)}"))
             continue
         if not isinstance(row, dict):
             bad.append((number, "not a JSON object"))
@@ -195,6 +200,10 @@ def plot_metrics(rows: list[dict], out: Path, title: str, smoothing: float | Non
             top = ax.twinx()
             handles += _draw(top, panel.right, rows, smoothing, linestyle="--")
             top.set_ylabel(panel.right_ylabel)
+            if panel.right_range is not None:
+                low, high = panel.right_range
+                pad = 0.05 * (high - low)
+                top.set_ylim(low - pad, high + pad)
             heading += f" and {panel.right_ylabel}"
         for step in epoch_starts:
             ax.axvline(step, color="black", linewidth=0.6, linestyle=":", alpha=0.5)

@@ -4,9 +4,11 @@ The lock is held for the whole run and names its holder (pid, host, start time) 
 a second run into the same directory is refused at once with the pid to look for. ``flock`` locks
 belong to the open file: the operating system drops them when the process dies, however it dies
 (SIGKILL, OOM killer, a crash), so a stale ``.lock`` left by a dead run is taken over without any
-clean-up. The file itself is never deleted (deleting it would let two runs lock two different
-files of the same name). Under DeepSpeed/torchrun only global rank 0 takes it: every rank of a run
-shares the output directory, and a second launch has a rank 0 of its own that is refused.
+clean-up. The file itself is not deleted while the directory is in use (deleting it would let two
+runs lock two different files of the same name); a run that created the directory and leaves nothing
+else in it removes both (``remove_if_unused``). Under DeepSpeed/torchrun only global rank 0 takes
+it: every rank of a run shares the output directory, and a second launch has a rank 0 of its own
+that is refused.
 
 ``flock`` is advisory and local to one machine on most network filesystems (NFS emulates it with
 POSIX locks, which work across clients; some FUSE filesystems ignore it): it guards against the
@@ -15,6 +17,7 @@ common mistake of starting a run twice, not against a determined second writer.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -43,9 +46,12 @@ def _describe_holder(raw: bytes) -> str:
 class RunDirLock:
     """``RunDirLock(output_dir).acquire()`` ... ``release()`` (or use it as a context manager)."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, remove_if_unused: bool = False):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
+        # The run created the directory: when it releases the lock and the directory holds nothing
+        # else (the run failed before writing anything), remove both rather than leave a bare .lock.
+        self.remove_if_unused = remove_if_unused
         self._fd: int | None = None
 
     @property
@@ -86,6 +92,14 @@ class RunDirLock:
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            if self.remove_if_unused:
+                # Still locked here: a second run that opened the file meanwhile was refused. (One
+                # that opens it between this unlink and the rmdir creates a new .lock, and the rmdir
+                # fails harmlessly on the non-empty directory.)
+                with contextlib.suppress(OSError):
+                    if [entry.name for entry in self.directory.iterdir()] == [LOCK_FILE]:
+                        os.unlink(self.path)
+                        os.rmdir(self.directory)
             os.close(fd)  # closing the last descriptor of the open file drops the flock
 
     def __enter__(self) -> RunDirLock:

@@ -19,17 +19,25 @@ from synpo.benchmarking import common, kernels, report, runner, scaling, trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _synpo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "synpo", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def _smoke(benchmark: str, tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("bench")
-    proc = _synpo("bench", benchmark, "--preset", "smoke", "--output-dir", str(out), cwd=out)
+    """Run a smoke preset as a user would, without --output-dir: its results go to ./runs/bench-smoke,
+    not into the checkout's tracked benchmarks/results/ (issue 23)."""
+    cwd = tmp_path_factory.mktemp("bench")
+    tracked = ROOT / "benchmarks" / "results" / f"{benchmark}_smoke.json"
+    before = tracked.stat().st_mtime_ns if tracked.exists() else None
+    env = {k: v for k, v in os.environ.items() if k != common.RESULTS_ENV}
+    proc = subprocess.run(
+        [sys.executable, "-m", "synpo", "bench", benchmark, "--preset", "smoke"],
+        cwd=cwd,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = cwd / common.SMOKE_RESULTS_DIR
+    assert f"results: {out / f'{benchmark}_smoke.json'}" in proc.stdout
+    assert (tracked.stat().st_mtime_ns if tracked.exists() else None) == before
     return out, proc.stdout
 
 

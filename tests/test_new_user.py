@@ -142,3 +142,46 @@ def test_lora_on_a_base_without_config_json_warns_nothing(tmp_path):
     assert (result.final_model_dir / "adapter_model.safetensors").is_file()
     said = [str(w.message) for w in caught]
     assert not [line for line in said if any(noise in line for noise in NOISE)], said
+
+
+# -- item 9: small things --------------------------------------------------------------------------
+
+
+def test_invalid_json_lines_say_what_is_wrong(tmp_path):
+    from synpo.data import read_preference_jsonl
+
+    good = '{"prompt": "p", "chosen": "a", "rejected": "b"}'
+    cut = "; the text ends inside a value: a truncated or partly written file?"
+    cases = {
+        # A control character in a string: json's message ends in "at", once only here.
+        '{"prompt": "p\x01", "chosen": "a", "rejected": "b"}': "Invalid control character at column 14",
+        # A last line cut short (a killed writer): not "a control character" (its line break).
+        '{"prompt": "p", "chosen": "abc': f"Unterminated string starting at column 27{cut}",
+        '{"prompt": "p", "chosen": "a"': f"Expecting ',' delimiter at column 30{cut}",
+        '{"prompt": "p" "chosen": "a"}': "Expecting ',' delimiter at column 16",
+    }
+    for line, message in cases.items():
+        for ending in ("", "\n"):
+            path = tmp_path / "pairs.jsonl"
+            path.write_text(f"{good}\n{line}{ending}")
+            with pytest.raises(DataError) as info:
+                read_preference_jsonl(path)
+            assert str(info.value) == f"{path}:2: invalid JSON ({message})"
+
+
+def test_a_run_that_fails_before_training_leaves_no_lock_only_folder(tmp_path, capsys):
+    from synpo.cli import main
+    from synpo.config import ConfigError
+
+    missing = ["--model.name_or_path", str(tmp_path / "no-such-model")]
+    out = tmp_path / "runs" / "new"
+    assert main(["train", *missing, "--checkpoint.output_dir", str(out)]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert not out.exists()  # it created it: removed with its .lock
+
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    config = tiny_training_config(kept, model={"name_or_path": str(tmp_path / "no-such-model")})
+    with pytest.raises(ConfigError):
+        Trainer(config).setup()
+    assert kept.is_dir() and [p.name for p in kept.iterdir()] == [".lock"]  # not ours to remove

@@ -391,6 +391,19 @@ def test_select_heldout_split_is_by_id(tmp_path):
         run_select(scores, train, heldout_output=train, heldout_fraction=0.2)
 
 
+def test_select_progress_counts_scenes_or_videos(tmp_path, capsys):
+    candidates = [
+        {"index": i, "text": f"t{i}", "status": "ok", "score": float(s)} for i, s in enumerate((2, 9))
+    ]
+    for video, unit in ((None, "scene"), ("clip.mp4", "video")):
+        scores = tmp_path / f"{unit}_scores.jsonl"
+        record = {"id": "x-1", "status": "ok", "prompt": "p", "video": video, "candidates": candidates}
+        scores.write_text(json.dumps(record) + "\n")
+        run_select(scores, tmp_path / f"{unit}_pairs.jsonl", allow_partial=True, progress=True)
+        err = capsys.readouterr().err
+        assert f"{unit}/s" in err and ({"scene", "video"} - {unit}).pop() + "/s" not in err, err
+
+
 # --- the bundled pairs --------------------------------------------------------------------------------
 
 

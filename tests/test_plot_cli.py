@@ -135,3 +135,24 @@ def test_without_matplotlib_says_what_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     assert main(["plot", str(tmp_path)]) == 2
     assert "needs matplotlib: pip install 'synpo-kernels[bench]'" in capsys.readouterr().err
+
+
+def test_accuracy_axis_spans_zero_to_one_for_a_constant_accuracy(tmp_path, monkeypatch):
+    """A constant reward accuracy of 1 (a tiny run learns its pairs at once) is drawn at the top of
+    [0, 1], not as a flat line in the middle of an axis from 0.96 to 1.04 (issue 23)."""
+    import matplotlib.pyplot as plt
+
+    from synpo.plot_cli import plot_metrics
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    rows = [{**_train_row(s), "reward_accuracy": 1.0} for s in range(1, 21)]
+    plot_metrics(rows, tmp_path / "curves.png", "run")
+    (fig,) = figures
+    (accuracy,) = [ax for ax in fig.axes if ax.get_ylabel() == "accuracy"]
+    low, high = accuracy.get_ylim()
+    assert low < 0.0 < 1.0 < high < 1.1
+    (margin,) = [ax for ax in fig.axes if ax.get_ylabel() == "reward margin"]
+    assert margin.get_ylim()[1] < 0.01  # the left axis keeps its autoscaled range
+    real_close(fig)

@@ -56,6 +56,21 @@ def default_results_dir() -> Path:
     return Path.cwd() / "synpo-bench-results"
 
 
+# Where a smoke preset's results go unless asked: they check that the harness runs, they are not
+# figures to publish, so not into the checkout's tracked benchmarks/results/ (runs/ is git-ignored).
+SMOKE_RESULTS_DIR = Path("runs") / "bench-smoke"
+
+
+def results_dir(args: argparse.Namespace) -> Path:
+    """Where this run's results go: ``--output-dir`` when given, ``$SYNPO_BENCH_RESULTS``, then
+    ``./runs/bench-smoke`` for a ``smoke`` preset, else :func:`default_results_dir`."""
+    if getattr(args, "output_dir", None):
+        return Path(args.output_dir)
+    if getattr(args, "preset", None) == "smoke" and not os.environ.get(RESULTS_ENV):
+        return Path.cwd() / SMOKE_RESULTS_DIR
+    return default_results_dir()
+
+
 def git_commit() -> str:
     """Short commit of the checkout (``-dirty`` when tracked files differ), ``unknown`` outside git."""
     root = repo_root() or Path(__file__).resolve().parent
@@ -465,7 +480,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is stopped")
     parser.add_argument("--budget-s", type=float, default=None, help="stop the sweep after this many seconds")
-    parser.add_argument("--output-dir", default=None, help="where results go (default: benchmarks/results)")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where results go (default: benchmarks/results in a checkout; --preset smoke: "
+        "./runs/bench-smoke)",
+    )
     parser.add_argument("--no-save", action="store_true", help="print only")
 
 
@@ -486,7 +506,6 @@ def finish(args: argparse.Namespace, stem: str, records: list[dict], meta: dict,
     print()
     print(table)
     if not args.no_save:
-        out_dir = Path(args.output_dir) if args.output_dir else default_results_dir()
-        json_path, csv_path = write_long_results(stem, records, meta, out_dir)
+        json_path, csv_path = write_long_results(stem, records, meta, results_dir(args))
         print(f"\nresults: {json_path} and {csv_path}")
     return 0

@@ -560,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from synpo.benchmarking import quality_report
 
-    results_dir = Path(args.output_dir) if args.output_dir else common.default_results_dir()
+    results_dir = common.results_dir(args)
     preset = PRESETS[args.preset]
     stem = "real_model" if preset.name == "cpu" else f"real_model_{preset.name}"
     doc = Path(args.doc) if args.doc else (quality_report.DEFAULT_DOC if preset.name == "cpu" else None)
@@ -715,7 +715,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=1200.0, help="seconds before the speed worker is stopped"
     )
-    parser.add_argument("--output-dir", default=None, help="where results go (default: benchmarks/results)")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where results and plots go (default: benchmarks/results in a checkout; --preset smoke: "
+        "./runs/bench-smoke)",
+    )
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument(
         "--doc", default=None, help="the rendered page (default: docs/real_model.md for --preset cpu)"

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from synpo.config import json_error_text
+
 # The bundled demo pairs (both record formats); the default config trains on them.
 SAMPLE_PAIRS_PATH = Path(__file__).resolve().parent.parent / "assets" / "sample_pairs.jsonl"
 DEFAULT_PROMPT = "Describe the video in detail."
@@ -193,9 +195,10 @@ def read_preference_jsonl(
             where = f"{path}:{lineno}"
             try:
                 try:
-                    record = json.loads(line)
+                    # Without its line break: a last line cut inside a string is not "a control character".
+                    record = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+                    raise DataError(f"{where}: invalid JSON ({json_error_text(exc)})") from exc
                 example = _parse_record(record, where, default_prompt, base)
             except DataError as exc:
                 if on_error == "raise":

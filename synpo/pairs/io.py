@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from synpo.config import json_error_text
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
 
 STATUS_OK = "ok"
@@ -229,7 +231,7 @@ def _read_manifest(path: Path) -> list[VideoItem]:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"manifest {path}:{number}: invalid JSON ({exc.msg})") from exc
+                raise ValueError(f"manifest {path}:{number}: invalid JSON ({json_error_text(exc)})") from exc
             video = entry.get("video")
             if not isinstance(video, str) or not video:
                 raise ValueError(f"manifest {path}:{number}: needs a non-empty string 'video'")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from synpo.config import json_error_text
 from synpo.pairs.io import JsonlWriter
 
 VOCABULARY_PATH = Path(__file__).resolve().parent.parent / "assets" / "scene_vocabulary.json"
@@ -74,7 +75,7 @@ def load_vocabulary(path: str | Path = VOCABULARY_PATH) -> SceneVocabulary:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"scene vocabulary {path}: invalid JSON ({exc.msg})") from exc
+        raise ValueError(f"scene vocabulary {path}: invalid JSON ({json_error_text(exc)})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"scene vocabulary {path}: expected a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(SceneVocabulary._fields))
@@ -197,7 +198,7 @@ def read_scenes(path: str | Path) -> list[Scene]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
+            raise ValueError(f"{where}: invalid JSON ({json_error_text(exc)})") from exc
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         scene_id = record.get("id")

@@ -142,9 +142,9 @@ def run_select(
     kept = [0, 0]
     with ExitStack() as stack:
         writers = [stack.enter_context(JsonlWriter(path)) for path in outputs]
-        for record_id, record in tqdm(
-            scores.items(), desc="pairs select", unit="video", disable=not progress
-        ):
+        # Text scenes have no video: count what the records are.
+        unit = "video" if any(record.get("video") for record in scores.values()) else "scene"
+        for record_id, record in tqdm(scores.items(), desc="pairs select", unit=unit, disable=not progress):
             summary.total += 1
             if record_id in done:
                 summary.skipped_done += 1

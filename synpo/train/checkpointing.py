@@ -407,9 +407,10 @@ def acquire_run_lock(trainer: Trainer) -> None:
     output_dir = trainer.output_dir
     if trainer.dist.is_main:
         try:
+            created = not output_dir.exists()
             output_dir.mkdir(parents=True, exist_ok=True)
             if trainer._run_lock is None:
-                trainer._run_lock = RunDirLock(output_dir)
+                trainer._run_lock = RunDirLock(output_dir, remove_if_unused=created)
             trainer._run_lock.acquire()
         except RunLockError as exc:
             error = ("lock", str(exc))

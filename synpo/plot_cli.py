@@ -319,7 +319,10 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "matplotlib":
             raise
-        print("synpo plot: error: needs matplotlib: pip install 'synpo-kernels[bench]'", file=sys.stderr)
+        print(
+            "synpo plot: error: needs matplotlib: pip install matplotlib (the clone's bench extra)",
+            file=sys.stderr,
+        )
         return 2
     except OSError as exc:
         print(f"synpo plot: error: cannot write {out}: {exc}", file=sys.stderr)

@@ -185,3 +185,25 @@ def test_a_run_that_fails_before_training_leaves_no_lock_only_folder(tmp_path, c
     with pytest.raises(ConfigError):
         Trainer(config).setup()
     assert kept.is_dir() and [p.name for p in kept.iterdir()] == [".lock"]  # not ours to remove
+
+
+def test_install_instructions_name_the_clone_not_the_package_index():
+    """synpo-kernels is not on PyPI: ``pip install "synpo-kernels[trl]"`` cannot work; the README and
+    docs say how to install an extra from the clone (issue 23, item 3)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [
+        root / "README.md",
+        *sorted((root / "docs").glob("*.md")),
+        *sorted((root / "synpo").rglob("*.yaml")),
+    ]
+    wrong = [
+        f"{p.relative_to(root)}:{n}"
+        for p in files
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "synpo-kernels[" in line
+    ]
+    assert wrong == []
+    readme = (root / "README.md").read_text()
+    assert 'install from the clone, `pip install --no-build-isolation\n".[trl]"`' in readme

@@ -134,7 +134,7 @@ def test_without_matplotlib_says_what_to_install(tmp_path, capsys, monkeypatch):
     _write(tmp_path / "metrics.jsonl", [_train_row(1)])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     assert main(["plot", str(tmp_path)]) == 2
-    assert "needs matplotlib: pip install 'synpo-kernels[bench]'" in capsys.readouterr().err
+    assert "needs matplotlib: pip install matplotlib (the clone's bench extra)" in capsys.readouterr().err
 
 
 def test_accuracy_axis_spans_zero_to_one_for_a_constant_accuracy(tmp_path, monkeypatch):

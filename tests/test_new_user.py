@@ -207,3 +207,23 @@ def test_install_instructions_name_the_clone_not_the_package_index():
     assert wrong == []
     readme = (root / "README.md").read_text()
     assert 'install from the clone, `pip install --no-build-isolation\n".[trl]"`' in readme
+
+
+def test_no_usable_pairs_says_what_to_change(tmp_path):
+    """The training file a select that wrote no pair leaves (empty), or one whose gaps are all below
+    data.min_score_gap: the error says which (issue 23, item 4)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    weak = tmp_path / "weak.jsonl"
+    weak.write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 5, "rejected_score": 3}\n'
+    )
+    for path, hint in (
+        (empty, "; the file holds no record (synpo pairs select says why when it writes none)"),
+        (weak, "; every score gap is below data.min_score_gap 4: lower it"),
+    ):
+        with pytest.raises(DataError) as info:
+            Trainer(tiny_training_config(tmp_path / "run", data={"train_file": str(path)})).setup()
+        assert str(info.value).startswith(f"{path}: no usable preference pairs (") and str(
+            info.value
+        ).endswith(hint)

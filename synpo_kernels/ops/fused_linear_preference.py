@@ -271,7 +271,7 @@ def _backward(ctx, grad_loss, *_unused):
     gh, gw, gb = ctx.saved_tensors
     p, (hidden_dtype, weight_dtype) = ctx.params, ctx.dtypes
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    donated = p.donate_grads
+    donated = p.donate_outputs
     return (
         scaled_gradient(gh, grad_loss, hidden_dtype, donated) if need_h and p.grad_hidden else None,
         scaled_gradient(gw, grad_loss, weight_dtype, donated) if need_w and p.grad_weight else None,
@@ -306,7 +306,7 @@ def _preference(hidden, weight, labels, bias, spec: LossSpec, tensors, ignore_in
         grad_hidden=grad_on and hidden.requires_grad,
         grad_weight=grad_on and weight.requires_grad,
         grad_bias=grad_on and bias is not None and bias.requires_grad,
-        donate_grads=True,  # the gradient outputs are dropped below
+        donate_outputs=True,  # the gradient outputs are dropped below
     )  # fmt: skip
     tensors = {k: v.detach() for k, v in tensors.items()}
     loss, sum_logp, sum_p, count, losses, *_grads = _fused_linear_preference_op(

@@ -1,7 +1,10 @@
-"""The csrc/ naming rule (csrc/README.md) that keeps object files from colliding in the CUDA build."""
+"""The csrc/ naming rule (csrc/README.md) that keeps object files from colliding in the CUDA build, what
+goes into the wheel, and the one-way import direction of ../shared/LAYOUT.md (data does not import pairs;
+synpo_kernels does not import synpo)."""
 
 from __future__ import annotations
 
+import ast
 import re
 from collections import Counter
 from pathlib import Path
@@ -112,3 +115,65 @@ def test_every_file_of_the_python_packages_goes_into_the_wheel():
                 assert (path.parent / "__init__.py").is_file(), f"{path}: its folder is not a package"
             else:
                 assert path in shipped, f"{path.relative_to(root)}: not in [tool.setuptools.package-data]"
+
+
+def _imported_modules(path: Path, root: Path) -> set[str]:
+    """Every module ``path`` imports, absolute, including imports inside functions (lazy imports count:
+    they are still arrows) and each name of ``from pkg import name`` as ``pkg.name`` (it may be a module)."""
+    # Relative imports resolve against the file's folder (its package, for __init__.py and modules alike).
+    package = list(path.relative_to(root).parent.parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _imports_of(package: Path, root: Path) -> dict[str, set[str]]:
+    files = sorted(package.rglob("*.py"))
+    assert files, f"no Python files under {package}"
+    return {str(p.relative_to(root)): _imported_modules(p, root) for p in files}
+
+
+def _is_under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_import_parser_sees_lazy_relative_and_from_imports(tmp_path):
+    # The layout checks below pass trivially if the parser misses an import form; show it does not.
+    pkg = tmp_path / "synpo" / "data"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from . import records\n")
+    (pkg / "m.py").write_text(
+        "import os\nfrom ..pairs import video\n\n\ndef f():\n    from synpo.pairs.io import x\n"
+        "    import synpo.pairs.score\n    from synpo import pairs\n"
+    )
+    assert _imported_modules(pkg / "__init__.py", tmp_path) == {"synpo.data", "synpo.data.records"}
+    found = _imported_modules(pkg / "m.py", tmp_path)
+    assert {"os", "synpo.pairs.video", "synpo.pairs.io", "synpo.pairs.score", "synpo.pairs"} <= found
+
+
+def test_data_layer_does_not_import_pairs():
+    """synpo.data sits below synpo.pairs: both take the frame sampler from synpo.video."""
+    root = CSRC.parent
+    bad = {
+        f: sorted(m for m in mods if _is_under(m, "synpo.pairs"))
+        for f, mods in _imports_of(root / "synpo" / "data", root).items()
+    }
+    assert not {f: m for f, m in bad.items() if m}, bad
+    # The sampler itself is at the bottom of synpo: it imports nothing from the package.
+    assert not [m for m in _imported_modules(root / "synpo" / "video.py", root) if _is_under(m, "synpo")]
+
+
+def test_kernels_do_not_import_synpo():
+    root = CSRC.parent
+    bad = {
+        f: sorted(m for m in mods if _is_under(m, "synpo"))
+        for f, mods in _imports_of(root / "synpo_kernels", root).items()
+    }
+    assert not {f: m for f, m in bad.items() if m}, bad

@@ -282,7 +282,7 @@ def write_video(path, *, seconds: float, fps: int = 8, size: int = 32):
 
 
 def test_encoder_samples_video_frames_with_the_pairs_sampler(tmp_path, tokenizer):
-    # The sampler itself (synpo.pairs.video.sample_video) is tested in test_pairs_video.py and
+    # The sampler itself (synpo.video.sample_video) is tested in test_pairs_video.py and
     # test_video_sampling.py; here: the encoder's settings reach it and errors name the file.
     encoder = PairEncoder(tokenizer, fps=0.5, min_frames=4, max_frames=16)
     video = write_video(tmp_path / "v.mp4", seconds=4.0)

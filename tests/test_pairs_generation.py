@@ -20,8 +20,8 @@ from synpo.pairs.candidates import CandidateSettings, generate_candidates, run_c
 from synpo.pairs.clips import ClipSettings, run_clips
 from synpo.pairs.io import VideoItem, latest_by_id, load_progress, read_records
 from synpo.pairs.synthetic import write_shapes_video
-from synpo.pairs.video import read_frames
 from synpo.pairs.vlm import Contrastive, FrameContrastLogitsProcessor, Sampling, VideoCaptioner, greedy
+from synpo.video import read_frames
 
 SAMPLING = Sampling(do_sample=True, temperature=0.9, top_p=0.95, top_k=32, max_new_tokens=8)
 FAST_CANDIDATES = CandidateSettings(num_candidates=3, sampling=SAMPLING, min_frames=2, max_frames=4, seed=5)

@@ -8,7 +8,7 @@ import pytest
 
 from synpo.pairs.io import JsonlWriter, latest_by_id, load_progress, read_records
 from synpo.pairs.runner import RecordError, run_stage
-from synpo.pairs.video import VideoError
+from synpo.video import VideoError
 
 
 def test_writer_appends_one_line_per_record(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synpo.pairs import video
+from synpo import video
 from synpo.pairs.io import resolve_videos
 from synpo.pairs.synthetic import render_frame, write_shapes_video
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from synpo import video
 from synpo.config import DataConfig
 from synpo.data import PairEncoder, PreferenceDataset, PreferenceExample
-from synpo.pairs import video
 from synpo.pairs.candidates import CandidateSettings, generate_candidates
 from synpo.pairs.io import VideoItem
 from synpo.pairs.synthetic import write_shapes_video

@@ -85,7 +85,7 @@ class PairEncoder:
     The prompt is never learned (labels -100). Truncation: a text prompt longer than
     ``max_prompt_length`` keeps its last tokens; then a response that does not fit ``max_length`` is
     cut at the end. A pair whose prompt leaves no room for one response token is dropped (``None``).
-    A video is shown as the frames :func:`synpo.pairs.video.sample_video` picks with ``fps``,
+    A video is shown as the frames :func:`synpo.video.sample_video` picks with ``fps``,
     ``min_frames`` and ``max_frames``: the same RGB arrays the candidates stage captioned.
     """
 

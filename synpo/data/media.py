@@ -1,5 +1,5 @@
 """Media of a preference pair: videos are checked and sampled by THE frame sampler,
-:func:`synpo.pairs.video.sample_video` (so training sees the frames the pairs pipeline captioned);
+:func:`synpo.video.sample_video` (so training sees the frames the pairs pipeline captioned);
 images are read with PIL. Failures are :class:`~synpo.data.records.DataError`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ __all__ = ["check_video", "example_frames", "load_images"]
 
 def check_video(path: str | os.PathLike) -> None:
     """Open and probe a video up front; :class:`DataError` if unusable."""
-    from synpo.pairs.video import VideoError, probe
+    from synpo.video import VideoError, probe
 
     try:
         probe(path)
@@ -39,7 +39,7 @@ def load_images(paths: Sequence[str]) -> list:
 def example_frames(example: PreferenceExample, *, fps: float, min_frames: int, max_frames: int) -> list:
     """What the model sees of ``example``: its video's sampled frames (RGB arrays) or its images."""
     if example.video is not None:
-        from synpo.pairs.video import VideoError, sample_video
+        from synpo.video import VideoError, sample_video
 
         try:
             sample = sample_video(example.video, fps=fps, min_frames=min_frames, max_frames=max_frames)

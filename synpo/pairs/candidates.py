@@ -1,7 +1,7 @@
 """Stage 2: K whole-video candidate descriptions per video, each with a sampled refinement pass.
 
 The video is shown as ``clamp(round(duration * 0.5 fps), 8, 16)`` uniform frames, sampled by
-:func:`~synpo.pairs.video.sample_video`, the sampler training uses too. K drafts are sampled
+:func:`~synpo.video.sample_video`, the sampler training uses too. K drafts are sampled
 (upstream: K=10, temperature 0.9, top_p 0.95, top_k 32) for :data:`~synpo.pairs.prompts.VIDEO_CAPTION`,
 then each draft goes through a sampled retrospective refinement
 (:data:`~synpo.pairs.prompts.VIDEO_REFINE`). ``contrastive`` switches both passes to contrastive
@@ -29,14 +29,14 @@ import torch
 from synpo.pairs import prompts
 from synpo.pairs.io import STATUS_OK, VideoItem, video_fields
 from synpo.pairs.runner import item_stage
-from synpo.pairs.video import (
+from synpo.pairs.vlm import Contrastive, Sampling, VideoCaptioner
+from synpo.video import (
     DEFAULT_MAX_VIDEO_FRAMES,
     DEFAULT_MIN_VIDEO_FRAMES,
     DEFAULT_VIDEO_FPS,
     sample_video,
     video_frame_count,
 )
-from synpo.pairs.vlm import Contrastive, Sampling, VideoCaptioner
 
 UPSTREAM_SAMPLING = Sampling(do_sample=True, temperature=0.9, top_p=0.95, top_k=32, max_new_tokens=1024)
 

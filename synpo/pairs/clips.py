@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from synpo.pairs import prompts
 from synpo.pairs.io import STATUS_OK, VideoItem, video_fields
 from synpo.pairs.runner import RecordError, item_stage
-from synpo.pairs.video import (
+from synpo.pairs.vlm import VideoCaptioner, greedy
+from synpo.video import (
     DEFAULT_CLIP_FRAMES,
     DEFAULT_CLIP_SECONDS,
     DEFAULT_MAX_CLIPS,
@@ -30,7 +31,6 @@ from synpo.pairs.video import (
     read_frames,
     uniform_timestamps,
 )
-from synpo.pairs.vlm import VideoCaptioner, greedy
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from synpo.pairs.io import STATUS_FAILED, STATUS_OK, JsonlWriter, load_progress
-from synpo.pairs.video import VideoError
+from synpo.video import VideoError
 
 log = logging.getLogger("synpo.pairs")
 

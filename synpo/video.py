@@ -7,7 +7,8 @@ of each of n equal bins, so the first and last frames are never the (often black
 
 :func:`sample_video` is the project's one whole-video sampler: the candidates stage captions its frames
 and training (:mod:`synpo.data`) shows the model the same frames, so a pair's captions describe exactly
-what the trained model sees.
+what the trained model sees. It lives below both :mod:`synpo.pairs` and :mod:`synpo.data` so that
+neither depends on the other; it imports nothing from ``synpo``.
 """
 
 from __future__ import annotations

@@ -225,10 +225,12 @@ def scaled_gradient(
 def may_reuse_saved(saved: torch.Tensor, donated: bool) -> bool:
     """Whether a backward may overwrite ``saved``, a tensor its op saved for it: the caller dropped the
     op output it is (``donated``), the graph is not retained (the engine frees it right after this
-    backward), and it is a plain tensor: a graph being traced (torch.compile's AOTAutograd, opcheck)
-    holds functional or fake tensors, and a traced backward may not mutate a forward output.
+    backward), and it is a plain tensor with data: a graph being traced (torch.compile's AOTAutograd,
+    opcheck) holds functional or fake tensors, and a traced backward may not mutate a forward output;
+    meta tensors go through the ops' fake kernels.
     """
-    return donated and type(saved) is torch.Tensor and not _graph_retained()
+    plain = type(saved) is torch.Tensor and saved.device.type != "meta"
+    return donated and plain and not _graph_retained()
 
 
 _autocast_libs: list = []  # the registrations live as long as these libraries

@@ -7,12 +7,13 @@ and its backward ``fused_linear_token_logprobs_bwd``, opaque custom ops with fak
 
 Cost. Forward: ``2 n D V`` FLOPs (``n`` = scored tokens, compacted; see
 :mod:`.fused_linear_common`) plus one read of each chunk for the fp32 log-sum-exp. The per-token
-upstream gradient is unknown in the forward. When gradients are due and the batch's positions fit one
-chunk buffer (``chunk_bytes``), the forward keeps the logits it computed and the backward starts from a
-copy of them: ``4 n D V`` FLOPs, ``6 n D V`` in total (:func:`keeps_logits`). Otherwise the backward
-recomputes each chunk's logits from ``hidden`` and ``W`` (saved: only the inputs and the
-log-sum-exp per position): ``6 n D V`` FLOPs, ``8 n D V`` in total. Memory: one ``(m, V)`` chunk
-buffer in the input dtype (two while the kept logits are copied), the gradients, ``O(n)`` vectors.
+upstream gradient is unknown in the forward. When gradients are due and the batch's positions fit
+one chunk buffer (``chunk_bytes``), the forward keeps the logits it computed and the backward
+overwrites them with their gradient (a copy of them for a retained graph or a traced one): ``4 n D V``
+FLOPs, ``6 n D V`` in total (:func:`keeps_logits`). Otherwise the backward recomputes each chunk's
+logits from ``hidden`` and ``W`` (saved: only the inputs and the log-sum-exp per position):
+``6 n D V`` FLOPs, ``8 n D V`` in total. Memory: one ``(m, V)`` chunk buffer in the input dtype (on
+the ``6 n D V`` path held from the forward to the backward), the gradients, ``O(n)`` vectors.
 Any per-token upstream gradient is exact, including one that differs per token (the case where
 Liger's ``reduction='none'`` once gave wrong weight gradients): every token's ``g_t`` scales its own
 logits-gradient row before both gradient GEMMs.
@@ -42,6 +43,7 @@ from synpo_kernels.ops.fused_linear_common import (
     compact_tokens,
     double_backward_error,
     hidden_rows,
+    may_reuse_saved,
     padded_chunk,
     register_autocast,
     resolve_backend,
@@ -101,16 +103,30 @@ def _forward_chunks(backend, hidden2d, weight, bias, idx, labels_c, ignore_index
 
 
 def _backward_chunks(
-    backend, grads, hidden2d, weight, bias, idx, labels_c, lse, g, ignore_index, rows, kept=None
+    backend,
+    grads,
+    hidden2d,
+    weight,
+    bias,
+    idx,
+    labels_c,
+    lse,
+    g,
+    ignore_index,
+    rows,
+    kept=None,
+    reuse_kept=False,
 ):
     """Gradients chunk by chunk, each chunk's logits recomputed; or, with ``kept`` (the forward's
-    logits), one chunk that starts from a copy of them (the saved ones stay intact for a retained
-    graph)."""
+    logits), one chunk that starts from them: overwritten in place when ``reuse_kept``, else a copy."""
     n = idx.shape[0]
     if n == 0:
         return
-    buf = chunk_buffer(min(rows, n), weight)
-    if kept is not None:
+    if kept is not None and reuse_kept:
+        buf, rows = kept[:n, : weight.shape[0]], n
+    else:
+        buf = chunk_buffer(min(rows, n), weight)
+    if kept is not None and not reuse_kept:
         rows = n
         buf.copy_(kept[:n, : weight.shape[0]])
     for t0, t1 in _chunks(n, rows):
@@ -177,6 +193,12 @@ def _fwd_fake(hidden, weight, bias, labels, params):
     ),
 )
 def _bwd_op(grad_logp, hidden, weight, bias, labels, lse, logits, params):
+    return _bwd_impl(grad_logp, hidden, weight, bias, labels, lse, logits, params, reuse_kept=False)
+
+
+def _bwd_impl(grad_logp, hidden, weight, bias, labels, lse, logits, params, *, reuse_kept):
+    """The backward op's work; ``reuse_kept``: overwrite the kept ``logits`` instead of copying them
+    (only where nothing else will read them, :func:`_backward`)."""
     p = FusedLinearParams.decode(params)
     backend, w_acc, rows = p.execution(weight)
     idx, labels_c = _scored_tokens(labels, p)
@@ -200,6 +222,7 @@ def _bwd_op(grad_logp, hidden, weight, bias, labels, lse, logits, params):
             p.ignore_index,
             rows,
             kept,
+            reuse_kept,
         )
     gh, gw, gb = grads.finish(idx, tuple(hidden.shape), weight.dtype)
     return tuple(hidden.new_empty((0,)) if x is None else x for x in (gh, gw, gb))  # outputs never alias
@@ -231,7 +254,14 @@ def _backward(ctx, grad_out, _grad_lse, _grad_logits):
     params = replace(
         FusedLinearParams.decode(ctx.params), grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b
     )
-    gh, gw, gb = _bwd_op(grad_out, hidden, weight, bias, labels, lse, logits, params.encode())
+    args = (grad_out, hidden, weight, bias, labels, lse, logits, params.encode())
+    if logits.numel() and not torch.is_grad_enabled() and may_reuse_saved(logits, params.donate_outputs):
+        # The kept logits are read by nothing after this backward (eager, graph not retained, the
+        # caller dropped them): overwrite them instead of copying. The op itself never mutates its
+        # inputs (its schema says so; torch.compile and opcheck go through it).
+        gh, gw, gb = _bwd_impl(*args, reuse_kept=True)
+    else:
+        gh, gw, gb = _bwd_op(*args)
     return gh if need_h else None, gw if need_w else None, gb if need_b else None, None, None
 
 
@@ -297,6 +327,7 @@ def fused_linear_token_logprobs(
         grad_hidden=grad_on and hidden.requires_grad,
         grad_weight=grad_on and weight.requires_grad,
         grad_bias=grad_on and bias is not None and bias.requires_grad,
+        donate_outputs=True,  # the kept logits are dropped below: the backward may overwrite them
     )  # fmt: skip
     logp, _lse, _logits = _fwd_op(hidden, weight, bias, labels, params.encode())
     return logp

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-trl = pytest.importorskip("trl", reason="TRL is an optional peer (pip install 'synpo-kernels[trl]')")
+trl = pytest.importorskip(
+    "trl", reason="TRL is an optional peer (from the clone: pip install --no-build-isolation '.[trl]')"
+)
 
 from synpo.integrations.trl import SynPOConfig, SynPOTrainer, row_rewards  # noqa: E402
 

@@ -27,7 +27,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_training import CHILD_ENV, free_port
 
-pytest.importorskip("trl", reason="TRL is an optional peer (pip install 'synpo-kernels[trl]')")
+pytest.importorskip(
+    "trl", reason="TRL is an optional peer (from the clone: pip install --no-build-isolation '.[trl]')"
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

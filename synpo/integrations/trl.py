@@ -84,6 +84,7 @@ from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, Train
 
 import synpo_kernels as sk
 from synpo.data import response_windows
+from synpo.models import drop_gguf_quantization_marks
 from synpo.objective import PreferenceObjective, unwrap_hf_model
 from synpo_kernels.loss_registry import Peer, get_loss
 
@@ -328,6 +329,7 @@ class SynPOTrainer(Trainer):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        drop_gguf_quantization_marks(model)  # GGUF weights are dequantized: trainable
         if processing_class is None:
             from transformers import AutoTokenizer
 

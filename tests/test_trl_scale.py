@@ -16,7 +16,6 @@ writes one; and it checks that the engine really wrapped the model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_training import CHILD_ENV, free_port
+from tiny_training import CHILD_ENV, free_port, load_example
 
 pytest.importorskip(
     "trl", reason="TRL is an optional peer (from the clone: pip install --no-build-isolation '.[trl]')"
@@ -34,7 +33,6 @@ pytest.importorskip(
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
 STEPS = 3  # 8 pairs, 4 per optimizer step: the third step starts the reshuffled second epoch
 # Compared per step: the loss, the gradient norm and TRL's metrics (gathered over the ranks; the
 # hf_trainer example logs its rank's own statistics, which cover half the pairs).
@@ -69,15 +67,6 @@ CASES = {
     ),
     "hf-zero3": ("hf", "torchrun", ZERO3, {"wrapper": ZERO, "zero_stage": 3}, False),
 }
-
-
-def load_example(name: str):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def script_args(example: str, out: Path, save: bool) -> list[str]:

@@ -4,8 +4,10 @@ which import this module through ``CHILD_ENV``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -148,3 +150,16 @@ def tiny_softcapped_lm(vocab_size: int, softcap: float = 0.25, seed: int = 0):
     )
     torch.manual_seed(seed)
     return Gemma2ForCausalLM(config).train()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (the examples import their ``_tiny`` helpers by name)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -137,8 +137,9 @@ def test_all_ignored_gives_zeros(backend):
     assert all((g == 0).all() for g in grads)
 
 
-def test_flops_skip_ignored_rows(monkeypatch):
-    """Only rows with a scored label enter the matmul (counted through the torch backend)."""
+@pytest.fixture
+def logits_gemm_rows(monkeypatch):
+    """The rows of every logits GEMM of the torch backend, in call order."""
     from synpo_kernels.ops import fused_linear_common as C
 
     seen = []
@@ -149,6 +150,12 @@ def test_flops_skip_ignored_rows(monkeypatch):
         return original(h_c, weight, bias, out)
 
     monkeypatch.setattr(C._TorchBackend, "logits", staticmethod(counting))
+    return seen
+
+
+def test_flops_skip_ignored_rows(logits_gemm_rows):
+    """Only rows with a scored label enter the matmul (counted through the torch backend)."""
+    seen = logits_gemm_rows
     hidden, weight, _, labels = make_inputs((2,), 40, 8, 23, torch.float32, bias=False, seed=1)
     labels[:, :30] = -100  # prompt/video tokens
     sk.fused_linear_token_logprobs(hidden, weight, labels, backend="torch")
@@ -156,20 +163,13 @@ def test_flops_skip_ignored_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("grad", [True, False])
-def test_backward_recomputes_logits_only_when_they_were_not_kept(monkeypatch, grad):
+def test_backward_recomputes_logits_only_when_they_were_not_kept(logits_gemm_rows, grad):
     """The logits GEMM runs once per scored row when the forward keeps them (all positions fit
     ``chunk_bytes``; gradients due), twice when they do not fit; without gradients nothing is kept."""
     from synpo_kernels.ops import fused_linear_common as C
     from synpo_kernels.ops import fused_linear_token_logprobs as T
 
-    seen = []
-    original = C._TorchBackend.logits
-
-    def counting(h_c, weight, bias, out):
-        seen.append(h_c.shape[0])
-        return original(h_c, weight, bias, out)
-
-    monkeypatch.setattr(C._TorchBackend, "logits", staticmethod(counting))
+    seen = logits_gemm_rows
     hidden, weight, bias, labels = make_inputs((2,), 30, 8, 23, torch.float64, seed=4)
     scored = int((R.shift_labels(labels) != -100).sum())
     expected = []

@@ -123,6 +123,9 @@ class DataConfig:
     max_prompt_length: int | None = None  # text prompts longer than this keep their last tokens
     on_error: Literal["raise", "skip"] = "raise"  # a malformed line: error naming file:line, or count+skip
     pack: bool = False  # pack each micro-batch's sequences into one row (no padding compute)
+    # Each pair's prompt (and video) computed once, both responses continuing from it (exact): auto
+    # turns it on where the model supports it and the prompts are long enough to pay (one log line).
+    prefix_sharing: Literal["auto", True, False] = "auto"
     shuffle: bool = True
     num_workers: int = 0
     # Video frames: duration * fps frames, clamped to [min_frames, max_frames] (upstream: 8-16 at 0.5 fps).

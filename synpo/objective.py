@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from synpo.data import IGNORE_INDEX
+from synpo.prefix_sharing import SEGMENTS_KEY, enable_prefix_sharing
 
 __all__ = [
     "METRIC_NAMES",
@@ -187,6 +188,10 @@ class PreferenceObjective(nn.Module):
         autocast_dtype: run the model under ``torch.autocast`` with this dtype (bf16 mixed precision).
         fused_options: execution options of the fused ops (``backend``, ``chunk_bytes``...; None
             values are left to the op's defaults).
+        prefix_sharing: select the shared-prefix attention (:mod:`synpo.prefix_sharing`) on the policy
+            and a ``copy`` reference, so that batches with ``prefix_sharing_segments`` (a
+            ``PreferenceCollator(prefix_sharing=True)``) run each pair's prompt once. Raises
+            :class:`synpo.prefix_sharing.PrefixSharingUnsupported` for a model it cannot serve.
 
     ``forward`` returns the scalar loss (fp32) and a detached float64 vector of per-micro-batch sums,
     laid out as :data:`METRIC_NAMES`; with ``return_stats=True`` also the per-pair
@@ -207,6 +212,7 @@ class PreferenceObjective(nn.Module):
         reference: nn.Module | None = None,
         autocast_dtype: torch.dtype | None = None,
         fused_options: dict[str, Any] | None = None,
+        prefix_sharing: bool = False,
     ):
         super().__init__()
         from synpo_kernels.loss_registry import get_loss
@@ -250,6 +256,11 @@ class PreferenceObjective(nn.Module):
                 self.impl = "naive"
             else:
                 check_fusable(policy)
+        self.prefix_sharing = bool(prefix_sharing)
+        if self.prefix_sharing:
+            for model in (policy, reference):
+                if model is not None:
+                    enable_prefix_sharing(model)
 
     # -- pieces ------------------------------------------------------------------------------------
 
@@ -274,8 +285,8 @@ class PreferenceObjective(nn.Module):
         from synpo_kernels import row_stats
 
         logits = unwrap_hf_model(model)(**inputs, use_cache=False, return_dict=True).logits
-        if "position_ids" in inputs and "attention_mask" not in inputs:
-            # Packed row: take each sequence's window out of the (1, S, V) logits.
+        if SEGMENTS_KEY in inputs or ("position_ids" in inputs and "attention_mask" not in inputs):
+            # Packed row or shared-prefix segments: take each sequence's window out of the logits.
             logits = _gather_windows(logits.reshape(-1, logits.shape[-1]), response_index)
             labels = response_labels
         return row_stats(logits, labels, ignore_index=IGNORE_INDEX, shift=True)
@@ -350,6 +361,11 @@ class PreferenceObjective(nn.Module):
         response_index = batch["response_index"]
         response_labels = batch["response_labels"]
         inputs = model_inputs(batch)
+        if SEGMENTS_KEY in inputs and not self.prefix_sharing:
+            raise ValueError(
+                f"{SEGMENTS_KEY}: a shared-prefix batch needs PreferenceObjective(prefix_sharing=True), "
+                "whose attention reads the segments (the model's own attention would ignore them)"
+            )
         if mode == "reference":
             return self.reference_logps(inputs, labels, response_index, response_labels)
         if mode == "policy":

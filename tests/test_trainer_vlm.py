@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from synpo.config import LoraConfig
-from synpo.data import DataError
+from synpo.data import DataError, PreferenceCollator
 from synpo.models import apply_lora, freeze_vision, vision_modules, vision_parameter_prefixes
+from synpo.objective import PreferenceObjective
 from synpo.tiny import build_tiny_vlm
 from synpo.trainer import Trainer
 
@@ -82,9 +83,13 @@ def test_vlm_trains_on_video_frames_with_frozen_vision(tmp_path, video_pairs):
     language = {n: p.detach().clone() for n, p in policy.named_parameters() if not n.startswith(prefixes)}
     assert vision and all(not p.requires_grad for n, p in policy.named_parameters() if n in vision)
 
-    # One collated micro-batch carries both rows' frames, in [chosen; rejected] order.
+    # With prefix sharing (auto: on for video pairs) one collated micro-batch carries each pair's
+    # frames once, one [prompt, chosen, rejected] row per pair; unshared, both rows' frames.
+    assert trainer.prefix_sharing
     batch = trainer.collator([trainer.dataset[0], trainer.dataset[1]])
-    assert batch["pixel_values"].shape[0] == 2 * 2 * 2  # 2 pairs x 2 rows x 2 frames
+    assert batch["pixel_values"].shape[0] == 2 * 2  # 2 pairs x 2 frames
+    unshared = PreferenceCollator(trainer.collator.pad_token_id)([trainer.dataset[0], trainer.dataset[1]])
+    assert unshared["pixel_values"].shape[0] == 2 * 2 * 2  # 2 pairs x 2 rows x 2 frames
     image_token = policy.config.image_token_index
     assert ((batch["input_ids"] == image_token).sum(dim=1) == 2 * 16).all()
     assert (batch["labels"][batch["input_ids"] == image_token] == -100).all()
@@ -154,7 +159,14 @@ def test_a_micro_batch_may_mix_video_and_text_only_pairs(tmp_path, video_pairs):
     config["data"]["media_dir"] = str(video_pairs.parent)
     config["train"]["micro_batch_size"] = 2
     trainer = Trainer(config).setup()
+    assert trainer.prefix_sharing  # auto: on for media pairs
     batch = trainer.collator([trainer.dataset[0], trainer.dataset[1]])
-    assert batch["pixel_values"].shape[0] == 2 * 2  # the video pair's 2 frames, for both its rows
+    assert batch["pixel_values"].shape[0] == 2  # the video pair's 2 frames, once for its shared row
     loss, metrics = trainer.objective(**batch)
     assert torch.isfinite(loss) and metrics[0] == 2
+    unshared = PreferenceCollator(trainer.collator.pad_token_id)([trainer.dataset[0], trainer.dataset[1]])
+    assert unshared["pixel_values"].shape[0] == 2 * 2  # the video pair's 2 frames, for both its rows
+    objective = PreferenceObjective(trainer.objective.policy)  # the model serves unshared batches as before
+    unshared_loss, unshared_metrics = objective(**unshared)
+    torch.testing.assert_close(loss, unshared_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics, unshared_metrics, rtol=1e-5, atol=1e-6)

@@ -15,10 +15,19 @@ import torch
 from synpo.data.encode import EncodedPair, PairEncoder
 from synpo.data.media import check_video, load_images
 from synpo.data.records import DataError, PreferenceExample
+from synpo.prefix_sharing import SEGMENTS_KEY
 
 IGNORE_INDEX = -100  # label of positions that are not learned (prompt, padding)
 
-__all__ = ["IGNORE_INDEX", "PairBatchPlan", "PreferenceCollator", "PreferenceDataset", "response_windows"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PairBatchPlan",
+    "PreferenceCollator",
+    "PreferenceDataset",
+    "SharedPair",
+    "response_windows",
+    "shared_prefix_batch",
+]
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -170,23 +179,38 @@ class PreferenceCollator:
     at 0 per sequence and no attention mask; transformers then keeps attention within each sequence
     (flash-attention varlen, or a block-diagonal mask for sdpa/eager).
 
+    Shared prefix (``prefix_sharing=True``): one ``[prompt, chosen, rejected]`` segment per pair
+    (a row each, or all in one row with ``pack``), ``position_ids`` restarting after the prompt for the
+    rejected tokens, and ``prefix_sharing_segments`` for the attention of :mod:`synpo.prefix_sharing`
+    (the model must have it enabled); images and video frames go in once per pair.
+
     Either way ``response_index`` ``(2B, L)`` indexes the flattened ``(rows*T, D)`` hidden states at
     each sequence's last prompt position and its response positions, and ``response_labels`` holds
     the matching labels (-100 at the prompt position and at padding): the fused loss reads only these
-    windows, so prompt and video tokens never reach the lm_head GEMM.
+    windows, so prompt and video tokens never reach the lm_head GEMM. Shared or not, the windows of a
+    pair hold the same positions' states: the first token of both responses is scored from the one
+    last prompt position.
     """
 
-    def __init__(self, pad_token_id: int, *, pack: bool = False):
+    def __init__(self, pad_token_id: int, *, pack: bool = False, prefix_sharing: bool = False):
         if not isinstance(pad_token_id, int):
             raise TypeError(f"pad_token_id: expected an int, got {pad_token_id!r}")
         self.pad_token_id = pad_token_id
         self.pack = pack
+        self.prefix_sharing = prefix_sharing
 
     def __call__(self, pairs: Sequence[EncodedPair | None]) -> dict[str, Any]:
         requested = len(pairs)
         pairs = [p for p in pairs if p is not None]
         if not pairs:
             return {"empty": True, "dropped_pairs": requested}
+        if self.prefix_sharing:
+            shared = [
+                SharedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, prompt_extras=p.prompt_token_extras)
+                for p in pairs
+            ]
+            batch = shared_prefix_batch(shared, self.pad_token_id, pack=self.pack)
+            return self._finish(batch, pairs, requested)
         rows = [(p, p.chosen_ids) for p in pairs] + [(p, p.rejected_ids) for p in pairs]
         sequences = [p.prompt_ids + resp for p, resp in rows]
         prompt_lens = [len(p.prompt_ids) for p, _ in rows]
@@ -248,21 +272,114 @@ class PreferenceCollator:
         batch["response_index"] = response_index
         batch["response_labels"] = response_labels
 
+        batch["num_tokens"] = int(sum(lengths))
+        batch["padded_width"] = width
+        return self._finish(batch, pairs, requested)
+
+    @staticmethod
+    def _finish(batch: dict[str, Any], pairs: list[EncodedPair], requested: int) -> dict[str, Any]:
+        shared = SEGMENTS_KEY in batch
         vision_keys = sorted({k for p in pairs for k in p.vision_inputs})
         for key in vision_keys:
-            # Row order is [chosen...; rejected...] and the model matches image features to image
-            # tokens in that order, so the media go in that order too (text-only pairs have none).
+            # Row order is [chosen...; rejected...] (or one segment per pair) and the model matches
+            # image features to image tokens in that order, so the media go in that order too.
             per_pair = [p.vision_inputs[key] for p in pairs if key in p.vision_inputs]
-            batch[key] = torch.cat(per_pair + per_pair, dim=0)
-
+            batch[key] = torch.cat(per_pair if shared else per_pair + per_pair, dim=0)
         batch["example_index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
-        batch["num_tokens"] = int(sum(lengths))
-        batch["num_response_tokens"] = int(sum(len(resp) for _p, resp in rows))
+        batch["num_response_tokens"] = int(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
         batch["truncated_rows"] = int(sum(p.truncated_rows for p in pairs))
         batch["tokens_cut"] = int(sum(p.tokens_cut for p in pairs))
-        batch["padded_width"] = width
         batch["dropped_pairs"] = requested - len(pairs)
         return batch
+
+
+@dataclass
+class SharedPair:
+    """One pair for :func:`shared_prefix_batch`: the shared ``prefix`` and what follows it per response.
+
+    ``chosen_label_start``/``rejected_label_start``: where the learned tokens begin in each tail (0
+    when the prefix is the whole prompt). A pair whose responses do not continue one prompt token for
+    token has an empty ``prefix`` and its two full sequences as tails, learned from their own prompt
+    length on: no saving, still exact.
+    """
+
+    prefix: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    chosen_label_start: int = 0
+    rejected_label_start: int = 0
+    prompt_extras: dict[str, list[int]] = field(default_factory=dict)
+
+
+def shared_prefix_batch(pairs: Sequence[SharedPair], pad_token_id: int, *, pack: bool = False) -> dict:
+    """Model inputs and response windows of ``[prefix, chosen, rejected]`` segments (see
+    :mod:`synpo.prefix_sharing`): ``input_ids``, ``position_ids`` (rejected restarts after the
+    prefix), ``attention_mask`` (padded rows; none when packed), ``labels``, ``prefix_sharing_segments``,
+    ``response_index``/``response_labels`` (rows ``[chosen...; rejected...]`` as the unshared batch),
+    ``num_tokens`` and ``padded_width``."""
+    lengths = [len(p.prefix) + len(p.chosen) + len(p.rejected) for p in pairs]
+    n = len(pairs)
+    if pack:
+        starts = [(0, sum(lengths[:i])) for i in range(n)]
+        shape = (1, sum(lengths))
+    else:
+        starts = [(i, 0) for i in range(n)]
+        shape = (n, max(lengths))
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    extra_keys = sorted({k for p in pairs for k in p.prompt_extras})
+    extras = {key: torch.zeros(shape, dtype=torch.long) for key in extra_keys}
+    segments, windows = [], [[], []]
+    for p, (row, start), length in zip(pairs, starts, lengths):
+        P, C, R = len(p.prefix), len(p.chosen), len(p.rejected)
+        input_ids[row, start : start + length] = torch.tensor(
+            p.prefix + p.chosen + p.rejected, dtype=torch.long
+        )
+        position_ids[row, start : start + P + C] = torch.arange(P + C)
+        position_ids[row, start + P + C : start + length] = torch.arange(P, P + R)
+        for key in extra_keys:
+            values = p.prompt_extras.get(key)
+            if values:
+                extras[key][row, start : start + len(values)] = torch.tensor(values, dtype=torch.long)
+        segments.append([row, start, P, C, R])
+        flat = row * shape[1] + start
+        for side, (tail, base, label_start) in enumerate(
+            ((p.chosen, P, p.chosen_label_start), (p.rejected, P + C, p.rejected_label_start))
+        ):
+            learned = tail[label_start:]
+            labels[row, start + base + label_start : start + base + len(tail)] = torch.tensor(
+                learned, dtype=torch.long
+            )
+            # The position whose output scores the first learned token: the tail's own previous
+            # position, or (learning from the tail's start) the prefix's last position.
+            if label_start > 0:
+                before = base + label_start - 1
+            elif P > 0:
+                before = P - 1
+            else:  # no prompt at all: nothing scores the first token (as in the unshared rows)
+                before = base
+                learned = learned[1:]
+            window = [flat + before] + [flat + base + t for t in range(len(tail) - len(learned), len(tail))]
+            windows[side].append((window, [IGNORE_INDEX, *learned]))
+    rows = windows[0] + windows[1]
+    width = max(len(w) for w, _ in rows)
+    response_index = torch.zeros((2 * n, width), dtype=torch.long)
+    response_labels = torch.full((2 * n, width), IGNORE_INDEX, dtype=torch.long)
+    for r, (window, window_labels) in enumerate(rows):
+        response_index[r, : len(window)] = torch.tensor(window, dtype=torch.long)
+        response_index[r, len(window) :] = window[0]
+        response_labels[r, : len(window_labels)] = torch.tensor(window_labels, dtype=torch.long)
+    batch: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+    if not pack:
+        batch["attention_mask"] = (torch.arange(shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+    batch.update(extras)
+    batch[SEGMENTS_KEY] = torch.tensor(segments, dtype=torch.long)
+    batch["response_index"] = response_index
+    batch["response_labels"] = response_labels
+    batch["num_tokens"] = int(sum(lengths))
+    batch["padded_width"] = shape[1]
+    return batch
 
 
 def response_windows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

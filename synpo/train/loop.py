@@ -66,6 +66,7 @@ from synpo.models import (
     trainable_parameter_count,
 )
 from synpo.objective import PreferenceObjective
+from synpo.prefix_sharing import PrefixSharingUnsupported, decide_prefix_sharing
 from synpo.reporting import build_reporter, resolve_report_to
 from synpo.run_lock import RunDirLock
 from synpo.train import checkpointing, evaluation
@@ -238,6 +239,7 @@ class Trainer:
             reference_mode=reference_mode,
             reference=reference,
             autocast_dtype=autocast,
+            prefix_sharing=self.prefix_sharing,
         )
         # As in transformers, max_steps overrides epochs: the data cycles through further reshuffled
         # epochs (or stops mid-epoch) as needed.
@@ -382,7 +384,10 @@ class Trainer:
                     f"evaluation data ({eval_where}): every pair was dropped by tokenization "
                     f"({self.eval_dataset.encoder.stats.summary()})"
                 )
-        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, pack=data.pack)
+        self.prefix_sharing, self.prefix_sharing_why = self._decide_prefix_sharing()
+        self.collator = PreferenceCollator(
+            self.tokenizer.pad_token_id, pack=data.pack, prefix_sharing=self.prefix_sharing
+        )
         batch_problem = batch_size_problem(cfg, len(self.dataset), self.dist.world_size)
         self.plan = PairBatchPlan(
             len(self.dataset),
@@ -404,6 +409,7 @@ class Trainer:
                 logger.warning("%s", batch_problem)
             if self.eval_dataset is not None:
                 logger.info("eval data %s: %d pairs", eval_where, len(self.eval_dataset))
+            logger.info("prefix sharing %s", self.prefix_sharing_why)
             if self.dataset.media_skipped:
                 logger.warning("%d pairs skipped: unreadable video/image files", self.dataset.media_skipped)
             if self.plan.unused_pairs_per_epoch and batch_problem is None:  # else the warning says it
@@ -412,6 +418,20 @@ class Trainer:
                     self.plan.unused_pairs_per_epoch,
                     self.plan.pairs_per_step,
                 )
+
+    def _decide_prefix_sharing(self) -> tuple[bool, str]:
+        """``data.prefix_sharing`` resolved against the model and the data's prompt/response lengths."""
+        prompt = response = None
+        if self.dataset.encoded is not None:
+            pairs = self.dataset.encoded
+            prompt = sum(len(p.prompt_ids) for p in pairs) / len(pairs)
+            response = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / (2 * len(pairs))
+        try:
+            return decide_prefix_sharing(
+                self.config.data.prefix_sharing, self.policy, prompt_tokens=prompt, response_tokens=response
+            )
+        except PrefixSharingUnsupported as exc:
+            raise ConfigError(f"data.{exc}") from None
 
     # -- batches -------------------------------------------------------------------------------------
 

@@ -315,12 +315,23 @@ def build_tiny_image_processor(image_size: int = TINY_IMAGE_SIZE):
     )
 
 
-def build_tiny_vlm(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, heads: int = 4):
+def build_tiny_vlm(
+    seed: int = 0,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    image_size: int = TINY_IMAGE_SIZE,
+    vocab_size: int | None = None,
+    intermediate_size: int | None = None,
+):
     """A tiny ``LlavaForConditionalGeneration`` and its ``LlavaProcessor``, built offline.
 
     Frames go in as images: build the prompt with one ``{"type": "image"}`` content part per frame
     (``processor.apply_chat_template``), then call ``processor(text=..., images=frames)``. Each frame
-    becomes 16 ``<image>`` positions. Vision tower and projector: see :func:`synpo.models.vision_modules`
+    becomes ``(image_size / 8) ** 2`` ``<image>`` positions (16 at the default 32x32).
+    ``vocab_size`` (default: the tiny tokenizer's) may exceed the tokenizer's: a benchmark's realistic
+    lm_head. Vision tower and projector: see :func:`synpo.models.vision_modules`
     (``model.model.vision_tower`` and ``model.model.multi_modal_projector``).
     """
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -328,10 +339,11 @@ def build_tiny_vlm(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, hea
     tokenizer = build_tiny_tokenizer()
     text_config = _text_config(
         "llama",
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), vocab_size or 0),
         hidden_size=hidden_size,
         layers=layers,
         heads=heads,
+        intermediate_size=intermediate_size,
         special_token_ids=_tokenizer_ids(tokenizer),
     )
     vision_config = CLIPVisionConfig(
@@ -339,7 +351,7 @@ def build_tiny_vlm(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, hea
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
-        image_size=TINY_IMAGE_SIZE,
+        image_size=image_size,
         patch_size=TINY_PATCH_SIZE,
         projection_dim=32,
     )
@@ -347,7 +359,7 @@ def build_tiny_vlm(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, hea
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+        image_seq_length=(image_size // TINY_PATCH_SIZE) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         tie_word_embeddings=False,
@@ -360,7 +372,7 @@ def build_tiny_vlm(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, hea
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(tokenizer, key))
     processor = LlavaProcessor(
-        image_processor=build_tiny_image_processor(),
+        image_processor=build_tiny_image_processor(image_size),
         tokenizer=tokenizer,
         patch_size=TINY_PATCH_SIZE,
         vision_feature_select_strategy="default",

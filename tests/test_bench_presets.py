@@ -9,7 +9,7 @@ from synpo.benchmarking import kernels, presets, quality, trainer
 
 def test_every_preset_builds_from_the_one_file():
     assert set(kernels.PRESETS) == {"smoke", "cpu", "cpu-large", "gpu"}
-    assert set(trainer.PRESETS) == {"smoke", "cpu", "cpu-interleaved", "gpu"}
+    assert set(trainer.PRESETS) == {"smoke", "cpu", "cpu-interleaved", "cpu-video", "prefix-sweep", "gpu"}
     assert set(quality.PRESETS) == {"smoke", "cpu"}
     for table in (kernels.PRESETS, trainer.PRESETS, quality.PRESETS):
         for name, preset in table.items():
@@ -37,6 +37,11 @@ def test_base_replaces_only_the_keys_it_lists():
     inter = trainer.PRESETS["cpu-interleaved"]
     assert inter.interleave and inter.steps == 10 and inter.threads == trainer.PRESETS["smoke"].threads
     assert quality.PRESETS["smoke"].speed_warmup == quality.PRESETS["cpu"].speed_warmup
+    # Prefix-sharing presets: a method subset (checked against METHODS), video frames that fit the prompt.
+    sweep, video = trainer.PRESETS["prefix-sweep"], trainer.PRESETS["cpu-video"]
+    assert sweep.methods == (trainer.OURS, trainer.OURS_SHARED) and trainer.BASELINE in video.methods
+    for spec, batch in video.models:
+        assert spec.vision and 8 <= batch.frames <= 16 and batch.frames * spec.frame_tokens < batch.prompt
 
 
 def _with_document(monkeypatch, **sections):

@@ -95,6 +95,11 @@ def test_trainer_smoke_measures_all_methods_and_the_ratio(trainer_smoke):
     summary = records["synpo_fused"]["synpo_fused_vs_dpo_reference"]
     assert summary["speedup"] > 0 and summary["memory_ratio"] > 0
     assert "SynPO fused vs DPO with reference" in stdout
+    # Prefix sharing: computed on fewer tokens (the prompt once), tokens/s still counts the pairs'.
+    shared = records["synpo_fused_shared"]["prefix_sharing_vs_unshared"]
+    assert shared["speedup"] > 0 and shared["token_bound"] == pytest.approx(2 * (96 + 28) / (96 + 56))
+    assert records["synpo_fused_shared"]["tokens_per_step"] == records["synpo_fused"]["tokens_per_step"]
+    assert "Prefix sharing: SynPO fused + shared vs SynPO fused" in stdout
     assert (out / "trainer_smoke.csv").is_file()
 
 
@@ -219,6 +224,39 @@ def test_interleaved_trainer_steps_time_every_method_in_one_process():
     assert all(r["status"] == "ok" and len(r["times_s"]) == 2 and r["peak_bytes"] > 0 for r in records)
     assert records[1]["synpo_fused_vs_dpo_reference"]["speedup"] > 0
     assert "timed in turn" in report.trainer_markdown(records, {"interleaved": True})
+
+
+def test_prefix_sharing_sweep_builds_each_size_once_and_charts_the_speedups(tmp_path):
+    """A sweep's cases share one model in one process; each case gets its own batches (shared and
+    not), and the report and chart read the speed-up against the token-count bound."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    from synpo.benchmarking import plots
+
+    preset = trainer.PRESETS["prefix-sweep"]
+    spec = trainer.MODELS["tiny"]
+    sizes = [trainer.BatchSpec(pairs=1, prompt=p, chosen=12, rejected=10) for p in (4, 16, 40)]
+    preset = dataclasses.replace(preset, models=tuple((spec, b) for b in sizes))
+    settings = {"device": "cpu", "warmup_steps": 0, "steps": 1, "autocast_bf16": False, "threads": None}
+    context, tasks, results = {}, [], []
+    for batch in sizes:
+        task = {"group": spec.name, "model": kernels.asdict(spec), "batch": kernels.asdict(batch)}
+        task["methods"] = list(preset.methods)
+        results.append(trainer.run_task(task, settings, context))
+        tasks.append(task)
+        assert context["batches"][True]["input_ids"].shape[1] == batch.prompt + 22  # one shared row
+        assert context["batches"][False]["input_ids"].shape == (2, batch.prompt + 12)
+    records = trainer.build_records(preset, *trainer.per_method(tasks, results), "rss")
+    shared = [r for r in records if r.get("prefix_sharing_vs_unshared")]
+    assert [r["prompt_positions"] for r in shared] == [4, 16, 40]
+    table = report.trainer_markdown(records, {"interleaved": True})
+    assert table.count("| tiny | 1 |") == 3 and "token bound" in table
+    data = {"benchmark": "trainer", "meta": {"device": "cpu", "commit": "x"}, "records": records}
+    path = tmp_path / "trainer_prefix-sweep.json"
+    path.write_text(json.dumps(data))
+    (png,) = plots.charts_for(path, tmp_path)
+    assert png.name == "trainer_prefix-sweep_prefix_sharing.png" and png.stat().st_size > 10_000
 
 
 def test_worker_env_settings_are_added_to_the_cpu_defaults():

@@ -3,6 +3,7 @@
 - ``kernels_<preset>_<op>.png``: per op, forward time, forward+backward time and forward+backward
   peak memory against the sizes of the sweep (log scale), one series per implementation; sizes
   where an implementation ran out of memory are marked with an ``x`` on the axis's upper edge.
+- ``trainer_<preset>_prefix_sharing.png``: a prefix-sharing sweep's speed-up over prompt length;
 - ``trainer_<preset>.png``: per model, step time, peak memory and the memory the step itself adds,
   for the four methods.
 """
@@ -116,12 +117,13 @@ def trainer_chart(results_path: Path, out_dir: Path) -> list[Path]:
     records, meta = data["records"], data["meta"]
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = list(dict.fromkeys(r["model"] for r in records))
+    models = list(dict.fromkeys(r.get("case", r["model"]) for r in records))
     fig, axes = plt.subplots(len(models), 3, figsize=(16, 3.6 * len(models)), squeeze=False)
+    palette = ["#7f7f7f", "#1f77b4", "#17becf", "#ff7f0e", "#d62728", "#9467bd"]
     for row, model in enumerate(models):
-        recs = [r for r in records if r["model"] == model]
+        recs = [r for r in records if r.get("case", r["model"]) == model]
         names = [r["method"] for r in recs]
-        colors = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#d62728"][: len(recs)]
+        colors = [palette[i % len(palette)] for i in range(len(recs))]
         for col, (key, scale, label) in enumerate(
             (
                 ("step_s", 1e3, "step time (ms)"),
@@ -157,11 +159,53 @@ def trainer_chart(results_path: Path, out_dir: Path) -> list[Path]:
     return [path]
 
 
+def prefix_sharing_chart(results_path: Path, out_dir: Path) -> list[Path]:
+    """Speed-up of prefix sharing over prompt length, one line per (model, caption length), with the
+    token-count bound dashed; ``[]`` when fewer than three cases measured it."""
+    data = load_results(results_path)
+    cases = [r for r in data["records"] if r.get("prefix_sharing_vs_unshared")]
+    if len(cases) < 3:
+        return []
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series: dict[tuple, list[dict]] = {}
+    for r in cases:
+        series.setdefault((r["model"], r["pairs"], r["chosen_tokens"]), []).append(r)
+    for i, ((model, pairs, chosen), recs) in enumerate(sorted(series.items())):
+        recs.sort(key=lambda r: r["prompt_positions"])
+        x = [r["prompt_positions"] for r in recs]
+        color = f"C{i}"
+        label = f"{model}, {pairs} pair(s), captions ~{chosen}"
+        ax.plot(x, [r["prefix_sharing_vs_unshared"]["speedup"] for r in recs], "o-", color=color, label=label)
+        ax.plot(
+            x, [r["prefix_sharing_vs_unshared"]["token_bound"] for r in recs], "--", color=color, alpha=0.6
+        )
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt/video positions per pair")
+    ax.set_ylabel("steps/s, shared / unshared")
+    ax.set_title(
+        f"prefix sharing (dashed: token-count bound) — {data['meta'].get('device')}, "
+        f"commit {data['meta'].get('commit')}",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"{Path(results_path).stem}_prefix_sharing.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def charts_for(results_path: Path, out_dir: Path) -> list[Path]:
-    """Charts of one result file (its kind read from the file)."""
+    """Charts of one result file (its kind read from the file); a prefix-sharing sweep gets its line
+    chart instead of the per-case bars."""
     kind = load_results(results_path).get("benchmark", "")
     if kind.startswith("kernels"):
         return kernel_charts(results_path, out_dir)
     if kind.startswith("trainer"):
-        return trainer_chart(results_path, out_dir)
+        sweep = prefix_sharing_chart(results_path, out_dir)
+        return sweep or trainer_chart(results_path, out_dir)
     return []

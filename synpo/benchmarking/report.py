@@ -154,16 +154,13 @@ def trainer_markdown(records: list[dict], meta: dict, heading_level: int = 3) ->
         f"{'; the methods timed in turn, step by step, in one process' if meta.get('interleaved') else ''}"
         f"; peak memory = {meta.get('memory_method')}.",
     )
-    models = []
-    for r in records:
-        if r["model"] not in models:
-            models.append(r["model"])
-    for model in models:
-        recs = [r for r in records if r["model"] == model]
+    cases = list(dict.fromkeys(r.get("case", r["model"]) for r in records))
+    for case in cases:
+        recs = [r for r in records if r.get("case", r["model"]) == case]
         first = recs[0]
         out += [
             "",
-            f"{'#' * heading_level} {model}: {first.get('model_description')}",
+            f"{'#' * heading_level} {case}: {first.get('model_description')}",
             "",
             f"Batch: {first.get('batch_description')}.",
             "",
@@ -203,4 +200,61 @@ def trainer_markdown(records: list[dict], meta: dict, heading_level: int = 3) ->
                 f"**{s['speedup']:.2f}x** steps/s, peak memory {s['memory_ratio']:.2f}x "
                 f"({fmt_bytes(s['synpo_peak_bytes'])} vs {fmt_bytes(s['dpo_peak_bytes'])}).",
             ]
+        shared = next((r for r in recs if r.get("prefix_sharing_vs_unshared")), None)
+        if shared:
+            s = shared["prefix_sharing_vs_unshared"]
+            out += [
+                "",
+                f"Prefix sharing: SynPO fused + shared vs SynPO fused: **{s['speedup']:.2f}x** steps/s "
+                f"(token-count bound {s['token_bound']:.2f}x: {100 * s['fraction_of_bound']:.0f}% of it), "
+                f"peak memory {s['memory_ratio']:.2f}x.",
+            ]
+    out += prefix_sharing_markdown(records)
     return "\n".join(out)
+
+
+def prefix_sharing_markdown(records: list[dict]) -> list[str]:
+    """One table over the cases that ran SynPO fused with and without prefix sharing (none: [])."""
+    rows = []
+    for r in records:
+        s = r.get("prefix_sharing_vs_unshared")
+        if not s:
+            continue
+        unshared_s = r["step_s"] * s["speedup"]
+        vs_dpo = s.get("vs_dpo_reference")
+        rows.append(
+            [
+                r["model"],
+                str(r["pairs"]),
+                str(r["prompt_positions"]) + (f" ({r['frames']} frames)" if r.get("frames") else ""),
+                f"{r['chosen_tokens']}/{r['rejected_tokens']}",
+                fmt_seconds(unshared_s),
+                fmt_seconds(r["step_s"]),
+                f"**{s['speedup']:.2f}x**",
+                f"{s['token_bound']:.2f}x",
+                f"{100 * s['fraction_of_bound']:.0f}%",
+                f"{s['memory_ratio']:.2f}x",
+                _ratio(vs_dpo) if vs_dpo else "-",
+            ]
+        )
+    if not rows:
+        return []
+    header = [
+        "model",
+        "pairs",
+        "prompt",
+        "captions",
+        "unshared step",
+        "shared step",
+        "speed-up",
+        "token bound",
+        "of bound",
+        "peak memory (shared/unshared)",
+        "shared vs DPO+ref naive",
+    ]
+    return [
+        "",
+        "Prefix sharing (SynPO fused + shared vs SynPO fused; token bound = 2(P+R)/(P+2R)):",
+        "",
+        _md_table(header, rows),
+    ]

@@ -8,12 +8,16 @@ clipping, AdamW step):
   one no-grad forward over both captions) and full logits, as the upstream DPO baseline;
 - ``dpo_reference_fused``: the same with the fused lm_head loss;
 - ``synpo_naive``: SynPO (no reference) on full logits, as the upstream SynPO code;
-- ``synpo_fused``: SynPO with the fused lm_head loss (no logits, prompt/video positions skipped).
+- ``synpo_fused``: SynPO with the fused lm_head loss (no logits, prompt/video positions skipped);
+- ``synpo_fused_shared`` / ``dpo_reference_fused_shared``: the same with prefix sharing
+  (:mod:`synpo.prefix_sharing`): one ``[prompt, chosen, rejected]`` row per pair, the prompt, video
+  frames and vision tower computed once (the reference pass too).
 
 Batches are video-captioning shaped: a long prompt (video tokens + instruction) and a shorter
 caption per row, ``[chosen; rejected]``, collated by the trainer's own collator. Models are random
 (built locally, no download): the embedded tiny Llama and a small Qwen2 on CPU, a 7B-class Qwen2
-(hidden 4096, 32 layers, V=152064, bf16, LoRA r=128 as upstream) on one GPU.
+(hidden 4096, 32 layers, V=152064, bf16, LoRA r=128 as upstream) on one GPU; a tiny LLaVA (CLIP
+tower, video frames as images) for video-shaped batches whose frames go through the vision tower.
 
 Reported per method: median step time, steps/s, tokens/s (all sequence tokens of the batch),
 peak memory (GPU: ``max_memory_allocated`` in the step, weights included; CPU: peak RSS in the
@@ -48,15 +52,33 @@ class ModelSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     gradient_checkpointing: bool = False
+    kv_heads: int | None = None  # None: heads (no grouped-query attention)
+    # A tiny LLaVA (synpo.tiny.build_tiny_vlm: CLIP tower, frozen) whose frames are image_size^2
+    # pixels, (image_size / 8)^2 tokens each; arch/vocab then are the tiny Llama's.
+    vision: bool = False
+    image_size: int = 32
 
     @property
     def description(self) -> str:
         vocab = self.vocab or "tiny-tokenizer"
         ckpt = ", gradient checkpointing" if self.gradient_checkpointing else ""
-        return (
-            f"{self.arch} hidden {self.hidden}, {self.layers} layers, V={vocab}, {self.dtype} weights, "
-            f"LoRA r={self.lora_r} alpha={self.lora_alpha} on q/k/v/o/gate/up/down{ckpt}"
+        heads = f", {self.heads} heads" + (f" ({self.kv_heads} KV)" if self.kv_heads else "")
+        vlm = (
+            f"LLaVA (CLIP tower, frozen, {self.image_size}x{self.image_size} frames = "
+            f"{self.frame_tokens} tokens each) on "
+            if self.vision
+            else ""
         )
+        return (
+            f"{vlm}{self.arch} hidden {self.hidden}, {self.layers} layers{heads}, V={vocab}, {self.dtype} "
+            f"weights, LoRA r={self.lora_r} alpha={self.lora_alpha} on q/k/v/o/gate/up/down{ckpt}"
+        )
+
+    @property
+    def frame_tokens(self) -> int:
+        from synpo.tiny import TINY_PATCH_SIZE
+
+        return (self.image_size // TINY_PATCH_SIZE) ** 2
 
 
 @dataclass(frozen=True)
@@ -65,13 +87,19 @@ class BatchSpec:
     prompt: int  # positions before the caption: video tokens and the instruction
     chosen: int  # caption tokens (EOS included)
     rejected: int
+    frames: int = 0  # video frames (a vision model's): their tokens are part of ``prompt``
 
     @property
     def description(self) -> str:
+        video = f" ({self.frames} video frames among them)" if self.frames else ""
         return (
-            f"{self.pairs} pair(s) = {2 * self.pairs} rows, {self.prompt} prompt/video positions + "
+            f"{self.pairs} pair(s) = {2 * self.pairs} rows, {self.prompt} prompt/video positions{video} + "
             f"{self.chosen} (chosen) / {self.rejected} (rejected) caption tokens per row"
         )
+
+    @property
+    def short(self) -> str:
+        return f"P={self.prompt} R={self.chosen}/{self.rejected} x{self.pairs}"
 
     @property
     def tokens(self) -> int:
@@ -91,17 +119,31 @@ class TrainerPreset:
     interleave: bool = False  # all methods of a model in one process, timed in turn step by step
     budget_s: float | None = None
     threads: int | None = None  # torch CPU threads per worker; see synpo.benchmarking.kernels.Preset
+    methods: tuple[str, ...] = ()  # the methods run by default (empty: all of METHODS)
     description: str = ""
 
 
+@dataclass(frozen=True)
+class Method:
+    loss: str
+    impl: str  # "fused" or "naive"
+    shared: bool  # prefix sharing
+    description: str
+
+
 METHODS = {
-    "dpo_reference_naive": ("dpo", "naive", "DPO + reference model, naive logits (upstream)"),
-    "dpo_reference_fused": ("dpo", "fused", "DPO + reference model, fused loss"),
-    "synpo_naive": ("synpo", "naive", "SynPO, naive logits (upstream SynPO)"),
-    "synpo_fused": ("synpo", "fused", "SynPO, fused loss (this library)"),
+    "dpo_reference_naive": Method("dpo", "naive", False, "DPO + reference model, naive logits (upstream)"),
+    "dpo_reference_fused": Method("dpo", "fused", False, "DPO + reference model, fused loss"),
+    "dpo_reference_fused_shared": Method(
+        "dpo", "fused", True, "DPO + reference model, fused loss, prefix sharing (reference pass too)"
+    ),
+    "synpo_naive": Method("synpo", "naive", False, "SynPO, naive logits (upstream SynPO)"),
+    "synpo_fused": Method("synpo", "fused", False, "SynPO, fused loss (this library)"),
+    "synpo_fused_shared": Method("synpo", "fused", True, "SynPO, fused loss + prefix sharing (this library)"),
 }
 BASELINE = "dpo_reference_naive"
 OURS = "synpo_fused"
+OURS_SHARED = "synpo_fused_shared"
 
 MODELS = {
     name: presets.from_mapping(ModelSpec, {**entry, "name": name}, f"models.{name}")
@@ -118,7 +160,13 @@ def _preset(name: str, entry: dict) -> TrainerPreset:
         if model not in MODELS:
             raise presets.invalid(at, f"model must be one of {list(MODELS)}, got {model!r}")
         models.append((MODELS[model], presets.from_mapping(BatchSpec, item, at)))
-    return presets.from_mapping(TrainerPreset, {**entry, "name": name, "models": tuple(models)}, where)
+    methods = tuple(entry.pop("methods", ()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise presets.invalid(where, f"methods: unknown {unknown}; known: {list(METHODS)}")
+    return presets.from_mapping(
+        TrainerPreset, {**entry, "name": name, "models": tuple(models), "methods": methods}, where
+    )
 
 
 PRESETS = presets.load("trainer", _preset)
@@ -138,7 +186,21 @@ def build_model(spec: ModelSpec, device: str, seed: int = 0):
     from synpo.models import apply_lora
 
     dtype = getattr(torch, spec.dtype)
-    if spec.vocab is None:
+    if spec.vision:
+        model, processor = tiny.build_tiny_vlm(
+            seed=seed,
+            hidden_size=spec.hidden,
+            layers=spec.layers,
+            heads=spec.heads,
+            image_size=spec.image_size,
+            vocab_size=spec.vocab,
+        )
+        model = model.to(device=device, dtype=dtype)
+        from synpo.models import freeze_vision
+
+        freeze_vision(model)
+        pad, vocab = processor.tokenizer.pad_token_id, model.config.text_config.vocab_size
+    elif spec.vocab is None:
         model, tokenizer = tiny.build_tiny_causal_lm(
             arch=spec.arch, hidden_size=spec.hidden, layers=spec.layers, heads=spec.heads, seed=seed
         )
@@ -152,6 +214,7 @@ def build_model(spec: ModelSpec, device: str, seed: int = 0):
             hidden_size=spec.hidden,
             layers=spec.layers,
             heads=spec.heads,
+            kv_heads=spec.kv_heads,
             intermediate_size=spec.intermediate,
             max_position_embeddings=8192,
             special_token_ids=(1, 2, pad),
@@ -175,8 +238,21 @@ def build_model(spec: ModelSpec, device: str, seed: int = 0):
     return model, pad, vocab
 
 
-def build_batch(spec: BatchSpec, vocab: int, pad: int, device: str, seed: int = 0) -> dict:
-    """A collated ``[chosen; rejected]`` batch of random token ids (ids 0-5 are special tokens)."""
+def build_batch(
+    spec: BatchSpec,
+    vocab: int,
+    pad: int,
+    device: str,
+    seed: int = 0,
+    *,
+    shared: bool = False,
+    model_spec: ModelSpec | None = None,
+    image_token: int | None = None,
+    dtype=None,
+) -> dict:
+    """A collated batch of random token ids (ids 0-5 are special tokens): ``[chosen; rejected]`` rows,
+    or with ``shared`` one ``[prompt, chosen, rejected]`` row per pair. With ``spec.frames`` the prompt
+    starts with that many frames' image tokens (``image_token``) and the pair carries random frames."""
     import torch
 
     from synpo.data import EncodedPair, PreferenceCollator
@@ -186,13 +262,27 @@ def build_batch(spec: BatchSpec, vocab: int, pad: int, device: str, seed: int = 
     def ids(n):
         return torch.randint(6, vocab, (n,), generator=gen).tolist()
 
-    pairs = [
-        EncodedPair(
-            index=i, prompt_ids=ids(spec.prompt), chosen_ids=ids(spec.chosen), rejected_ids=ids(spec.rejected)
+    pairs = []
+    for i in range(spec.pairs):
+        prompt, vision = ids(spec.prompt), {}
+        if spec.frames:
+            size, n_image = model_spec.image_size, spec.frames * model_spec.frame_tokens
+            if n_image >= spec.prompt:
+                raise ValueError(f"prompt: {spec.prompt} positions cannot hold {n_image} frame tokens")
+            prompt[:n_image] = [image_token] * n_image
+            vision["pixel_values"] = torch.randn(spec.frames, 3, size, size, generator=gen).to(dtype)
+        pairs.append(
+            EncodedPair(
+                index=i,
+                prompt_ids=prompt,
+                chosen_ids=ids(spec.chosen),
+                rejected_ids=ids(spec.rejected),
+                vision_inputs=vision,
+            )
         )
-        for i in range(spec.pairs)
-    ]
-    batch = PreferenceCollator(pad_token_id=pad)(pairs)
+    batch = PreferenceCollator(pad_token_id=pad, prefix_sharing=shared)(pairs)
+    # tokens/s counts the pairs' tokens (both rows' prompts), whatever a method computes of them.
+    batch["pair_tokens"] = spec.tokens
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -203,13 +293,14 @@ def make_step(model, batch: dict, method: str, autocast: bool = False):
 
     from synpo.objective import PreferenceObjective
 
-    loss_name, impl, _ = METHODS[method]
+    spec = METHODS[method]
     objective = PreferenceObjective(
         model,
-        loss=loss_name,
-        impl=impl,
-        reference_mode="adapter_disabled" if loss_name == "dpo" else None,
+        loss=spec.loss,
+        impl=spec.impl,
+        reference_mode="adapter_disabled" if spec.loss == "dpo" else None,
         autocast_dtype=torch.bfloat16 if autocast else None,
+        prefix_sharing=spec.shared,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-6)  # upstream learning rate
@@ -231,10 +322,11 @@ def _oom(exc: BaseException, what: str = "") -> dict:
     return {"status": "oom", "reason": f"{what}{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
 
-def _measure_methods(model, batch, methods, device: str, warmup: int, steps: int, autocast: bool) -> dict:
+def _measure_methods(model, batches, methods, device: str, warmup: int, steps: int, autocast: bool) -> dict:
     """``{method: result}``. Several methods are timed in turn, one step each per round (load on a
-    shared machine hits them alike); then one more step each under :class:`common.PeakMemory`."""
-    runs = {method: make_step(model, batch, method, autocast) for method in methods}
+    shared machine hits them alike); then one more step each under :class:`common.PeakMemory`.
+    ``batches``: ``{shared: batch}``."""
+    runs = {method: make_step(model, batches[METHODS[method].shared], method, autocast) for method in methods}
     out: dict[str, dict] = {}
     times: dict[str, list[float]] = {method: [] for method in methods}
     losses: dict[str, float] = {}
@@ -253,7 +345,9 @@ def _measure_methods(model, batch, methods, device: str, warmup: int, steps: int
             else:
                 with common.PeakMemory(device) as mem:
                     step()
-                out[method] = _step_result(times[method], losses[method], mem, batch)
+                out[method] = _step_result(
+                    times[method], losses[method], mem, batches[METHODS[method].shared]
+                )
         except Exception as exc:
             out[method] = _oom(exc)  # re-raises anything but out of memory
             runs.pop(method)[1].zero_grad(set_to_none=True)
@@ -272,7 +366,7 @@ def _measure_methods(model, batch, methods, device: str, warmup: int, steps: int
 
 def _step_result(times: list[float], loss: float, mem: common.PeakMemory, batch: dict) -> dict:
     step_s = statistics.median(times)
-    tokens = batch["num_tokens"]
+    tokens = batch["pair_tokens"]
     return {
         "status": "ok",
         "step_s": step_s,
@@ -309,13 +403,30 @@ def run_task(task: dict, settings: dict, context: dict) -> dict:
             context["build_s"] = time.perf_counter() - t0
         except Exception as exc:
             return _oom(exc, "building the model: ")
-        context.update(model_name=spec.name, model=model, batch=build_batch(batch_spec, vocab, pad, device))
+        context.update(model_name=spec.name, model=model, pad=pad, vocab=vocab)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         context["params"] = (trainable, sum(p.numel() for p in model.parameters()))
+    if context.get("batch_spec") != batch_spec:  # a sweep: the next size on the same model
+        model = context["model"]
+        image_token = getattr(getattr(model, "config", None), "image_token_index", None)
+        context["batches"] = {
+            shared: build_batch(
+                batch_spec,
+                context["vocab"],
+                context["pad"],
+                device,
+                shared=shared,
+                model_spec=spec,
+                image_token=image_token,
+                dtype=getattr(torch, spec.dtype),
+            )
+            for shared in (False, True)
+        }
+        context["batch_spec"] = batch_spec
     common.release_free_memory(device)  # the previous method's optimizer state and graphs
     results = _measure_methods(
         context["model"],
-        context["batch"],
+        context["batches"],
         task.get("methods") or [task["method"]],
         device,
         settings["warmup_steps"],
@@ -357,11 +468,13 @@ def build_records(
     records = []
     for task, res in zip(tasks, results):
         spec, batch = ModelSpec(**task["model"]), BatchSpec(**task["batch"])
+        method = METHODS[task["method"]]
         records.append(
             {
                 "benchmark": "trainer",
                 "preset": preset.name,
                 "model": spec.name,
+                "case": f"{spec.name} {batch.short}",
                 "model_description": spec.description,
                 "batch_description": batch.description,
                 "hidden": spec.hidden,
@@ -373,10 +486,12 @@ def build_records(
                 "prompt_positions": batch.prompt,
                 "chosen_tokens": batch.chosen,
                 "rejected_tokens": batch.rejected,
+                "frames": batch.frames,
                 "method": task["method"],
-                "method_description": METHODS[task["method"]][2],
-                "loss": METHODS[task["method"]][0],
-                "loss_impl": METHODS[task["method"]][1],
+                "method_description": method.description,
+                "loss": method.loss,
+                "loss_impl": method.impl,
+                "prefix_sharing": method.shared,
                 "status": res.get("status"),
                 "reason": res.get("reason"),
                 "step_s": res.get("step_s"),
@@ -394,8 +509,8 @@ def build_records(
                 "times_s": res.get("times_s"),
             }
         )
-    for model in {r["model"] for r in records}:
-        recs = {r["method"]: r for r in records if r["model"] == model}
+    for case in {r["case"] for r in records}:
+        recs = {r["method"]: r for r in records if r["case"] == case}
         base = recs.get(BASELINE)
         for rec in recs.values():
             ok = rec["status"] == "ok" and base is not None and base["status"] == "ok"
@@ -409,6 +524,24 @@ def build_records(
                 "synpo_peak_bytes": ours["peak_bytes"],
                 "dpo_peak_bytes": base["peak_bytes"],
             }
+        shared, unshared = recs.get(OURS_SHARED), recs.get(OURS)
+        if shared and unshared and shared["status"] == unshared["status"] == "ok":
+            from synpo.prefix_sharing import token_bound
+
+            prompt = shared["prompt_positions"]
+            response = (shared["chosen_tokens"] + shared["rejected_tokens"]) / 2
+            bound = token_bound(prompt, response)
+            speedup = unshared["step_s"] / shared["step_s"]
+            shared["prefix_sharing_vs_unshared"] = {
+                "speedup": speedup,
+                "token_bound": bound,
+                "fraction_of_bound": speedup / bound,
+                "memory_ratio": shared["peak_bytes"] / unshared["peak_bytes"],
+                "step_memory_ratio": (
+                    shared["step_bytes"] / unshared["step_bytes"] if unshared.get("step_bytes") else None
+                ),
+                "vs_dpo_reference": shared.get("speedup_vs_dpo_reference"),
+            }
     return records
 
 
@@ -421,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--preset {preset.name} needs a CUDA device (none here); use --preset cpu")
     device = preset.device
-    methods = args.methods or list(METHODS)
+    methods = args.methods or list(preset.methods or METHODS)
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; one of {list(METHODS)}")
@@ -465,7 +598,7 @@ def run(args: argparse.Namespace) -> int:
         "interleaved": interleave,
         "memory_method": memory_method,
         "autocast": "bf16" if preset.autocast_bf16 else None,
-        "methods": {k: v[2] for k, v in METHODS.items()},
+        "methods": {k: v.description for k, v in METHODS.items()},
     }
     print(
         f"synpo bench trainer --preset {preset.name}: {len(tasks)} runs on {meta['device']} "
@@ -479,7 +612,9 @@ def run(args: argparse.Namespace) -> int:
         isolation=isolation,
         timeout_s=args.timeout,
         budget_s=args.budget_s if args.budget_s is not None else preset.budget_s,
-        describe=lambda t: f"{t['model']['name']} {t.get('method') or ' + '.join(t['methods'])}",
+        describe=lambda t: " ".join(
+            (t["model"]["name"], BatchSpec(**t["batch"]).short, t.get("method") or " + ".join(t["methods"]))
+        ),
         summarize=_summarize,
         desc="trainer",
         env=env,

@@ -10,7 +10,8 @@
 #              suite at once (exit 3) unless torch sees a CUDA device, synpo_kernels.HAS_CUDA_KERNELS is
 #              true, synpo_kernels::token_logprobs_fwd has a compiled CUDA kernel (not the PyTorch
 #              fallback) and that kernel runs on this device, so a failed build is never benchmarked;
-#   2 tests    pytest tests/kernels (all of it: Triton kernels compiled, the CUDA C++ op; no interpreter;
+#   2 tests    pytest tests/kernels and tests/test_prefix_sharing.py (all of it: Triton kernels compiled, the
+#              CUDA C++ op, the shared-prefix attention on CUDA sdpa kernels; no interpreter;
 #              only that folder is collected, so no module importing av/deepspeed is imported);
 #   3 tune     python benchmarks/tune_kernels.py --quick --write (bf16 row passes; rewrites this tree's
 #              synpo_kernels/ops/kernel_configs.json, so the benchmarks run the tuned configurations;
@@ -221,7 +222,7 @@ fi
 end_stage "ok${FAILED[*]:+ (but: ${FAILED[*]})}"
 
 # ---------------------------------------------------------------------------------------------------
-begin_stage 2 tests "pytest tests/kernels (compiled Triton, CUDA C++ op)"
+begin_stage 2 tests "pytest tests/kernels tests/test_prefix_sharing.py (compiled Triton, CUDA C++ op, prefix sharing)"
 tests_limit=$(($(left) - 150))  # the benchmarks keep at least 150 s
 if [ "$tests_limit" -lt 30 ]; then
   note "not enough time left for the tests and the benchmarks ($(left) s)"
@@ -231,7 +232,7 @@ if [ "$tests_limit" -lt 30 ]; then
 fi
 [ "$tests_limit" -gt "$TESTS_TIMEOUT" ] && tests_limit=$TESTS_TIMEOUT
 note "TRITON_INTERPRET=${TRITON_INTERPRET:-unset} (Triton compiles for the GPU); timeout ${tests_limit} s"
-if step "$tests_limit" "$PYTHON" -m pytest tests/kernels -q -rfEs -p no:cacheprovider --durations=5; then
+if step "$tests_limit" "$PYTHON" -m pytest tests/kernels tests/test_prefix_sharing.py -q -rfEs -p no:cacheprovider --durations=5; then
   end_stage "passed"
 else
   FAILED+=("tests")

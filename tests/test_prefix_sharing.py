@@ -296,7 +296,7 @@ def test_unsupported_models_are_named():
 
 
 def test_vlm_runs_the_vision_tower_once_per_pair_and_trains_the_same():
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
 
     from synpo.data import PairEncoder
     from synpo.data.records import PreferenceExample
@@ -326,3 +326,34 @@ def test_vlm_runs_the_vision_tower_once_per_pair_and_trains_the_same():
     assert_same_training(shared, plain, loss_rtol=1e-10, grad_rtol=1e-10)
     # The vision tower keeps its own attention; only the language model's is the shared one.
     assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+# -- CUDA (benchmarks/gpu_suite.sh runs these on the GPU machine) ------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_shared_states_are_as_close_to_float64_as_the_unshared_ones(dtype):
+    """On CUDA (flash / memory-efficient sdpa kernels) in the model's dtype: the shared hidden states
+    are within the unshared ones' own distance from the float64 CPU states (plain PyTorch's error in
+    that dtype), and training through them gives finite gradients."""
+    reference = tiny_lm(kv_heads=2)
+    pairs = random_pairs(3, seed=5, longest_prompt=40)
+    plain = PreferenceCollator(0)(pairs)
+    exact = window_states(reference, plain)
+    model = copy.deepcopy(reference).to("cuda", dtype)
+    to_cuda = lambda batch: {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    unshared = window_states(model, to_cuda(plain)).double().cpu()
+    enable_prefix_sharing(model)
+    shared_batch = to_cuda(PreferenceCollator(0, prefix_sharing=True)(pairs))
+    shared = window_states(model, shared_batch).double().cpu()
+    mask = scored(plain)
+    unshared_err = (unshared - exact)[mask].abs().max()
+    shared_err = (shared - exact)[mask].abs().max()
+    assert shared_err <= 2 * unshared_err + 1e-6, (float(shared_err), float(unshared_err))
+    objective = PreferenceObjective(model, prefix_sharing=True)
+    loss, _ = objective(**shared_batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,15 +67,64 @@ class PrefixSharingUnsupported(ValueError):
 # -- the attention -----------------------------------------------------------------------------------
 
 
-def _segment_positions(segments: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat ``row * seq_len + position`` index ``(segments, Lmax)`` of each segment's positions, and
-    which of them are inside the segment (the rest repeat its last position)."""
+@dataclass(frozen=True)
+class _SegmentPlan:
+    """Index tensors of one batch's segment layout: the same for every layer, so built once per
+    forward (the maxima below are host values: one device sync per forward, not four per layer)."""
+
+    flat_index: torch.Tensor  # (n, width): row * S + position of each segment slot
+    inside: torch.Tensor  # (n, width): the slot is a position of the segment
+    first_max: int  # longest [prompt, chosen]
+    rejected_local: torch.Tensor  # (n, rejected_max): segment slots of the rejected queries
+    key_local: torch.Tensor  # (n, prompt_max + rejected_max): their keys (prompt, then rejected)
+    mask: torch.Tensor  # (n, 1, rejected_max, prompt_max + rejected_max)
+    from_rejected: torch.Tensor  # (n, width): where slot j reads the rejected output
+    is_rejected: torch.Tensor  # (n, 1, width, 1)
+    target: torch.Tensor  # (n * width,): flat output position of each slot (B * S: dropped)
+
+
+def _plan(segments: torch.Tensor, batch: int, seq_len: int) -> _SegmentPlan:
+    # Cached on the segments tensor, which every layer (and a checkpointed layer's recompute) receives.
+    plans = segments.__dict__.setdefault("_synpo_plans", {})
+    key = (batch, seq_len)
+    if key in plans:
+        return plans[key]
+    device = segments.device
     row, start, prompt, chosen, rejected = segments.unbind(1)
     length = prompt + chosen + rejected
-    offsets = torch.arange(int(length.max()), device=segments.device)
+    first = prompt + chosen
+    maxima = torch.stack([length.max(), first.max(), prompt.max(), rejected.max()]).tolist()
+    width, first_max, prompt_max, rejected_max = maxima
+    if rejected_max == 0:  # no rejected tokens anywhere: the segments are [prompt, chosen] rows
+        rejected_max, rejected = 1, rejected.clamp(min=1)
+    offsets = torch.arange(width, device=device)
     inside = offsets[None, :] < length[:, None]
-    position = start[:, None] + torch.minimum(offsets[None, :], length[:, None] - 1)
-    return row[:, None] * seq_len + position, inside
+    flat_index = (
+        row[:, None] * seq_len + start[:, None] + torch.minimum(offsets[None, :], length[:, None] - 1)
+    )
+    steps = torch.arange(rejected_max, device=device)
+    rejected_local = torch.minimum(first[:, None] + steps[None, :], first[:, None] + rejected[:, None] - 1)
+    rejected_local = rejected_local.clamp(min=0, max=width - 1)
+    n = segments.shape[0]
+    prompt_local = torch.arange(prompt_max, device=device).expand(n, prompt_max)
+    sees_prompt = (prompt_local < prompt[:, None])[:, None, :].expand(n, rejected_max, prompt_max)
+    causal = (steps[:, None] >= steps[None, :]).expand(n, rejected_max, rejected_max)
+    # Query slots beyond a segment's rejected length are discarded; let them see everything so that
+    # no softmax row is empty (NaN on some backends).
+    mask = torch.cat([sees_prompt, causal], dim=2) | (steps[None, :, None] >= rejected[:, None, None])
+    plan = _SegmentPlan(
+        flat_index=flat_index,
+        inside=inside,
+        first_max=first_max,
+        rejected_local=rejected_local,
+        key_local=torch.cat([prompt_local, rejected_local], dim=1),
+        mask=mask[:, None],
+        from_rejected=(offsets[None, :] - first[:, None]).clamp(min=0, max=rejected_max - 1),
+        is_rejected=(offsets[None, :] >= first[:, None])[:, None, :, None],
+        target=torch.where(inside, flat_index, batch * seq_len).reshape(-1),
+    )
+    plans[key] = plan
+    return plan
 
 
 def shared_prefix_attention(
@@ -91,72 +141,50 @@ def shared_prefix_attention(
     ``query`` ``(B, H, S, d)``, ``key``/``value`` ``(B, Hkv, S, d)`` (grouped-query heads allowed),
     ``segments`` as in the module docstring. Returns ``(B, S, H, d)`` (transformers' attention output
     layout); positions outside every segment are zero. Differentiable; pure PyTorch
-    (``scaled_dot_product_attention``), so it runs wherever the model does.
+    (``scaled_dot_product_attention``: its flash / memory-efficient kernels on CUDA), so it runs
+    wherever the model does.
     """
     batch, heads, seq_len, dim = query.shape
-    kv_heads = key.shape[1]
-    gqa = {"enable_gqa": True} if kv_heads != heads else {}
-    flat_index, inside = _segment_positions(segments, seq_len)
-    n, width = flat_index.shape
+    gqa = {"enable_gqa": True} if key.shape[1] != heads else {}
+    plan = _plan(segments, batch, seq_len)
+    n, width = plan.flat_index.shape
 
-    def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        # (B, h, S, d) -> (n, h, len, d) at flat positions index (n, len)
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        # (B, h, S, d) -> (n, h, width, d): each segment's positions as one row
         flat = t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], dim)
-        return flat[index.reshape(-1)].reshape(*index.shape, t.shape[1], dim).transpose(1, 2)
+        return flat[plan.flat_index.reshape(-1)].reshape(n, width, t.shape[1], dim).transpose(1, 2)
 
-    q, k, v = gather(query, flat_index), gather(key, flat_index), gather(value, flat_index)
-    _, _, prompt, chosen, rejected = segments.unbind(1)
-    first = prompt + chosen  # [prompt, chosen]: causal, as the chosen row alone
-    first_max = int(first.max())
+    def local(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return t.gather(2, index[:, None, :, None].expand(n, t.shape[1], index.shape[1], dim))
+
+    q, k, v = gather(query), gather(key), gather(value)
+    first = plan.first_max
+    # [prompt, chosen]: causal, as the chosen row alone.
     out_first = F.scaled_dot_product_attention(
-        q[:, :, :first_max],
-        k[:, :, :first_max],
-        v[:, :, :first_max],
+        q[:, :, :first],
+        k[:, :, :first],
+        v[:, :, :first],
         is_causal=True,
         scale=scale,
         dropout_p=dropout_p,
         **gqa,
     )
     # Rejected queries: keys of the prompt, then (causally) of the rejected positions.
-    prompt_max, rejected_max = int(prompt.max()), int(rejected.max())
-    if rejected_max == 0:  # no rejected tokens anywhere: the segments are [prompt, chosen] rows
-        rejected_max, rejected = 1, rejected.clamp(min=1)
-    steps = torch.arange(rejected_max, device=query.device)
-    rejected_local = torch.minimum(first[:, None] + steps[None, :], first[:, None] + rejected[:, None] - 1)
-    rejected_local = rejected_local.clamp(min=0, max=width - 1)
-    prompt_local = torch.arange(prompt_max, device=query.device).expand(n, prompt_max)
-    key_local = torch.cat([prompt_local, rejected_local], dim=1)
-
-    def local(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return t.gather(2, index[:, None, :, None].expand(n, t.shape[1], index.shape[1], dim))
-
-    sees_prompt = (prompt_local < prompt[:, None])[:, None, :].expand(n, rejected_max, prompt_max)
-    causal = (steps[:, None] >= steps[None, :]).expand(n, rejected_max, rejected_max)
-    mask = torch.cat([sees_prompt, causal], dim=2)
-    # Query slots beyond a segment's rejected length are discarded; let them see everything so that
-    # no softmax row is empty (NaN on some backends).
-    mask = mask | (steps[None, :, None] >= rejected[:, None, None])
     out_rejected = F.scaled_dot_product_attention(
-        local(q, rejected_local),
-        local(k, key_local),
-        local(v, key_local),
-        attn_mask=mask[:, None],
+        local(q, plan.rejected_local),
+        local(k, plan.key_local),
+        local(v, plan.key_local),
+        attn_mask=plan.mask,
         scale=scale,
         dropout_p=dropout_p,
         **gqa,
     )
-    # Back to segment order: position j < first reads out_first, first <= j < first + rejected reads
-    # out_rejected at j - first.
-    positions = torch.arange(width, device=query.device)
-    out_first = F.pad(out_first, (0, 0, 0, width - first_max))
-    from_rejected = (positions[None, :] - first[:, None]).clamp(min=0, max=rejected_max - 1)
-    out_rejected = local(out_rejected, from_rejected)
-    is_rejected = (positions[None, :] >= first[:, None])[:, None, :, None]
-    out = torch.where(is_rejected, out_rejected, out_first).transpose(1, 2)  # (n, width, H, d)
-    # Scatter the segments back into (B*S) positions; slots outside a segment go to a dropped row.
-    target = torch.where(inside, flat_index, batch * seq_len).reshape(-1)
+    # Back to segment order, then scatter the segments into (B*S) positions (padding slots go to a
+    # dropped extra row).
+    out_first = F.pad(out_first, (0, 0, 0, width - first))
+    out = torch.where(plan.is_rejected, local(out_rejected, plan.from_rejected), out_first).transpose(1, 2)
     result = out.new_zeros(batch * seq_len + 1, heads, dim)
-    result = result.index_copy(0, target, out.reshape(n * width, heads, dim))
+    result = result.index_copy(0, plan.target, out.reshape(n * width, heads, dim))
     return result[:-1].reshape(batch, seq_len, heads, dim)
 
 

@@ -332,10 +332,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(
-                f"{key}: must be one of {list(choices)}, got {value!r}{_suggest(str(value), choices)}"
-            )
+        # Same type too: 1 == True and 0 == False, but `prefix_sharing: 0` is not `false`.
+        if not any(value == c and type(value) is type(c) for c in choices):
+            shown = [repr(c) if isinstance(c, str) else _show(c) for c in choices]
+            hint = _suggest(str(value), [_show(c) for c in choices])
+            if isinstance(value, str) and value in shown:  # a quoted 'true'
+                hint = f"; write {value} without quotes"
+            raise ConfigError(f"{key}: must be one of [{', '.join(shown)}], got {value!r}{hint}")
         return value
     if origin is list:
         (item_type,) = typing.get_args(tp)
@@ -794,7 +797,8 @@ def _validate_eval_and_reporting(config: TrainerConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 # Keys (or whole sections) that may differ from the checkpoint's without changing what is trained:
-# where files go, how often to save and log, threads and device placement.
+# where files go, how often to save and log, threads and device placement, and prefix sharing (the
+# same losses and gradients, each prompt computed once or twice).
 RESUME_FREE_KEYS = (
     "checkpoint.output_dir",
     "checkpoint.resume",
@@ -807,6 +811,7 @@ RESUME_FREE_KEYS = (
     "train.cpu_threads",
     "train.device",
     "data.num_workers",
+    "data.prefix_sharing",
 )
 # The length of the run: extending it needs no flag (the trainer keeps the LR schedule continuous).
 RESUME_LENGTH_KEYS = ("train.max_steps", "train.epochs")

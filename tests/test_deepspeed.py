@@ -4,6 +4,10 @@ ZeRO-2 and ZeRO-3 (where ``lm_head.weight`` is partitioned and the fused loss re
 ``PreferenceObjective.forward``) must give the losses of the single-process run with the same
 global batch; DPO with a LoRA-disabled reference under ZeRO-3 as well, and a resumed ZeRO-3 run
 must continue exactly (DeepSpeed's checkpoint loaded with ``weights_only=True``).
+
+Prefix sharing (``data.prefix_sharing``; ``auto`` turns it on for the bundled sample): the ZeRO-2/3
+ranks share each pair's prompt and the single process does not, and the other way round for tied
+embeddings, so that both ways run under ZeRO-3; the other tests run ``auto`` (on), checked in the log.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def config(output_dir, *, accumulation: int, **sections) -> dict:
 
 
 def launch(tmp_path, cfg: dict, ds_config: dict, *extra: str, script: str | None = None) -> list[dict]:
-    """Run ``synpo train`` (or ``script``) on 2 ranks with torchrun; returns rank 0's metrics rows."""
+    """Run ``synpo train`` (or ``script``) on 2 ranks with torchrun; returns rank 0's metrics rows.
+    The launch's output (rank 0's log) is left in ``tmp_path / "launch.log"``."""
     (tmp_path / "ds.json").write_text(json.dumps(ds_config))
     cfg = {**cfg, "deepspeed": str(tmp_path / "ds.json")}
     cfg_path = tmp_path / "cfg.yaml"
@@ -63,9 +68,16 @@ def launch(tmp_path, cfg: dict, ds_config: dict, *extra: str, script: str | None
         "--master_port", str(free_port()), *target, "--config", str(cfg_path), *extra,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    (tmp_path / "launch.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     metrics = os.path.join(cfg["checkpoint"]["output_dir"], "metrics.jsonl")
     return [json.loads(line) for line in open(metrics).read().splitlines()]
+
+
+def prefix_sharing_said(tmp_path) -> list[str]:
+    """The launch's "prefix sharing on/off: why" log lines (rank 0's)."""
+    log = (tmp_path / "launch.log").read_text().splitlines()
+    return [line.split("synpo.train: ", 1)[1] for line in log if "synpo.train: prefix sharing" in line]
 
 
 def assert_same_training(rows, reference_rows, rel=2e-5):
@@ -80,14 +92,22 @@ def assert_same_training(rows, reference_rows, rel=2e-5):
 def test_zero_stage_matches_single_process(tmp_path, stage):
     # 2 ranks x accumulation 2 == 1 process x accumulation 4: the same pairs in every optimizer step.
     # Evaluation on 5 pairs (3 on rank 0, 2 on rank 1, which runs an extra forward to keep in step).
+    # The ranks share each pair's prompt (training, evaluation), the single process does not.
     write_lines(tmp_path / "eval.jsonl", generic_sample_lines()[-6:])  # 5 pass min_score_gap
-    with_eval = {"data": {"eval_file": str(tmp_path / "eval.jsonl")}, "logging": {"eval_every": 2}}
-    single = Trainer(config(tmp_path / "single", accumulation=4, **with_eval)).train()
+
+    def sections(prefix_sharing: bool) -> dict:
+        data = {"eval_file": str(tmp_path / "eval.jsonl"), "prefix_sharing": prefix_sharing}
+        return {"data": data, "logging": {"eval_every": 2}}
+
+    trainer = Trainer(config(tmp_path / "single", accumulation=4, **sections(False)))
+    single = trainer.train()
+    assert not trainer.prefix_sharing
     rows = launch(
         tmp_path,
-        config(tmp_path / f"zero{stage}", accumulation=2, **with_eval),
+        config(tmp_path / f"zero{stage}", accumulation=2, **sections(True)),
         {"zero_optimization": {"stage": stage}},
     )
+    assert prefix_sharing_said(tmp_path) == ["prefix sharing on (prefix_sharing: true)"]
     eval_rows = [row for row in rows if row.get("split") == "eval"]
     rows = [row for row in rows if row.get("split") != "eval"]
     assert_same_training(rows, single.history)
@@ -115,6 +135,7 @@ def test_zero3_dpo_with_lora_reference_and_exact_resume(tmp_path):
     zero3 = {"zero_optimization": {"stage": 3}}
     run_dir = tmp_path / "zero3"
     rows = launch(tmp_path, config(run_dir, accumulation=2, **sections), zero3)
+    assert prefix_sharing_said(tmp_path)[0].startswith("prefix sharing on: ")  # auto, the sample's prompts
     assert_same_training(rows, single.history)
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-4)  # policy == reference at the start
 
@@ -177,11 +198,17 @@ def test_zero3_tied_embeddings(tmp_path):
     # Tied input/output embeddings (SmolLM2, Gemma, Qwen2-0.5B): the lm_head weight that the fused loss
     # reads is the embedding matrix, a ZeRO-3 external parameter of the objective that the embedding
     # layer uses too; fully fine-tuned here, its partitions get the gradients of both uses.
+    # Here the single process shares each pair's prompt and the ZeRO-3 ranks do not.
     tied = {"tiny": {**TINY_MODEL, "tie_word_embeddings": True}}
-    single = Trainer(config(tmp_path / "single", accumulation=4, model=tied)).train()
+    single = Trainer(
+        config(tmp_path / "single", accumulation=4, model=tied, data={"prefix_sharing": True})
+    ).train()
     rows = launch(
-        tmp_path, config(tmp_path / "zero3", accumulation=2, model=tied), {"zero_optimization": {"stage": 3}}
+        tmp_path,
+        config(tmp_path / "zero3", accumulation=2, model=tied, data={"prefix_sharing": False}),
+        {"zero_optimization": {"stage": 3}},
     )
+    assert prefix_sharing_said(tmp_path) == ["prefix sharing off (prefix_sharing: false)"]
     assert_same_training(rows, single.history)
     exported = load_file(str(tmp_path / "zero3" / "final" / "model.safetensors"))
     expected = load_file(str(single.final_model_dir / "model.safetensors"))

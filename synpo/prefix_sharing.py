@@ -344,7 +344,7 @@ def decide_prefix_sharing(
     lengths (``None``: not known before training, as for video pairs, whose frames make the prompt
     long) bound the saving at :data:`AUTO_MIN_BOUND` or more.
     """
-    if requested not in ("auto", True, False):
+    if not (requested == "auto" or isinstance(requested, bool)):  # 1 == True: check the type
         raise ValueError(f"prefix_sharing: must be 'auto', True or False, got {requested!r}")
     if requested is False:
         return False, "off (prefix_sharing: false)"

@@ -12,6 +12,10 @@ writes one; and it checks that the engine really wrapped the model.
   inside the objective's forward, and an accelerate config file), FSDP2 (transformers' default
   ``--fsdp``). FSDP1 is not run: torch refuses it on CPU ("FSDP needs a non-CPU accelerator device").
 - ``examples/hf_trainer.py`` (the fused loss in a plain ``transformers.Trainer``) under ZeRO-3.
+
+The TRL runs share each pair's prompt (``prefix_sharing="auto"`` turns it on for the example's pairs:
+every rank logs ``prefix_sharing/unshared_pairs`` = 0); ``ddp-rows`` turns it off on the two ranks, so the
+unshared rows under DDP are checked against the shared single process.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ STEPS = 3  # 8 pairs, 4 per optimizer step: the third step starts the reshuffled
 # Compared per step: the loss, the gradient norm and TRL's metrics (gathered over the ranks; the
 # hf_trainer example logs its rank's own statistics, which cover half the pairs).
 TRL_KEYS = ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins")
+UNSHARED = "prefix_sharing/unshared_pairs"  # logged by SynPOTrainer while prefix sharing is on
 HF_KEYS = ("loss", "grad_norm")
 
 # The launchers of docs/training.md, for 2 processes on this machine; "torchrun-2-nodes" is the
@@ -54,6 +59,13 @@ ZERO = "DeepSpeedEngine"
 # name: (example, launcher, extra flags, expected distribution, saves a save_pretrained directory)
 CASES = {
     "ddp": ("trl", "torchrun", [], {"type": "MULTI_CPU", "wrapper": "DistributedDataParallel"}, True),
+    "ddp-rows": (
+        "trl",
+        "torchrun",
+        ["--prefix_sharing", "False"],
+        {"type": "MULTI_CPU", "wrapper": "DistributedDataParallel"},
+        True,
+    ),
     "zero2": ("trl", "deepspeed", ZERO2, {"wrapper": ZERO, "zero_stage": 2}, True),
     # zero3.json leaves the weights partitioned at save (stage3_gather_16bit_weights_on_model_save).
     "zero3": ("trl", "torchrun-2-nodes", ZERO3, {"wrapper": ZERO, "zero_stage": 3}, False),
@@ -142,6 +154,10 @@ def test_two_ranks_equal_one_process(tmp_path, single_process, case):
         for key in keys:
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
     assert len({r["loss"] for r in rows}) == STEPS  # the model trained: a different loss each step
+    if example == "trl":  # prefix sharing on (auto) in both runs, but for the case that turns it off
+        assert all(r[UNSHARED] == 0 for r in ref_rows)
+        sharing = "--prefix_sharing" not in flags
+        assert all((r[UNSHARED] == 0) if sharing else (UNSHARED not in r) for r in rows)
 
     if saves:  # the trained policy as save_pretrained writes it (gathered from the shards)
         theirs = load_file(str(tmp_path / "model" / "model.safetensors"))

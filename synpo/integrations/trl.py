@@ -35,6 +35,20 @@ How it is built (so that it does not break when TRL's trainers change inside):
   root unit holds it unsharded during the forward. A model that post-processes its logits
   (soft-capping, a logit scale) gets the unfused loss on its real logits (one log line), as in
   ``synpo train``. Labels are ``input_ids`` with ``-100`` outside the completion, shifted by the op.
+- prefix sharing (``SynPOConfig.prefix_sharing``: ``"auto"`` by default, ``True``, ``False``): each
+  pair's prompt runs once, both completions continuing from it (:mod:`synpo.prefix_sharing`; exact). The
+  trainer decides once at construction with :func:`synpo.prefix_sharing.decide_prefix_sharing` from the
+  model and the tokenized train dataset's mean prompt and completion lengths, and says which way and why
+  in one INFO line of this module's logger; ``True`` on a model that cannot share raises ``ValueError``.
+  TRL's collator still builds the rows; ``trainer.model``'s forward turns each batch into one
+  ``[prompt, chosen, rejected]`` segment per pair (:func:`synpo.data.batching.shared_prefix_batch`; a
+  row's prompt is its tokens before the first completion token), for training, evaluation and the
+  reference passes alike. A pair whose two prompts differ token for token (TRL's collator gives both
+  rows one ``prompt_ids``, but ``truncation_mode="keep_end"`` cuts a long pair's two rows at different
+  places), and every pair of a batch that is not TRL's right-padded layout (a custom collator), runs
+  unshared (exact, no saving): one warning the first time, and the logged
+  ``prefix_sharing/unshared_pairs`` counts them per logging step, summed over ranks (its totals:
+  ``trainer.unshared_pairs``).
 - reference-free: for ``synpo`` (default), ``simpo``, ``cpo`` and ``orpo`` no reference model is
   created or loaded and the model runs once per step. ``dpo`` / ``ipo`` need reference log-probs,
   taken, in this order, from ``ref_chosen_logps`` / ``ref_rejected_logps`` dataset columns (TRL's
@@ -65,6 +79,8 @@ Logged metrics (TRL's names; batch means; ``eval_`` prefixed in evaluation), wit
   ========= ============================================================================
 
 - ``rewards/accuracies``: the fraction of pairs with ``rewards/chosen > rewards/rejected``.
+- ``prefix_sharing/unshared_pairs`` (while prefix sharing is on): the pairs since the last log that ran
+  without a shared prompt, summed over micro-batches and ranks (a count, not a mean).
 
 TRL >= 1.0, < 2 (the ``trl`` extra): the public ``DataCollatorForPreference`` with ``max_length`` /
 ``truncation_mode`` and the ``trl.data_utils`` helpers used here exist unchanged over that range.
@@ -74,24 +90,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainingArguments, set_seed
 
 import synpo_kernels as sk
 from synpo.data import response_windows
+from synpo.data.batching import SharedPair, shared_prefix_batch
 from synpo.models import drop_gguf_quantization_marks
 from synpo.objective import PreferenceObjective, unwrap_hf_model
+from synpo.prefix_sharing import SEGMENTS_KEY, decide_prefix_sharing
 from synpo_kernels.loss_registry import Peer, get_loss
 
 __all__ = ["SynPOConfig", "SynPOTrainer", "row_rewards"]
 
 _TOKENIZED = ("prompt_ids", "chosen_ids", "rejected_ids")
 _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+UNSHARED_METRIC = "prefix_sharing/unshared_pairs"
+
+logger = logging.getLogger(__name__)
 
 
 def _import_trl():
@@ -123,6 +145,13 @@ class SynPOConfig(TrainingArguments):
         precompute_ref_batch_size: batch size of that pass (default: the per-device batch sizes).
         fused_backend / fused_chunk_bytes: execution options of the fused op (``backend`` / ``chunk_bytes``).
 
+    Speed:
+        prefix_sharing: ``"auto"`` (default), ``True`` or ``False``: compute each pair's prompt once,
+            both completions continuing from it (exact; see the module docstring). ``"auto"`` turns it on
+            where the model supports it and the train dataset's mean prompt and completion lengths make it
+            pay (:func:`synpo.prefix_sharing.decide_prefix_sharing`); ``True`` on a model that cannot
+            (sliding-window attention, multimodal rotary positions...) fails at construction.
+
     Data (as TRL's ``DPOConfig``): ``max_length`` (1024; ``None``: no truncation), ``truncation_mode``
     (``"keep_start"`` / ``"keep_end"``), ``pad_to_multiple_of``, ``pad_token``, ``dataset_num_proc``.
     Model: ``model_init_kwargs`` (when ``model`` is a string), ``disable_dropout`` (True).
@@ -148,6 +177,13 @@ class SynPOConfig(TrainingArguments):
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Precompute batch."})
     fused_backend: str | None = field(default=None, metadata={"help": "backend= of the fused op."})
     fused_chunk_bytes: int | None = field(default=None, metadata={"help": "chunk_bytes= of the fused op."})
+    prefix_sharing: Literal["auto", True, False] = field(
+        default="auto",
+        metadata={
+            "help": "Compute each pair's prompt once, both completions continuing from it (exact): "
+            "'auto' (on where the model supports it and the prompts are long enough to pay), True or False."
+        },
+    )
     max_length: int | None = field(default=1024, metadata={"help": "Max tokens of prompt+completion."})
     truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start or keep_end."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad to a multiple of this."})
@@ -172,6 +208,11 @@ class SynPOConfig(TrainingArguments):
                 setattr(self, key, value)
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode: 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+        sharing = self.prefix_sharing
+        if isinstance(sharing, str) and sharing.lower() in ("true", "false"):  # a JSON/YAML config's string
+            sharing = self.prefix_sharing = sharing.lower() == "true"
+        if sharing != "auto" and not isinstance(sharing, bool):
+            raise ValueError(f"prefix_sharing: must be 'auto', True or False, got {sharing!r}")
         self.resolved_loss_options()  # fail at construction on a bad loss or option
         super().__post_init__()
 
@@ -222,24 +263,40 @@ class TrainerObjective(PreferenceObjective):
     """:class:`~synpo.objective.PreferenceObjective` as the model of a :class:`transformers.Trainer`:
     forward takes TRL's batch (``input_ids``, ``attention_mask``, ``completion_mask``, optional
     ``ref_chosen_logps`` / ``ref_rejected_logps``), and what the Trainer asks of its model
-    (activation checkpointing, FSDP's layer classes to wrap) reaches the policy."""
+    (activation checkpointing, FSDP's layer classes to wrap) reaches the policy.
+
+    With ``prefix_sharing=True`` forward runs each batch in the shared layout (:func:`_shared_layout`)
+    and leaves what it did in :attr:`last_sharing`: ``(pairs, unshared_pairs, layout_ok)``.
+    ``pad_token_id``: the token of the shared layout's padding (masked, never attended).
+    """
+
+    def __init__(self, policy: torch.nn.Module, *, pad_token_id: int = 0, **kwargs):
+        super().__init__(policy, **kwargs)
+        self.pad_token_id = int(pad_token_id)
+        self.last_sharing = (0, 0, True)
 
     def forward(self, mode: str = "train", return_stats: bool = False, **inputs):
-        labels = _labels(inputs)
-        response_index, response_labels = response_windows(labels)
         ref_logps = None
         if all(c in inputs for c in _REF_COLUMNS):
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
-        return super().forward(
-            mode,
-            ref_logps=ref_logps,
-            return_stats=return_stats,
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            labels=labels,
-            response_index=response_index,
-            response_labels=response_labels,
-        )
+        batch = None
+        if self.prefix_sharing:
+            batch, unshared, layout_ok = _shared_layout(
+                inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], self.pad_token_id
+            )
+            pairs = inputs["input_ids"].shape[0] // 2
+            self.last_sharing = (pairs, unshared if layout_ok else pairs, layout_ok)
+        if batch is None:  # sharing off, or nothing to share in this batch: the rows as TRL built them
+            labels = _labels(inputs)
+            response_index, response_labels = response_windows(labels)
+            batch = {
+                "input_ids": inputs["input_ids"],
+                "attention_mask": inputs["attention_mask"],
+                "labels": labels,
+                "response_index": response_index,
+                "response_labels": response_labels,
+            }
+        return super().forward(mode, ref_logps=ref_logps, return_stats=return_stats, **batch)
 
     @property
     def _no_split_modules(self):
@@ -383,16 +440,27 @@ class SynPOTrainer(Trainer):
         train_dataset = self._prepare_dataset(train_dataset, "train")
         eval_dataset = self._prepare_dataset(eval_dataset, "eval")
 
+        # Decided once, from the model and the tokenized train data (True on an unsupported model raises
+        # PrefixSharingUnsupported, a ValueError naming why).
+        prompt_tokens, response_tokens = _mean_token_counts(train_dataset)
+        self.prefix_sharing, self.prefix_sharing_why = decide_prefix_sharing(
+            args.prefix_sharing, model, prompt_tokens=prompt_tokens, response_tokens=response_tokens
+        )
+        if args.should_log:
+            logger.info("prefix sharing %s", self.prefix_sharing_why)
+
         # The module the Trainer optimizes (and DDP / DeepSpeed / FSDP wrap): the loss runs in its forward.
         adapter_reference = self._loss_def.needs_reference and _is_peft_model(model)
         reference_mode = "adapter_disabled" if adapter_reference else None
         objective = TrainerObjective(
             model,
+            pad_token_id=tokenizer.pad_token_id,
             loss=self.loss_type,
             loss_options=self.loss_options,
             impl="fused",
             reference_mode=reference_mode,
             fused_options={"backend": args.fused_backend, "chunk_bytes": args.fused_chunk_bytes},
+            prefix_sharing=self.prefix_sharing,
         )
         deepspeed_plugin = getattr(args, "deepspeed_plugin", None)
         if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
@@ -419,6 +487,10 @@ class SynPOTrainer(Trainer):
         )
         self.model_accepts_loss_kwargs = False  # transformers < 5.19 reads this instead of the class flag
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Pairs that ran without a shared prompt, all ranks: since the last log, and in total.
+        self._unshared = {"train": 0, "eval": 0}
+        self.unshared_pairs = {"train": 0, "eval": 0}
+        self._warned: set[str] = set()
 
         if self._loss_def.needs_reference and args.precompute_ref_log_probs:
             self.train_dataset = self._with_reference(self.train_dataset, args.per_device_train_batch_size)
@@ -535,7 +607,37 @@ class SynPOTrainer(Trainer):
         mode = "train" if self.model.training else "eval"
         loss, _, stats, ref = model(**inputs, return_stats=True)
         self._record(mode, stats, ref)
+        if self.prefix_sharing:
+            self._record_sharing(mode, stats.chosen_logps.device)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def _record_sharing(self, mode: str, device: torch.device) -> None:
+        """Count (all ranks) the pairs of the last forward that ran without a shared prompt; say why once."""
+        pairs, unshared, layout_ok = self.objective.last_sharing
+        counts = torch.tensor([unshared, pairs * (not layout_ok)], dtype=torch.float64, device=device)
+        unshared, outside_layout = (int(x) for x in self.accelerator.gather(counts).reshape(-1, 2).sum(0))
+        self._unshared[mode] += unshared
+        self.unshared_pairs[mode] += unshared
+        if not self.accelerator.is_main_process:
+            return
+        if outside_layout and "layout" not in self._warned:
+            self._warned.add("layout")
+            logger.warning(
+                "prefix sharing: a batch is not the [chosen; rejected] layout of TRL's "
+                "DataCollatorForPreference (right padded, one completion span per row): its %d pairs ran "
+                "unshared (exact, no saving); later ones are counted in %s",
+                outside_layout,
+                UNSHARED_METRIC,
+            )
+        if unshared > outside_layout and "prompts" not in self._warned:
+            self._warned.add("prompts")
+            logger.warning(
+                "prefix sharing: %d pairs of a batch have chosen and rejected prompts that differ token for "
+                "token (truncation_mode='keep_end' cuts them differently; a custom collator may tokenize "
+                "them apart): they ran unshared (exact, no saving); later ones are counted in %s",
+                unshared - outside_layout,
+                UNSHARED_METRIC,
+            )
 
     def _record(self, mode: str, stats, ref) -> None:
         gather = self.accelerator.gather
@@ -570,6 +672,9 @@ class SynPOTrainer(Trainer):
         """Add the averaged preference metrics since the last log (``eval_`` prefixed in evaluation)."""
         mode = "train" if self.model.training else "eval"
         metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if self.prefix_sharing and metrics:
+            metrics[UNSHARED_METRIC] = float(self._unshared[mode])  # a count: summed, not averaged
+            self._unshared[mode] = 0
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs.update(metrics)
@@ -640,6 +745,92 @@ class SynPOTrainer(Trainer):
 
 def _labels(inputs) -> torch.Tensor:
     return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, sk.IGNORE_INDEX)
+
+
+# The keys of a shared_prefix_batch that the objective's forward reads.
+_SHARED_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "labels",
+    SEGMENTS_KEY,
+    "response_index",
+    "response_labels",
+)
+
+
+def _shared_layout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, pad_token_id: int
+) -> tuple[dict[str, torch.Tensor] | None, int, bool]:
+    """TRL's ``[chosen; rejected]`` rows as ``[prompt, chosen, rejected]`` segments (exact, on the
+    batch's device): ``(batch, unshared_pairs, layout_ok)``.
+
+    A pair's prompt is each row's tokens before its first completion token; a pair whose two prompts
+    are equal token for token shares it, any other pair is a segment without a prefix (its two full
+    rows, exact, no saving), counted in ``unshared_pairs``. Tokens after a row's last completion token
+    are left out (causal attention: they change no scored position).
+
+    ``batch`` is None where the shared layout would not help or might not be exact: no pair shares its
+    prompt, or the rows are not TRL's layout (``layout_ok`` False: an odd row count, rows not right
+    padded, a row whose completion tokens are not one span inside its tokens, or a row without any).
+    """
+    rows, width = input_ids.shape
+    if rows % 2:
+        return None, 0, False
+    positions = torch.arange(width, device=input_ids.device)
+    attended, completion = attention_mask != 0, completion_mask != 0
+    length = attended.sum(1)
+    first = torch.where(completion, positions, width).amin(1)
+    last = torch.where(completion, positions, -1).amax(1)
+    right_padded = (attended == (positions[None, :] < length[:, None])).all(1)
+    one_span = completion.sum(1) == last - first + 1
+    fits = right_padded & one_span & (last >= 0) & (last < length)
+    # One device-to-host copy per batch: the tokens and each row's completion span and check.
+    table = torch.cat([input_ids, first[:, None], last[:, None], fits[:, None].long()], dim=1).tolist()
+    if not all(row[width + 2] for row in table):
+        return None, 0, False
+    half, pairs, unshared = rows // 2, [], 0
+    for chosen, rejected in zip(table[:half], table[half:]):
+        (fc, lc), (fr, lr) = chosen[width : width + 2], rejected[width : width + 2]
+        if chosen[:fc] == rejected[:fr]:
+            pairs.append(SharedPair(chosen[:fc], chosen[fc : lc + 1], rejected[fr : lr + 1]))
+        else:
+            unshared += 1
+            pairs.append(
+                SharedPair(
+                    [], chosen[: lc + 1], rejected[: lr + 1], chosen_label_start=fc, rejected_label_start=fr
+                )
+            )
+    if unshared == half:
+        return None, unshared, True
+    batch = shared_prefix_batch(pairs, pad_token_id)
+    return {k: batch[k].to(input_ids.device, non_blocking=True) for k in _SHARED_KEYS}, unshared, True
+
+
+def _mean_token_counts(dataset, limit: int = 100_000) -> tuple[float, float]:
+    """Mean prompt and completion token counts of a tokenized dataset (``prompt_ids``/``chosen_ids``/
+    ``rejected_ids``), over its first ``limit`` rows (zeros for an empty one)."""
+    import itertools
+
+    from datasets import Dataset
+
+    prompt = response = rows = 0
+    if isinstance(dataset, Dataset):
+        import pyarrow.compute as pc
+
+        # Arrow list lengths: no token list becomes a Python object.
+        head = dataset.select(range(min(len(dataset), limit))).select_columns(list(_TOKENIZED))
+        for table in head.with_format("arrow").iter(batch_size=10_000):
+            length = {c: pc.sum(pc.list_value_length(table[c])).as_py() or 0 for c in _TOKENIZED}
+            prompt += length["prompt_ids"]
+            response += length["chosen_ids"] + length["rejected_ids"]
+            rows += table.num_rows
+    else:
+        for example in itertools.islice(dataset, limit):
+            prompt += len(example["prompt_ids"])
+            response += len(example["chosen_ids"]) + len(example["rejected_ids"])
+            rows += 1
+    return prompt / max(rows, 1), response / max(2 * rows, 1)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

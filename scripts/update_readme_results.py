@@ -65,6 +65,7 @@ def bench_section(draw: bool) -> str:
             lines.append(markdown(data["records"], data["meta"], heading_level=4))
             pngs = draw_charts(path, RESULTS / "plots") if draw else _existing(path, kind)
             lines += [""] + [f"![{png.stem}]({_rel(png)})" for png in pngs]
+    lines += prefix_sharing_section(draw)
     lines += [
         "",
         "How step time and memory scale with GPUs under DeepSpeed ZeRO-3, and where the reference-free "
@@ -73,11 +74,42 @@ def bench_section(draw: bool) -> str:
     return "\n".join(lines)
 
 
+PREFIX_SHARING_PRESETS = ("gpu", "cpu-video", "prefix-sweep")
+
+
+def prefix_sharing_section(draw: bool) -> list[str]:
+    """Prefix sharing's speed-ups from the trainer results that measured it (video preset, sweep)."""
+    lines = []
+    for preset in PREFIX_SHARING_PRESETS:
+        path = RESULTS / f"trainer_{preset}.json"
+        if not path.is_file():
+            continue
+        data = load_results(path)
+        table = report.prefix_sharing_markdown(data["records"])
+        if not table:
+            continue
+        meta = data["meta"]
+        lines += [
+            "",
+            f"### Prefix sharing ({meta.get('device')}, `{_rel(path)}`)",
+            "",
+            f"Preset `{preset}`: {meta.get('preset_description', '').strip()}; median of "
+            f"{meta.get('steps')} steps after {meta.get('warmup_steps')} warm-up, "
+            f"commit `{meta.get('commit')}`.",
+            *table,
+        ]
+        pngs = plots.prefix_sharing_chart(path, RESULTS / "plots") if draw else _existing(path, "sharing")
+        lines += [""] + [f"![{png.stem}]({_rel(png)})" for png in pngs]
+    return lines
+
+
 def _existing(path: Path, kind: str) -> list[Path]:
     """The charts ``plots`` would draw for ``path``, in the same order, without drawing them."""
     plots_dir = RESULTS / "plots"
     if kind == "kernels":
         candidates = [plots_dir / f"{path.stem}_{op}.png" for op in report.OP_TITLES]
+    elif kind == "sharing":
+        candidates = [plots_dir / f"{path.stem}_prefix_sharing.png"]
     else:
         candidates = [plots_dir / f"{path.stem}.png"]
     return [p for p in candidates if p.is_file()]

@@ -6,7 +6,8 @@
     synpo bench trainer                       # DPO+reference vs SynPO, naive vs fused, tiny/small models
     synpo bench trainer --preset cpu-interleaved   # the methods timed in turn in one process
     synpo bench trainer --preset gpu          # a 7B-class model with LoRA on one GPU
-    synpo bench quality                       # SynPO vs DPO vs SimPO on SmolLM2-135M: quality and speed
+    synpo bench quality                       # SynPO vs DPO vs SimPO on SmolLM2-135M, pre-registered,
+                                              # resumable (--max-runs 0: the plan; --budget-s: in parts)
 
 Results go to benchmarks/results/ (in a checkout; else ./synpo-bench-results, or --output-dir) as
 long-format JSON and CSV with device, driver, versions, commit and date; a smoke preset's go to
@@ -24,7 +25,7 @@ __all__ = ["add_parser"]
 BENCHMARKS = {
     "kernels": "ops vs naive path and peers: time, memory, TFLOP/s, %% of floor",
     "trainer": "DPO with a reference model vs SynPO, naive vs fused: steps/s, tokens/s, memory",
-    "quality": "SynPO vs DPO vs SimPO on SmolLM2: held-out accuracy, log-probs, perplexity, speed",
+    "quality": "SynPO vs DPO vs SimPO on SmolLM2: judged captions, pair accuracy, perplexity, speed",
 }
 
 

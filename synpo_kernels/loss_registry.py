@@ -28,6 +28,7 @@ Adding a loss is one :func:`register_loss` call (:func:`registered_loss` for a t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import math
 import re
@@ -83,6 +84,8 @@ class Param:
 
     ``check`` raises ``TypeError`` for a wrong type and ``ValueError`` for a bad value, both naming it.
     ``trl`` / ``liger``: the peer's corresponding argument (:class:`Peer`), a note (str), or None.
+    ``requires``: ``(option, value)`` that a non-default value of this one needs (else it would be
+    silently unused): :meth:`LossDef.resolve` raises ``ValueError`` naming both.
     """
 
     name: str
@@ -95,6 +98,7 @@ class Param:
     choices: tuple[str, ...] = ()
     trl: Peer | str | None = None
     liger: Peer | str | None = None
+    requires: tuple[str, Any] | None = None
 
     @property
     def type(self) -> type:
@@ -230,7 +234,16 @@ class LossDef:
                 f"loss_options: unknown option(s) {unknown} for loss {self.name!r}; "
                 f"accepted: {sorted(self.param_names)}{hints}"
             )
-        return {p.name: p.check(options[p.name]) if p.name in options else p.default for p in self.params}
+        resolved = {p.name: p.check(options[p.name]) if p.name in options else p.default for p in self.params}
+        for p in self.params:
+            if p.requires is not None and resolved[p.name] != p.default:
+                key, value = p.requires
+                if resolved[key] != value:
+                    raise ValueError(
+                        f"{p.name}: only used with {key}={value!r}, but {key}={resolved[key]!r} "
+                        f"(loss {self.name!r})"
+                    )
+        return resolved
 
     def _apply(self, fn, stats, options, ref_logps, context) -> torch.Tensor:
         chosen, rejected = stats.split_pairs()
@@ -354,12 +367,43 @@ def _pick(row, average: bool) -> torch.Tensor:
 def _log_ratio(row, o, ref) -> torch.Tensor:
     """A row's policy-minus-reference log-ratio ``s - r``, divided by its token count with ``average``."""
     d = row.sum_logp - ref
-    return d / row.count if o.average else d
+    return d / row.count if getattr(o, "average", False) else d
 
 
 def _reference_margin(w, lo, o, ctx) -> torch.Tensor:
     """``h = (s_w - r_w) - (s_l - r_l)``, each side divided by its row's token count with ``average``."""
     return _log_ratio(w, o, ctx.ref_w) - _log_ratio(lo, o, ctx.ref_l)
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+"""TRL's ``f_divergence_type`` values: the divergence whose derivative ``f'`` scores a row's log-ratio."""
+
+
+def f_score(log_ratio: torch.Tensor, o: Options) -> torch.Tensor:
+    """``f'(π/π_ref)`` of a row's log-ratio ``u = s - r`` for the loss's ``f_divergence_type``, as TRL's
+    ``DPOTrainer`` scores it (``u`` itself for ``reverse_kl``, the default, and for a loss without one)."""
+    kind = getattr(o, "f_divergence_type", "reverse_kl")
+    if kind == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1.0 - torch.exp(-log_ratio)
+    if kind == "js_divergence":  # f'(t) = log(2t / (t + 1))
+        return math.log(2.0) + F.logsigmoid(log_ratio)
+    if kind == "alpha_divergence" and abs(o.f_alpha_divergence_coef - 1.0) >= 1e-6:
+        # f'(t) = (t^(a-1) - 1) / (a - 1); a = 1 is reverse KL (TRL's limit case). TRL clamps the exponent
+        # at 80 so that exp stays finite in float32; the same clamp keeps the two equal there.
+        a1 = o.f_alpha_divergence_coef - 1.0
+        return torch.expm1(torch.clamp(a1 * log_ratio, max=80.0)) / a1
+    return log_ratio
+
+
+def _score(row, o, ref) -> torch.Tensor:
+    """A row's f-divergence score ``f'(s - r)``, divided by its token count with ``average``."""
+    score = f_score(row.sum_logp - ref, o)
+    return score / row.count if getattr(o, "average", False) else score
+
+
+def _score_margin(w, lo, o, ctx) -> torch.Tensor:
+    """TRL's ``delta_score``: ``_score`` of the chosen minus that of the rejected row."""
+    return _score(w, o, ctx.ref_w) - _score(lo, o, ctx.ref_l)
 
 
 def _geometric_mean_prob(row, o=None, ref=None) -> torch.Tensor:
@@ -415,6 +459,28 @@ _NLL_REDUCTION = Param(
     liger="pooled (sum / chosen tokens of the whole target)",
 )
 _LIGER = "liger_kernel.chunked_loss."
+_F_DIVERGENCE_TYPE = Param(
+    "f_divergence_type",
+    "reverse_kl",
+    "the f-divergence whose f' scores each row's log-ratio (f-DPO); reverse_kl is DPO's",
+    choices=F_DIVERGENCES,
+    trl=Peer("f_divergence_type", "reverse_kl"),
+    liger="—",
+)
+_F_ALPHA = Param(
+    "f_alpha_divergence_coef",
+    0.5,
+    "α of `f_divergence_type=alpha_divergence` (1: reverse KL); an error with another divergence",
+    trl=Peer("f_alpha_divergence_coef", 0.5),
+    liger="—",
+    requires=("f_divergence_type", "alpha_divergence"),
+)
+_F_DIVERGENCE = (_F_DIVERGENCE_TYPE, _F_ALPHA)
+_F_DIVERGENCE_LOSSES = "dpo, ipo, hinge, exo_pair, robust and discopop"
+_NO_F_DIVERGENCE = (
+    f"TRL 1.16 applies f_divergence_type only where the loss is a function of the chosen-minus-rejected "
+    f"score ({_F_DIVERGENCE_LOSSES} here)"
+)
 
 # ---------------------------------------------------------------------------------------------
 # The losses
@@ -443,7 +509,7 @@ register_loss(
     LossDef(
         name="dpo",
         formula=lambda w, lo, o, ctx: smoothed_logsigmoid_loss(
-            o.beta * _reference_margin(w, lo, o, ctx), o.cdpo_smoothing
+            o.beta * _score_margin(w, lo, o, ctx), o.cdpo_smoothing
         ),
         margin=lambda w, lo, o, ctx: o.beta * _reference_margin(w, lo, o, ctx),
         reward=lambda row, o, ref: o.beta * _log_ratio(row, o, ref),
@@ -464,11 +530,13 @@ register_loss(
                 trl="— (`sigmoid` ignores `label_smoothing`)",
                 liger="— (`sigmoid` ignores `label_smoothing`)",
             ),
+            *_F_DIVERGENCE,
         ),
         needs_reference=True,
-        summary="-(1−ε) logσ(β h) − ε logσ(−β h), h = (s_w − r_w) − (s_l − r_l)",
+        summary="-(1−ε) logσ(β d) − ε logσ(−β d), d = f′(s_w − r_w) − f′(s_l − r_l)",
         margin_doc="β h",
-        description="DPO with the sigmoid loss on summed log-probs (per-token means with `average`).",
+        description="DPO with the sigmoid loss on summed log-probs (per-token means with `average`: TRL's "
+        "`sigmoid_norm`).",
         trl='`trl.DPOConfig(loss_type="sigmoid")`',
         liger=f'`{_LIGER}LigerFusedLinearDPOLoss(loss_type="sigmoid")`',
         hints={
@@ -481,7 +549,7 @@ register_loss(
 register_loss(
     LossDef(
         name="ipo",
-        formula=lambda w, lo, o, ctx: (_reference_margin(w, lo, o, ctx) - 1.0 / (2.0 * o.tau)) ** 2,
+        formula=lambda w, lo, o, ctx: (_score_margin(w, lo, o, ctx) - 1.0 / (2.0 * o.tau)) ** 2,
         margin=_reference_margin,
         reward=_log_ratio,
         params=(
@@ -499,10 +567,11 @@ register_loss(
                 "length-normalize each row's log-ratio (false: the paper's sums)",
                 trl="always normalized",
             ),
+            *_F_DIVERGENCE,
         ),
         needs_reference=True,
-        summary="(h − 1/(2τ))², h = (s_w − r_w)/n_w − (s_l − r_l)/n_l",
-        margin_doc="h",
+        summary="(d − 1/(2τ))², d = f′(s_w − r_w)/n_w − f′(s_l − r_l)/n_l",
+        margin_doc="(s_w − r_w)/n_w − (s_l − r_l)/n_l",
         description="IPO, length-normalized as in TRL (confirmed with the IPO authors); `average=false` "
         "uses the paper's sums.",
         trl='`trl.DPOConfig(loss_type="ipo")`',
@@ -587,6 +656,209 @@ register_loss(
         description="ORPO: NLL on the chosen rows plus the odds-ratio term on per-token mean log-probs.",
         trl="`trl.experimental.orpo.ORPOConfig`",
         liger=f"`{_LIGER}LigerFusedLinearORPOLoss`",
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The other loss types of TRL's DPOTrainer (and Liger's LigerFusedLinearDPOLoss), on summed log-probs
+# ---------------------------------------------------------------------------------------------
+
+_ONLY_DPO_SMOOTHING = "TRL 1.16 and Liger ignore label_smoothing for this loss type"
+
+
+def _trl_dpo_loss(
+    name: str, formula: Formula, params: tuple[Param, ...], *, liger: bool = True, **kw
+) -> LossDef:
+    """A ``trl.DPOConfig(loss_type=name)`` loss: needs the reference, and TRL's rewards ``β u``
+    (whatever the f-divergence, as TRL logs them) and margin ``β h``."""
+    hints = {"label_smoothing": _ONLY_DPO_SMOOTHING, "f_divergence_type": _NO_F_DIVERGENCE}
+    hints.update(kw.pop("hints", {}))
+    hints = {k: v for k, v in hints.items() if k not in {p.name for p in params}}
+    return LossDef(
+        name=name,
+        formula=formula,
+        margin=lambda w, lo, o, ctx: o.beta * _reference_margin(w, lo, o, ctx),
+        reward=lambda row, o, ref: o.beta * _log_ratio(row, o, ref),
+        params=params,
+        needs_reference=True,
+        margin_doc="β h",
+        trl=f'`trl.DPOConfig(loss_type="{name}")`',
+        liger=f'`{_LIGER}LigerFusedLinearDPOLoss(loss_type="{name}")`' if liger else None,
+        hints=hints,
+        **kw,
+    )
+
+
+def _u(row, o, ref) -> torch.Tensor:
+    """``β u``: a row's reward, the scaled summed log-ratio (what TRL's nca/bco/sppo/apo losses take)."""
+    return o.beta * (row.sum_logp - ref)
+
+
+def _exo_pair(w, lo, o, ctx) -> torch.Tensor:
+    x = o.beta * _score_margin(w, lo, o, ctx)
+    eps = o.label_smoothing
+    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
+        F.logsigmoid(-x) - math.log(eps)
+    )
+
+
+def _robust(w, lo, o, ctx) -> torch.Tensor:
+    x, eps = o.beta * _score_margin(w, lo, o, ctx), o.label_smoothing
+    return (-(1.0 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1.0 - 2.0 * eps)
+
+
+def _discopop(w, lo, o, ctx) -> torch.Tensor:
+    x = o.beta * _score_margin(w, lo, o, ctx)
+    mix = torch.sigmoid(x / o.discopop_tau)
+    return -F.logsigmoid(x) * (1.0 - mix) + torch.exp(-x) * mix
+
+
+register_loss(
+    _trl_dpo_loss(
+        "hinge",
+        lambda w, lo, o, ctx: torch.relu(1.0 - o.beta * _score_margin(w, lo, o, ctx)),
+        (_beta("inverse temperature (the hinge is at β d = 1)"), *_F_DIVERGENCE),
+        summary="max(0, 1 − β d)",
+        description="SLiC's hinge loss on the reference log-ratios (RSO's `hinge`).",
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "exo_pair",
+        _exo_pair,
+        (
+            _beta("inverse temperature"),
+            Param(
+                "label_smoothing",
+                1e-3,
+                "ε: the target distribution is [1 − ε, ε] over (chosen, rejected)",
+                low=0.0,
+                high=1.0,
+                low_open=True,
+                high_open=True,
+                trl="`label_smoothing` (default 0.0 is an error for exo_pair; the paper recommends 1e-3)",
+                liger="`label_smoothing` (default 0.0 is an error for exo_pair; the paper recommends 1e-3)",
+            ),
+            *_F_DIVERGENCE,
+        ),
+        summary="σ(x) (logσ(x) − log(1−ε)) + σ(−x) (logσ(−x) − log ε), x = β d",
+        description="EXO (arXiv 2402.00856, eq. 16): KL from the model's pair distribution to [1 − ε, ε].",
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "nca_pair",
+        lambda w, lo, o, ctx: (
+            -F.logsigmoid(_u(w, o, ctx.ref_w))
+            - 0.5 * F.logsigmoid(-_u(w, o, ctx.ref_w))
+            - 0.5 * F.logsigmoid(-_u(lo, o, ctx.ref_l))
+        ),
+        (_beta("inverse temperature"),),
+        summary="-logσ(β u_w) − ½ logσ(−β u_w) − ½ logσ(−β u_l)",
+        description="NCA (arXiv 2402.05369), pairwise: absolute rewards of each row, not only their gap.",
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "robust",
+        _robust,
+        (_beta("inverse temperature"), _LABEL_SMOOTHING, *_F_DIVERGENCE),
+        summary="(-(1−ε) logσ(β d) + ε logσ(−β d)) / (1 − 2ε)",
+        description="Robust DPO (arXiv 2403.00409): unbiased under a fraction ε of flipped labels.",
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "bco_pair",
+        lambda w, lo, o, ctx: -F.logsigmoid(_u(w, o, ctx.ref_w)) - F.logsigmoid(-_u(lo, o, ctx.ref_l)),
+        (_beta("inverse temperature"),),
+        summary="-logσ(β u_w) − logσ(−β u_l)",
+        description="Pairwise BCO as TRL 1.16 computes it: no running reward mean (TRL keeps none here).",
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "sppo_hard",
+        lambda w, lo, o, ctx: (
+            (w.sum_logp - ctx.ref_w - 0.5 / o.beta) ** 2 + (lo.sum_logp - ctx.ref_l + 0.5 / o.beta) ** 2
+        ),
+        (_beta("the targets of the log-ratios are ±1/(2β)"),),
+        summary="(u_w − 1/(2β))² + (u_l + 1/(2β))²",
+        description="SPPO (arXiv 2405.00675) with hard win probabilities (1 for chosen, 0 for rejected).",
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "apo_zero",
+        lambda w, lo, o, ctx: 1.0 - torch.sigmoid(_u(w, o, ctx.ref_w)) + torch.sigmoid(_u(lo, o, ctx.ref_l)),
+        (_beta("inverse temperature"),),
+        summary="1 − σ(β u_w) + σ(β u_l)",
+        description="APO-zero (arXiv 2408.06266, eq. 7): chosen better than the model's own outputs.",
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "apo_down",
+        lambda w, lo, o, ctx: (
+            torch.sigmoid(_u(w, o, ctx.ref_w))
+            + 1.0
+            - torch.sigmoid(o.beta * _reference_margin(w, lo, o, ctx))
+        ),
+        (_beta("inverse temperature"),),
+        summary="σ(β u_w) + 1 − σ(β h)",
+        description="APO-down (arXiv 2408.06266, eq. 8): chosen worse than the model's own outputs.",
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "discopop",
+        _discopop,
+        (
+            _beta("inverse temperature"),
+            Param(
+                "discopop_tau",
+                0.05,
+                "temperature of the logistic/exponential mix",
+                low=0.0,
+                low_open=True,
+                trl=Peer("discopop_tau", 0.05),
+                liger=Peer("discopop_tau", 0.05),
+            ),
+            *_F_DIVERGENCE,
+        ),
+        summary="-logσ(x) (1 − σ(x/τ)) + e^(−x) σ(x/τ), x = β d",
+        description="DiscoPOP (arXiv 2406.08414, eq. 5): log-ratio modulated logistic/exponential loss.",
+    )
+)
+
+register_loss(
+    LossDef(
+        name="sft",
+        formula=lambda w, lo, o, ctx: chosen_nll(w, o, ctx),
+        margin=lambda w, lo, o, ctx: w.sum_logp - lo.sum_logp,
+        reward=lambda row, o, ref: row.sum_logp,
+        params=(
+            dataclasses.replace(
+                _NLL_REDUCTION, trl="pooled (mean over the batch's chosen tokens)", liger="—"
+            ),
+        ),
+        needs_reference=False,
+        summary="NLL of the chosen rows (the rejected rows get no gradient)",
+        margin_doc="s_w − s_l",
+        description='SFT on the chosen responses, as TRL\'s DPO `loss_type="sft"` (which still runs a '
+        "reference it does not use; this loss takes none).",
+        trl='`trl.DPOConfig(loss_type="sft")`',
+        liger="none (`LigerFusedLinearDPOLoss(compute_nll_loss=True)` adds this NLL to another loss)",
+        hints={"beta": "the sft loss has no β", "f_divergence_type": _NO_F_DIVERGENCE},
     )
 )
 

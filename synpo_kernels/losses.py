@@ -108,7 +108,8 @@ def make_loss_spec(loss: str, **options) -> tuple[LossSpec, dict[str, torch.Tens
     """Validate ``loss`` and its options; return the spec and the tensor options.
 
     Raises ``ValueError`` for an unknown loss or a missing required tensor option (``ref_logps`` for
-    losses that need a reference), ``TypeError`` for an unknown option or a value of the wrong type.
+    losses that need a reference), ``TypeError`` for an unknown option, a value of the wrong type or
+    ``ref_logps`` given to a loss without a reference.
     """
     definition = get_loss(loss)
     tensors: dict[str, torch.Tensor] = {}
@@ -122,6 +123,8 @@ def make_loss_spec(loss: str, **options) -> tuple[LossSpec, dict[str, torch.Tens
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{REFERENCE_OPTION}: expected a torch.Tensor, got {type(value).__name__}")
         tensors[REFERENCE_OPTION] = value
+    elif options.get(REFERENCE_OPTION) is not None:
+        raise TypeError(f"{REFERENCE_OPTION}: loss {loss!r} takes no reference log-probs")
     return loss_spec(loss, **options), tensors
 
 

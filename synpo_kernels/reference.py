@@ -32,18 +32,28 @@ __all__ = [
     "IGNORE_INDEX",
     "PREFERENCE_LOSSES",
     "RowStats",
+    "apo_down_loss_from_stats",
+    "apo_zero_loss_from_stats",
+    "bco_pair_loss_from_stats",
     "cpo_loss_from_stats",
+    "discopop_loss_from_stats",
     "dpo_loss_from_stats",
+    "exo_pair_loss_from_stats",
+    "hinge_loss_from_stats",
     "ipo_loss_from_stats",
     "linear_logits_ref",
+    "nca_pair_loss_from_stats",
     "orpo_loss_from_stats",
     "preference_loss_ref",
     "response_mask",
+    "robust_loss_from_stats",
     "row_stats_from_token_logprobs",
     "row_stats_ref",
     "sequence_logprobs_ref",
+    "sft_loss_from_stats",
     "shift_labels",
     "simpo_loss_from_stats",
+    "sppo_hard_loss_from_stats",
     "synpo_loss_from_stats",
     "synpo_loss_ref",
     "synpo_token_grad_ref",
@@ -212,6 +222,16 @@ ipo_loss_from_stats = _named("ipo")
 simpo_loss_from_stats = _named("simpo")
 cpo_loss_from_stats = _named("cpo")
 orpo_loss_from_stats = _named("orpo")
+hinge_loss_from_stats = _named("hinge")
+exo_pair_loss_from_stats = _named("exo_pair")
+nca_pair_loss_from_stats = _named("nca_pair")
+robust_loss_from_stats = _named("robust")
+bco_pair_loss_from_stats = _named("bco_pair")
+sppo_hard_loss_from_stats = _named("sppo_hard")
+apo_zero_loss_from_stats = _named("apo_zero")
+apo_down_loss_from_stats = _named("apo_down")
+discopop_loss_from_stats = _named("discopop")
+sft_loss_from_stats = _named("sft")
 
 
 def preference_loss_ref(

@@ -157,15 +157,18 @@ def _accelerator():
     )
 
 
-def trl_dpo(hidden, weight, labels, ref_sums, loss_type, beta):
+def trl_dpo(hidden, weight, labels, ref_sums, loss_type, beta, *, label_smoothing=0.0, discopop_tau=0.05,
+            f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):  # fmt: skip
     """TRL 1.16 ``DPOTrainer._compute_loss`` (precomputed reference log-probs, eval mode)."""
     model = FusedHeadLM(hidden, weight)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     model.eval()
     trainer = types.SimpleNamespace(
         model=model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-        loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
+        precompute_ref_logps=True, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=[loss_type], loss_weights=[1.0],
+        beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+        args=types.SimpleNamespace(discopop_tau=discopop_tau),
         _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), _total_train_tokens=0,
     )  # fmt: skip
     half = labels.shape[0] // 2
@@ -274,6 +277,99 @@ def test_ipo_is_not_in_liger():
     module.loss_type = "ipo"  # the constructor rejects it already; the loss function says why
     with pytest.raises(NotImplementedError, match="ipo"):
         module(weight, x, target, ref_input=pre_shifted(ref_hidden, labels)[0], ref_weight=ref_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# f-divergences (f-DPO) on dpo and ipo, and TRL's other DPO loss types
+# ---------------------------------------------------------------------------------------------
+
+F_DIVS = [
+    {"f_divergence_type": "forward_kl"},
+    {"f_divergence_type": "js_divergence"},
+    {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+    {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0},  # TRL's reverse-KL limit
+]
+
+
+@pytest.mark.parametrize("fdiv", F_DIVS, ids=lambda d: "-".join(map(str, d.values())))
+def test_dpo_and_ipo_f_divergences_vs_trl(fdiv):
+    hidden, weight, labels = make_batch(11)
+    _, _, ref = reference_sums(11, labels)
+    for average, loss_type in [(False, "sigmoid"), (True, "sigmoid_norm")]:
+        mine = ours(hidden, weight, labels, "dpo", ref_logps=ref, beta=0.2, average=average, **fdiv)
+        theirs = trl_dpo(hidden, weight, labels, ref, loss_type, beta=0.2, **fdiv)
+        compare(f"dpo(average={average}, {fdiv}) vs TRL {loss_type}", mine, theirs, (hidden, weight))
+    mine = ours(hidden, weight, labels, "ipo", ref_logps=ref, tau=0.4, **fdiv)
+    compare(
+        f"ipo({fdiv}) vs TRL",
+        mine,
+        trl_dpo(hidden, weight, labels, ref, "ipo", 0.4, **fdiv),
+        (hidden, weight),
+    )
+
+
+# TRL's name and ours agree for these; options are TRL's arguments (beta, label_smoothing, discopop_tau, f_*).
+TRL_DPO_CASES = [
+    ("hinge", {}),
+    ("hinge", {"beta": 0.5, "f_divergence_type": "forward_kl"}),
+    ("hinge", {"beta": 0.02}),  # active (β d < 1) on the Liger batch too
+    ("exo_pair", {}),
+    ("exo_pair", {"beta": 0.3, "label_smoothing": 0.2, "f_divergence_type": "js_divergence"}),
+    ("nca_pair", {}),
+    ("nca_pair", {"beta": 0.5}),
+    ("robust", {}),
+    ("robust", {"beta": 0.3, "label_smoothing": 0.3}),
+    (
+        "robust",
+        {"label_smoothing": 0.1, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.7},
+    ),
+    ("bco_pair", {}),
+    ("bco_pair", {"beta": 0.4}),
+    ("sppo_hard", {}),
+    ("sppo_hard", {"beta": 2.0}),
+    ("apo_zero", {}),
+    ("apo_zero", {"beta": 0.5}),
+    ("apo_down", {}),
+    ("apo_down", {"beta": 0.5}),
+    ("discopop", {}),
+    ("discopop", {"beta": 0.3, "discopop_tau": 0.2}),
+    ("discopop", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.5}),
+    ("sft", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), TRL_DPO_CASES, ids=lambda c: c if isinstance(c, str) else "")
+def test_trl_dpo_loss_types_vs_trl(name, options):
+    seed = 12 + list(sk.LOSSES).index(name)
+    hidden, weight, labels = make_batch(seed)
+    _, _, ref = reference_sums(seed, labels)
+    definition = sk.LOSSES[name]
+    mine = ours(
+        hidden, weight, labels, name, **({"ref_logps": ref} if definition.needs_reference else {}), **options
+    )
+    settings = {k: v for k, v in definition.resolve(options).items() if k != "nll_reduction"}
+    # TRL always computes (and here is given) reference log-probs, even for sft, which ignores them.
+    theirs = trl_dpo(hidden, weight, labels, ref, name, **{"beta": 0.1, **settings})
+    compare(f"{name}{options} vs TRL", mine, theirs, (hidden, weight))
+
+
+# Liger 0.8.5 has every one but sft, and no f-divergences.
+LIGER_CASES = [c for c in TRL_DPO_CASES if c[0] != "sft" and "f_divergence_type" not in c[1]]
+
+
+@pytest.mark.parametrize(("name", "options"), LIGER_CASES, ids=lambda c: c if isinstance(c, str) else "")
+def test_trl_dpo_loss_types_vs_liger(name, options):
+    seed = 40 + list(sk.LOSSES).index(name)
+    hidden, weight, labels = make_batch(seed)
+    ref_hidden, ref_weight, ref = reference_sums(seed, labels)
+    x, target = pre_shifted(hidden, labels)
+    mine = ours(x, weight, target, name, shift=False, ref_logps=ref, **options)
+    liger_args = {k: v for k, v in sk.LOSSES[name].resolve(options).items() if not k.startswith("f_")}
+    module = liger.LigerFusedLinearDPOLoss(compiled=False, loss_type=name, **liger_args)
+    theirs = module(weight, x, target, ref_input=pre_shifted(ref_hidden, labels)[0], ref_weight=ref_weight)[0]
+    assert name != "hinge" or options or theirs.item() == 0.0  # β = 0.1: inactive; the β = 0.02 case is not
+    compare(f"{name}{options} vs Liger", mine, theirs, (x, weight))
+    assert name != "hinge" or not options or theirs.item() > 0.0
 
 
 # ---------------------------------------------------------------------------------------------

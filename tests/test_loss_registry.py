@@ -193,3 +193,64 @@ def test_cli_help_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name, definition in sk.LOSSES.items():
         assert f"  {name}" in out and all(f"{p.name}=" in out for p in definition.params)
+
+
+def test_bad_combinations_of_trl_dpo_options_name_the_argument():
+    """TRL's DPO loss types: an option the loss would ignore, or a value TRL rejects, is an error."""
+    from synpo.config import ConfigError, config_from_dict
+
+    hidden, weight, labels = batch()
+    ref = torch.randn(labels.shape[0], dtype=torch.float64) - 8
+    fused = sk.fused_linear_preference_loss
+    with pytest.raises(
+        TypeError, match=r"\['f_divergence_type'\] for loss 'nca_pair'.*applies f_divergence_type"
+    ):
+        fused(hidden, weight, labels, loss="nca_pair", ref_logps=ref, f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="f_alpha_divergence_coef: only used with f_divergence_type='alpha_"):
+        fused(hidden, weight, labels, loss="hinge", ref_logps=ref, f_alpha_divergence_coef=0.3)
+    with pytest.raises(ValueError, match="f_divergence_type: must be one of"):
+        fused(hidden, weight, labels, loss="dpo", ref_logps=ref, f_divergence_type="kl")
+    with pytest.raises(TypeError, match="ref_logps: loss 'sft' takes no reference log-probs"):
+        fused(hidden, weight, labels, loss="sft", ref_logps=ref)
+    with pytest.raises(ValueError, match="ref_logps: loss 'bco_pair' needs ref_logps="):
+        fused(hidden, weight, labels, loss="bco_pair")
+    with pytest.raises(TypeError, match=r"\['label_smoothing'\] for loss 'hinge'.*ignore label_smoothing"):
+        fused(hidden, weight, labels, loss="hinge", ref_logps=ref, label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"label_smoothing: must be in \(0, 1\), got 0"):
+        fused(hidden, weight, labels, loss="exo_pair", ref_logps=ref, label_smoothing=0.0)
+    with pytest.raises(ValueError, match=r"label_smoothing: must be in \[0, 0.5\), got 0.5"):
+        fused(hidden, weight, labels, loss="robust", ref_logps=ref, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="beta: must be > 0, got 0"):
+        fused(hidden, weight, labels, loss="sppo_hard", ref_logps=ref, beta=0.0)
+    with pytest.raises(ValueError, match="discopop_tau: must be > 0"):
+        fused(hidden, weight, labels, loss="discopop", ref_logps=ref, discopop_tau=-1.0)
+    # The same through the trainer config.
+    with pytest.raises(ConfigError, match=r"loss\.f_divergence_type: does not apply to loss 'apo_zero'"):
+        config_from_dict({"loss": {"name": "apo_zero", "f_divergence_type": "forward_kl"}})
+    with pytest.raises(ConfigError, match=r"loss\.f_alpha_divergence_coef: only used with"):
+        config_from_dict({"loss": {"name": "robust", "f_alpha_divergence_coef": 2.0}})
+    with pytest.raises(ConfigError, match=r"loss\.reference: set, but loss 'sft' is reference-free"):
+        config_from_dict({"loss": {"name": "sft", "reference": {"precompute": True}}})
+    cfg = config_from_dict({"loss": {"name": "exo_pair", "f_divergence_type": "alpha_divergence",
+                                     "f_alpha_divergence_coef": 2.0}})  # fmt: skip
+    assert cfg.loss.needs_reference and cfg.loss.options()["f_alpha_divergence_coef"] == 2.0
+
+
+def test_f_divergence_scores_against_closed_forms():
+    """``f_score`` is ``f'(e^u)`` of each divergence (float64, against the textbook ``f'`` at ``t = e^u``)."""
+    u = torch.linspace(-6, 3, 37, dtype=torch.float64)
+    t = u.exp()
+    o = LR.Options
+    expected = {
+        "reverse_kl": torch.log(t),
+        "forward_kl": 1 - 1 / t,
+        "js_divergence": torch.log(2 * t / (t + 1)),
+    }
+    for kind, want in expected.items():
+        got = LR.f_score(u, o({"f_divergence_type": kind, "f_alpha_divergence_coef": 0.5}))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a in (0.3, 1.7):
+        got = LR.f_score(u, o({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": a}))
+        torch.testing.assert_close(got, (t ** (a - 1) - 1) / (a - 1), rtol=1e-12, atol=1e-12)
+    one = LR.f_score(u, o({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0}))
+    torch.testing.assert_close(one, u, rtol=0, atol=0)

@@ -28,6 +28,21 @@ LOSS_OPTIONS = {
     "simpo": {"beta": 2.5, "gamma": 0.3},
     "cpo": {"beta": 0.2},
     "orpo": {"lam": 0.3},
+    "hinge": {"ref": True, "beta": 0.05, "f_divergence_type": "forward_kl"},
+    "exo_pair": {"ref": True, "label_smoothing": 0.1, "f_divergence_type": "js_divergence"},
+    "nca_pair": {"ref": True, "beta": 0.3},
+    "robust": {"ref": True, "label_smoothing": 0.2, "f_divergence_type": "alpha_divergence"},
+    "bco_pair": {"ref": True, "beta": 0.3},
+    "sppo_hard": {"ref": True, "beta": 0.7},
+    "apo_zero": {"ref": True, "beta": 0.3},
+    "apo_down": {"ref": True, "beta": 0.3},
+    "discopop": {
+        "ref": True,
+        "discopop_tau": 0.3,
+        "f_divergence_type": "alpha_divergence",
+        "f_alpha_divergence_coef": 1.5,
+    },
+    "sft": {},
 }
 
 
@@ -251,11 +266,18 @@ def test_stats_match_reference(loss):
     assert stats.rejected_count.tolist() == rejected.count.long().tolist()
     torch.testing.assert_close(stats.pair_losses, R.PREFERENCE_LOSSES[loss](rs, **opts))
     m_w, m_l, s_w, s_l = chosen.mean_logp, rejected.mean_logp, chosen.sum_logp, rejected.sum_logp
-    if loss in ("dpo", "ipo"):
+    if sk.LOSSES[loss].needs_reference:
         ref = opts["ref_logps"]  # summed reference log-probs, whatever the loss's `average`
         n_w, n_l = (chosen.count, rejected.count) if loss == "ipo" else (1.0, 1.0)  # each loss's default
         h = (s_w - ref[:3]) / n_w - (s_l - ref[3:]) / n_l
+        if loss not in (
+            "dpo",
+            "ipo",
+        ):  # TRL's other DPO loss types: TRL's margin β h, whatever the f-divergence
+            torch.testing.assert_close(stats.reward_margin, opts.get("beta", 0.1) * h)
+            return
     expected = {
+        "sft": s_w - s_l,
         "synpo": m_w.exp() - m_l.exp(),
         "dpo": 0.1 * h if loss == "dpo" else None,
         "ipo": h if loss == "ipo" else None,

@@ -29,7 +29,7 @@ def preference_batch(pairs=3, seq=13, vocab=71, dtype=torch.float32, min_respons
 
 
 def loss_options(name, rows):
-    if name in ("dpo", "ipo"):
+    if sk.LOSSES[name].needs_reference:
         return {"ref_logps": torch.randn(rows, dtype=torch.float64) * 3 - 10}
     return {}
 

@@ -170,8 +170,11 @@ class LossConfig:
 
     @staticmethod
     def _flat_keys() -> dict[str, type]:
-        """Hyper-parameter name -> its type, over all registered losses."""
-        return {p.name: p.type for d in _loss_registry().LOSSES.values() for p in d.params}
+        """Hyper-parameter name -> its type, over all registered losses, and the weights of a sum of
+        losses (``name: dpo+sft`` takes ``dpo_weight``, ``sft_weight``)."""
+        registry = _loss_registry()
+        keys = {p.name: p.type for d in registry.LOSSES.values() for p in d.params}
+        return keys | {registry.weight_option(name): float for name in registry.LOSSES}
 
     def options(self) -> dict[str, Any]:
         """The hyper-parameters set for this loss, as keyword arguments of the loss function."""

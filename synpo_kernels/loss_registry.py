@@ -44,16 +44,19 @@ import torch.nn.functional as F
 
 __all__ = [
     "LOSSES",
+    "CombinedLoss",
     "LossContext",
     "LossDef",
     "Param",
     "Peer",
+    "combine_losses",
     "get_loss",
     "loss_tables",
     "register_loss",
     "registered_loss",
     "render_docs",
     "unregister_loss",
+    "weight_option",
 ]
 
 REFERENCE_OPTION = "ref_logps"
@@ -295,9 +298,12 @@ LOSSES: Mapping[str, LossDef] = types.MappingProxyType(_REGISTRY)
 
 
 def get_loss(name: Any, key: str = "loss") -> LossDef:
-    """The registered loss ``name``; the one place an unknown loss is reported (``ValueError``)."""
+    """The registered loss ``name``, or the weighted sum ``"a+b+..."`` of registered losses
+    (:func:`combine_losses`); the one place an unknown loss is reported (``ValueError``)."""
     if isinstance(name, str) and name in _REGISTRY:
         return _REGISTRY[name]
+    if isinstance(name, str) and COMBINE in name:
+        return combine_losses(name.split(COMBINE), key)
     close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.5)
     suggestion = f"; did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"{key}: unknown preference loss {name!r}; one of {sorted(_REGISTRY)}{suggestion}")
@@ -332,6 +338,122 @@ def registered_loss(loss: LossDef) -> Iterator[LossDef]:
         yield loss
     finally:
         _REGISTRY.pop(loss.name, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighted sums of losses (TRL's `loss_type=[...]` with `loss_weights`, e.g. the MPO recipe)
+# ---------------------------------------------------------------------------------------------
+
+COMBINE = "+"
+"""``loss="dpo+bco_pair+sft"``: the weighted sum of those losses (weights: the ``<name>_weight`` options)."""
+WEIGHT_SUFFIX = "_weight"
+
+_COMBINED: dict[str, tuple[tuple[LossDef, ...], LossDef]] = {}
+
+# The shared hyper-parameters of two losses must mean the same thing to be one option of their sum.
+_SAME_MEANING = ("default", "low", "high", "low_open", "high_open", "choices")
+
+
+def weight_option(name: str) -> str:
+    """The option holding loss ``name``'s weight in a sum of losses (``dpo`` -> ``dpo_weight``)."""
+    return f"{name}{WEIGHT_SUFFIX}"
+
+
+def combine_losses(names: list[str] | tuple[str, ...], key: str = "loss") -> LossDef:
+    """The loss ``sum_k weight_k * loss_k`` of registered losses, as one :class:`LossDef`.
+
+    TRL's ``loss_type=[...], loss_weights=[...]``: each pair's loss is still a function of its own rows,
+    so the sum runs in the fused op's one pass like any loss. Options: ``<name>_weight`` (default 1.0,
+    TRL's ``loss_weights``) per loss, and the union of the losses' own options, one value each, as TRL
+    shares ``beta`` and ``label_smoothing`` between the loss types. ``ValueError`` (naming ``key``) for
+    an unknown or repeated loss or two losses whose options of the same name differ in meaning
+    (default or range). The reward and margin are those of the first loss that uses a reference (of
+    the first loss when none does): TRL's ``β u`` and ``β h`` for its loss types.
+    """
+    names = tuple(names)
+    name = COMBINE.join(names)
+    if not all(names):
+        raise ValueError(f"{key}: {name!r}: an empty loss name in the sum")
+    parts = tuple(get_loss(n, key) for n in names)
+    cached = _COMBINED.get(name)
+    if cached is not None and cached[0] == parts:
+        return cached[1]
+    if len(parts) < 2:
+        raise ValueError(f"{key}: {name!r}: a sum of losses needs two or more, separated by {COMBINE!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key}: {name!r}: each loss may appear once")
+    params = [
+        Param(weight_option(n), 1.0, f"weight of `{n}` in the sum", low=0.0, trl=f"`loss_weights[{i}]`")
+        for i, n in enumerate(names)
+    ]
+    owner: dict[str, tuple[str, Param]] = {}
+    for part in parts:
+        for p in part.params:
+            if p.name in owner:
+                first, q = owner[p.name]
+                if any(getattr(p, a) != getattr(q, a) for a in _SAME_MEANING):
+                    raise ValueError(
+                        f"{key}: {name!r}: option {p.name!r} of {first!r} ({q.default!r}, {q.allowed()}) "
+                        f"and of {part.name!r} ({p.default!r}, {p.allowed()}) differ; they cannot share it"
+                    )
+                continue
+            owner[p.name] = (part.name, p)
+            params.append(p)
+    if len({p.name for p in params}) != len(params):
+        raise ValueError(f"{key}: {name!r}: a loss's weight option collides with an option of the losses")
+    shown = next((p for p in parts if p.needs_reference), parts[0])
+
+    def formula(w, lo, o, ctx):
+        total = 0.0
+        for n, part in zip(names, parts):
+            sub = Options({q: getattr(o, q) for q in part.param_names})
+            total = total + getattr(o, weight_option(n)) * part.formula(w, lo, sub, ctx)
+        return total
+
+    def sub_options(o):
+        return Options({q: getattr(o, q) for q in shown.param_names})
+
+    hints: dict[str, str] = {}
+    for part in parts:
+        hints.update({k: v for k, v in part.hints.items() if k not in owner})
+    combined = CombinedLoss(
+        name=name,
+        formula=formula,
+        margin=lambda w, lo, o, ctx: shown.margin(w, lo, sub_options(o), ctx),
+        reward=None if shown.reward is None else lambda row, o, ref: shown.reward(row, sub_options(o), ref),
+        params=tuple(params),
+        needs_reference=any(p.needs_reference for p in parts),
+        summary=" + ".join(f"w_{n} · ({p.summary})" for n, p in zip(names, parts)),
+        margin_doc=f"{shown.margin_doc} (of `{shown.name}`)",
+        description=f"the weighted sum of {', '.join(names)}",
+        trl=f"`trl.DPOConfig(loss_type={list(names)}, loss_weights=[...])`",
+        hints=hints,
+        parts=parts,
+    )
+    _COMBINED[name] = (parts, combined)
+    return combined
+
+
+@dataclass(frozen=True)
+class CombinedLoss(LossDef):
+    """A weighted sum of registered losses (:func:`combine_losses`)."""
+
+    parts: tuple[LossDef, ...] = ()
+
+    def resolve(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        resolved = super().resolve(options)
+        # As TRL: an f-divergence only where every loss with a reference scores the chosen-minus-rejected
+        # difference (sft has no reference and ignores it, as in TRL).
+        if resolved.get("f_divergence_type", "reverse_kl") != "reverse_kl":
+            without = [
+                p.name for p in self.parts if p.needs_reference and "f_divergence_type" not in p.param_names
+            ]
+            if without:
+                raise ValueError(
+                    f"f_divergence_type: {resolved['f_divergence_type']!r} does not apply to {without} in "
+                    f"loss {self.name!r}; {_NO_F_DIVERGENCE}"
+                )
+        return resolved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from synpo_kernels.loss_registry import LOSSES, get_loss
+from synpo_kernels.loss_registry import COMBINE, LOSSES, get_loss
 
 IGNORE_INDEX = -100
 
@@ -185,12 +185,13 @@ def sequence_logprobs_ref(
 
 
 class _PreferenceLosses(Mapping):
-    """Live view ``name -> per-pair loss function of a whole batch's RowStats`` over the registry."""
+    """Live view ``name -> per-pair loss function of a whole batch's RowStats`` over the registry;
+    a weighted sum ``"a+b"`` of registered losses is found too (not listed)."""
 
     def __getitem__(self, name: str):
-        if name not in LOSSES:
+        if not isinstance(name, str) or (name not in LOSSES and COMBINE not in name):
             raise KeyError(name)
-        return LOSSES[name].from_stats
+        return get_loss(name).from_stats
 
     def __iter__(self):
         return iter(LOSSES)

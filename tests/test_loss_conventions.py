@@ -159,14 +159,18 @@ def _accelerator():
 
 def trl_dpo(hidden, weight, labels, ref_sums, loss_type, beta, *, label_smoothing=0.0, discopop_tau=0.05,
             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):  # fmt: skip
-    """TRL 1.16 ``DPOTrainer._compute_loss`` (precomputed reference log-probs, eval mode)."""
+    """TRL 1.16 ``DPOTrainer._compute_loss`` (precomputed reference log-probs, eval mode).
+
+    ``loss_type``: one, or a list of ``(loss_type, weight)`` (TRL's ``loss_type`` and ``loss_weights``)."""
+    pairs = [(loss_type, 1.0)] if isinstance(loss_type, str) else loss_type
+    loss_types, loss_weights = [t for t, _ in pairs], [w for _, w in pairs]
     model = FusedHeadLM(hidden, weight)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     model.eval()
     trainer = types.SimpleNamespace(
         model=model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None,
         precompute_ref_logps=True, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=[loss_type], loss_weights=[1.0],
+        f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_types, loss_weights=loss_weights,
         beta=beta, label_smoothing=label_smoothing, use_weighting=False,
         args=types.SimpleNamespace(discopop_tau=discopop_tau),
         _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), _total_train_tokens=0,
@@ -351,6 +355,35 @@ def test_trl_dpo_loss_types_vs_trl(name, options):
     # TRL always computes (and here is given) reference log-probs, even for sft, which ignores them.
     theirs = trl_dpo(hidden, weight, labels, ref, name, **{"beta": 0.1, **settings})
     compare(f"{name}{options} vs TRL", mine, theirs, (hidden, weight))
+
+
+# TRL's loss_type=[...] with loss_weights=[...] is loss="a+b+..." with `<name>_weight=` (TRL's sigmoid: dpo).
+TRL_SUM_CASES = [
+    ({"dpo": 0.8, "bco_pair": 0.2, "sft": 1.0}, {}),  # the MPO recipe of TRL's docs
+    ({"hinge": 0.5, "sft": 0.3}, {"beta": 0.05, "f_divergence_type": "js_divergence"}),
+    ({"robust": 1.0, "apo_zero": 2.0, "nca_pair": 0.25}, {"beta": 0.2, "label_smoothing": 0.1}),
+    ({"exo_pair": 1.5, "discopop": 0.5, "dpo": 1.0}, {"label_smoothing": 0.05, "discopop_tau": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("weights", "options"), TRL_SUM_CASES, ids=lambda c: "+".join(c) if c else "")
+def test_weighted_sums_vs_trl_loss_weights(weights, options):
+    hidden, weight, labels = make_batch(30 + len(weights))
+    _, _, ref = reference_sums(30 + len(weights), labels)
+    name = "+".join(weights)
+    mine = ours(
+        hidden,
+        weight,
+        labels,
+        name,
+        ref_logps=ref,
+        **{f"{k}_weight": w for k, w in weights.items()},
+        **options,
+    )
+    trl_names = [("sigmoid" if k == "dpo" else k, w) for k, w in weights.items()]
+    settings = {"beta": 0.1, "label_smoothing": 0.0, **options}
+    theirs = trl_dpo(hidden, weight, labels, ref, trl_names, **settings)
+    compare(f"{name}{options} vs TRL loss_weights", mine, theirs, (hidden, weight))
 
 
 # Liger 0.8.5 has every one but sft, and no f-divergences.

@@ -254,3 +254,66 @@ def test_f_divergence_scores_against_closed_forms():
         torch.testing.assert_close(got, (t ** (a - 1) - 1) / (a - 1), rtol=1e-12, atol=1e-12)
     one = LR.f_score(u, o({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0}))
     torch.testing.assert_close(one, u, rtol=0, atol=0)
+
+
+def test_weighted_sum_of_losses_is_one_loss():
+    """``loss="dpo+bco_pair+sft"`` (TRL's loss_type list with loss_weights): through the fused op in
+    chunks, equal to the weighted sum of each loss's own fused value and gradients (float64); its
+    margin is that of its first loss with a reference; the trainer config takes it and its weights."""
+    from synpo.config import ConfigError, config_from_dict, load_config
+
+    hidden, weight, labels = batch(pairs=4, seed=5)
+    ref = torch.randn(labels.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64) - 9
+    fused = sk.fused_linear_preference_loss
+    weights = {"dpo": 0.8, "bco_pair": 0.2, "sft": 1.3}
+
+    def alone(name):
+        return fused(
+            hidden, weight, labels, loss=name, **({} if name == "sft" else {"ref_logps": ref, "beta": 0.3})
+        )
+
+    expected = sum(w * alone(n) for n, w in weights.items())
+    eh, ew = torch.autograd.grad(expected, (hidden, weight))
+    options = {f"{n}_weight": w for n, w in weights.items()}
+    value, stats = fused(
+        hidden, weight, labels, loss="dpo+bco_pair+sft", ref_logps=ref, beta=0.3, return_stats=True,
+        chunk_bytes=12 * 23 * 8, **options,
+    )  # fmt: skip
+    gh, gw = torch.autograd.grad(value, (hidden, weight))
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, eh, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, ew, rtol=1e-9, atol=1e-12)
+    _, dpo_stats = fused(hidden, weight, labels, loss="dpo", ref_logps=ref, beta=0.3, return_stats=True)
+    torch.testing.assert_close(stats.reward_margin, dpo_stats.reward_margin)
+    summed = LR.get_loss("dpo+bco_pair+sft")
+    assert summed.needs_reference and summed.param_names[:3] == (
+        "dpo_weight",
+        "bco_pair_weight",
+        "sft_weight",
+    )
+    assert not LR.get_loss("sft+simpo").needs_reference and "dpo+sft" not in sk.LOSSES
+    # Errors name the argument.
+    for name, message in [
+        ("dpo+ipo", r"loss: 'dpo\+ipo': option 'average' of 'dpo' \(False.*and of 'ipo' \(True"),
+        ("robust+exo_pair", "option 'label_smoothing' of 'robust'"),
+        ("dpo+dpo", "each loss may appear once"),
+        ("dpo+", "an empty loss name"),
+        ("dpo+kto", "unknown preference loss 'kto'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fused(hidden, weight, labels, loss=name, ref_logps=ref)
+    with pytest.raises(ValueError, match=r"f_divergence_type: 'forward_kl' does not apply to \['bco_pair'\]"):
+        fused(hidden, weight, labels, loss="dpo+bco_pair+sft", ref_logps=ref, f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="sft_weight: must be >= 0"):
+        fused(hidden, weight, labels, loss="dpo+sft", ref_logps=ref, sft_weight=-1.0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['bco_pair_weight'\] for loss 'dpo\+sft'"):
+        fused(hidden, weight, labels, loss="dpo+sft", ref_logps=ref, bco_pair_weight=1.0)
+    # Trainer config: the sum, its weights flat under `loss:`, and the same checks.
+    cfg = load_config(None, ["--loss.name", "hinge+sft", "--loss.sft_weight", "0.5"])
+    assert cfg.loss.options() == {"sft_weight": 0.5} and cfg.loss.needs_reference
+    with pytest.raises(ConfigError, match=r"loss\.name: 'dpo\+ipo': option 'average'"):
+        config_from_dict({"loss": {"name": "dpo+ipo"}})
+    with pytest.raises(ConfigError, match=r"loss\.dpo_weight: does not apply to loss 'sft\+simpo'"):
+        config_from_dict({"loss": {"name": "sft+simpo", "dpo_weight": 1.0}})
+    with pytest.raises(ConfigError, match=r"loss\.f_divergence_type: 'js_divergence' does not apply"):
+        config_from_dict({"loss": {"name": "nca_pair+dpo", "f_divergence_type": "js_divergence"}})

@@ -468,6 +468,61 @@ def test_dpo_ipo_with_adapter_disabled_reference_match_trl(tmp_path, loss_type, 
             )
 
 
+@pytest.mark.parametrize(
+    ("loss_type", "options", "trl_losses", "trl_weights"),
+    [
+        ("hinge", {"f_divergence_type": "js_divergence"}, ["hinge"], None),
+        ("apo_down", {}, ["apo_down"], None),
+        ("exo_pair", {"label_smoothing": 0.01}, ["exo_pair"], None),
+        # TRL's MPO recipe: loss_type=[sigmoid, bco_pair, sft], loss_weights=[0.8, 0.2, 1.0].
+        (
+            "dpo+bco_pair+sft",
+            {"dpo_weight": 0.8, "bco_pair_weight": 0.2},
+            ["sigmoid", "bco_pair", "sft"],
+            [0.8, 0.2, 1.0],
+        ),
+    ],
+)
+def test_trl_dpo_loss_types_and_weighted_sums_match_trl(
+    tmp_path, loss_type, options, trl_losses, trl_weights
+):
+    """SynPOTrainer with TRL's other DPO loss types and a weighted sum (adapter-disabled reference)."""
+    tokenizer = word_tokenizer()
+    data = plain_pairs(4)
+    ours = SynPOTrainer(
+        model=tiny_llama(vocab_size=len(tokenizer)),
+        args=SynPOConfig(
+            output_dir=str(tmp_path / "a"), loss_type=loss_type, beta=0.1, loss_options=options, **COMMON
+        ),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
+    trl_options = {k: v for k, v in options.items() if not k.endswith("_weight")}
+    theirs = trl.DPOTrainer(
+        model=tiny_llama(vocab_size=len(tokenizer)),
+        args=trl.DPOConfig(
+            output_dir=str(tmp_path / "b"),
+            loss_type=trl_losses,
+            loss_weights=trl_weights,
+            beta=0.1,
+            **trl_options,
+            **COMMON,
+        ),
+        train_dataset=data,
+        processing_class=word_tokenizer(),
+        peft_config=lora(),
+    )
+    theirs.model.load_state_dict(ours.policy.state_dict())
+    perturb_lora(ours.policy, theirs.model)
+    batch = first_batch(ours)
+    a = ours.compute_loss(ours.model, batch)
+    b = theirs.compute_loss(theirs.model, batch)
+    assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item()) + 1e-6, (a.item(), b.item())
+    for key in ("rewards/chosen", "rewards/margins"):
+        assert ours._metrics["train"][key][-1] == pytest.approx(theirs._metrics["train"][key][-1], rel=1e-4)
+
+
 def test_dpo_precomputed_reference_matches_trl(tmp_path):
     tokenizer = word_tokenizer()
     data = plain_pairs(4)

@@ -133,15 +133,19 @@ class SynPOConfig(TrainingArguments):
 
     Loss:
         loss_type: a loss of :data:`synpo_kernels.LOSSES`: ``"synpo"`` (default), ``"dpo"``, ``"ipo"``,
-            ``"simpo"``, ``"cpo"``, ``"orpo"``.
+            ``"simpo"``, ``"cpo"``, ``"orpo"``, TRL's other DPO loss types (``"hinge"``, ``"bco_pair"``,
+            ``"sft"`` ...), or a weighted sum of them (``"dpo+bco_pair+sft"``, the weights
+            ``<name>_weight`` in ``loss_options``: TRL's ``loss_weights``; docs/losses.md).
         alpha: SynPO's scale of the geometric-mean probability gap (default 30.0; synpo only).
         beta: the loss's ``beta`` (SynPO: weight of ``P(y_w)``, default 0.2; DPO/SimPO/CPO: inverse
             temperature, default 0.1); as in TRL, ``beta`` is IPO's ``tau`` and ORPO's ``lam``.
             ``None``: the loss's default.
         loss_options: the loss's other options (``gamma``, ``average``, ``nll_weight``,
-            ``label_smoothing``, ``cdpo_smoothing``, ``nll_reduction``; docs/losses.md).
-        precompute_ref_log_probs: dpo/ipo: compute the reference log-probs of the datasets once, before
-            training, with the initial policy (adapter disabled for a PEFT model).
+            ``label_smoothing``, ``cdpo_smoothing``, ``nll_reduction``, ``f_divergence_type``,
+            ``discopop_tau`` ...; docs/losses.md).
+        precompute_ref_log_probs: losses with a reference (dpo, ipo, ...): compute the reference
+            log-probs of the datasets once, before training, with the initial policy (adapter disabled
+            for a PEFT model).
         precompute_ref_batch_size: batch size of that pass (default: the per-device batch sizes).
         fused_backend / fused_chunk_bytes: execution options of the fused op (``backend`` / ``chunk_bytes``).
 

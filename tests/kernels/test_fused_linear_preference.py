@@ -43,6 +43,8 @@ LOSS_OPTIONS = {
         "f_alpha_divergence_coef": 1.5,
     },
     "sft": {},
+    # A weighted sum (TRL's loss_weights; the MPO recipe), one pass like any loss.
+    "dpo+bco_pair+sft": {"ref": True, "beta": 0.3, "dpo_weight": 0.8, "bco_pair_weight": 0.2},
 }
 
 
@@ -266,7 +268,7 @@ def test_stats_match_reference(loss):
     assert stats.rejected_count.tolist() == rejected.count.long().tolist()
     torch.testing.assert_close(stats.pair_losses, R.PREFERENCE_LOSSES[loss](rs, **opts))
     m_w, m_l, s_w, s_l = chosen.mean_logp, rejected.mean_logp, chosen.sum_logp, rejected.sum_logp
-    if sk.LOSSES[loss].needs_reference:
+    if sk.loss_registry.get_loss(loss).needs_reference:
         ref = opts["ref_logps"]  # summed reference log-probs, whatever the loss's `average`
         n_w, n_l = (chosen.count, rejected.count) if loss == "ipo" else (1.0, 1.0)  # each loss's default
         h = (s_w - ref[:3]) / n_w - (s_l - ref[3:]) / n_l

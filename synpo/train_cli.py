@@ -44,10 +44,15 @@ def loss_help() -> str:
     from synpo_kernels.loss_registry import LOSSES
 
     lines = ["losses (--loss.name NAME; hyper-parameters --loss.KEY VALUE, defaults shown; docs/losses.md):"]
+    width = max(len(name) for name in LOSSES)
     for d in LOSSES.values():
         params = ", ".join(f"{p.name}={p.default}" for p in d.params)
         reference = "; needs reference log-probs (loss.reference)" if d.needs_reference else ""
-        lines.append(f"  {d.name:<6} {params}{reference}")
+        lines.append(f"  {d.name:<{width}} {params}{reference}")
+    lines.append(
+        f"  {'A+B+...':<{width}} the weighted sum of those losses (TRL's loss_weights): their options, "
+        "and --loss.A_weight, --loss.B_weight ... (default 1.0)"
+    )
     return "\n".join(lines)
 
 

@@ -195,6 +195,9 @@ class LossDef:
     ``reward``: the per-row reward the loss compares (what TRL logs as ``rewards/chosen`` and
     ``rewards/rejected``), such that ``reward(chosen) - reward(rejected)`` is ``margin`` (up to rounding;
     ``margin`` keeps its own formula, the one the fused ops' statistics report). None: no per-row reward.
+    ``whole_batch``: the formula couples the pairs of the batch (AOT sorts their log-ratios), so it
+    must see all of them at once: the fused op then makes the whole batch one chunk (past its buffer,
+    that costs a second logits pass, 8 n D V instead of 6).
     """
 
     name: str
@@ -209,6 +212,7 @@ class LossDef:
     liger: str | None = None  # the Liger-Kernel class (or why there is none)
     hints: Mapping[str, str] = field(default_factory=dict)  # option -> why it is not ours
     reward: RowFormula | None = None
+    whole_batch: bool = False
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -423,6 +427,7 @@ def combine_losses(names: list[str] | tuple[str, ...], key: str = "loss") -> Los
         reward=None if shown.reward is None else lambda row, o, ref: shown.reward(row, sub_options(o), ref),
         params=tuple(params),
         needs_reference=any(p.needs_reference for p in parts),
+        whole_batch=any(p.whole_batch for p in parts),
         summary=" + ".join(f"w_{n} · ({p.summary})" for n, p in zip(names, parts)),
         margin_doc=f"{shown.margin_doc} (of `{shown.name}`)",
         description=f"the weighted sum of {', '.join(names)}",
@@ -790,7 +795,7 @@ _ONLY_DPO_SMOOTHING = "TRL 1.16 and Liger ignore label_smoothing for this loss t
 
 
 def _trl_dpo_loss(
-    name: str, formula: Formula, params: tuple[Param, ...], *, liger: bool = True, **kw
+    name: str, formula: Formula, params: tuple[Param, ...], *, liger: bool | str = True, **kw
 ) -> LossDef:
     """A ``trl.DPOConfig(loss_type=name)`` loss: needs the reference, and TRL's rewards ``β u``
     (whatever the f-divergence, as TRL logs them) and margin ``β h``."""
@@ -806,7 +811,7 @@ def _trl_dpo_loss(
         needs_reference=True,
         margin_doc="β h",
         trl=f'`trl.DPOConfig(loss_type="{name}")`',
-        liger=f'`{_LIGER}LigerFusedLinearDPOLoss(loss_type="{name}")`' if liger else None,
+        liger=f'`{_LIGER}LigerFusedLinearDPOLoss(loss_type="{name}")`' if liger is True else liger,
         hints=hints,
         **kw,
     )
@@ -959,6 +964,53 @@ register_loss(
         ),
         summary="-logσ(x) (1 − σ(x/τ)) + e^(−x) σ(x/τ), x = β d",
         description="DiscoPOP (arXiv 2406.08414, eq. 5): log-ratio modulated logistic/exponential loss.",
+    )
+)
+
+
+def _aot_loss(delta, o) -> torch.Tensor:
+    """TRL's AOT losses: the smoothed sigmoid loss of ``β δ`` over the sorted positions."""
+    return smoothed_logsigmoid_loss(o.beta * delta, o.label_smoothing)
+
+
+def _sorted(x: torch.Tensor) -> torch.Tensor:
+    return torch.sort(x, dim=0).values
+
+
+_AOT_PARAMS = tuple(
+    dataclasses.replace(p, liger=None) for p in (_beta("inverse temperature"), _LABEL_SMOOTHING)
+)
+_AOT_DOC = (
+    "; a loss of the whole batch (its sort couples the pairs): the fused op runs the batch as one chunk"
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "aot",
+        lambda w, lo, o, ctx: _aot_loss(
+            _sorted(w.sum_logp - lo.sum_logp) - _sorted(ctx.ref_w - ctx.ref_l), o
+        ),
+        _AOT_PARAMS,
+        liger="none (not among `LigerFusedLinearDPOLoss`'s loss types in 0.8.5)",
+        summary="-(1−ε) logσ(β δ_k) − ε logσ(−β δ_k), δ = sort(s_w − s_l) − sort(r_w − r_l)",
+        description="AOT (arXiv 2406.05882), paired: the sorted policy log-ratio gaps against the sorted "
+        f"reference ones (the k-th loss is the k-th sorted position, not pair k){_AOT_DOC}.",
+        whole_batch=True,
+    )
+)
+
+register_loss(
+    _trl_dpo_loss(
+        "aot_unpaired",
+        lambda w, lo, o, ctx: _aot_loss(
+            _sorted(w.sum_logp - ctx.ref_w) - _sorted(lo.sum_logp - ctx.ref_l), o
+        ),
+        _AOT_PARAMS,
+        liger="none (not among `LigerFusedLinearDPOLoss`'s loss types in 0.8.5)",
+        summary="-(1−ε) logσ(β δ_k) − ε logσ(−β δ_k), δ = sort(u_w) − sort(u_l)",
+        description=f"AOT, unpaired: the sorted chosen log-ratios against the sorted rejected "
+        f"ones{_AOT_DOC}.",
+        whole_batch=True,
     )
 )
 

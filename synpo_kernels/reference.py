@@ -32,6 +32,8 @@ __all__ = [
     "IGNORE_INDEX",
     "PREFERENCE_LOSSES",
     "RowStats",
+    "aot_loss_from_stats",
+    "aot_unpaired_loss_from_stats",
     "apo_down_loss_from_stats",
     "apo_zero_loss_from_stats",
     "bco_pair_loss_from_stats",
@@ -233,6 +235,8 @@ apo_zero_loss_from_stats = _named("apo_zero")
 apo_down_loss_from_stats = _named("apo_down")
 discopop_loss_from_stats = _named("discopop")
 sft_loss_from_stats = _named("sft")
+aot_loss_from_stats = _named("aot")
+aot_unpaired_loss_from_stats = _named("aot_unpaired")
 
 
 def preference_loss_ref(

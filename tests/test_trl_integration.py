@@ -474,6 +474,7 @@ def test_dpo_ipo_with_adapter_disabled_reference_match_trl(tmp_path, loss_type, 
         ("hinge", {"f_divergence_type": "js_divergence"}, ["hinge"], None),
         ("apo_down", {}, ["apo_down"], None),
         ("exo_pair", {"label_smoothing": 0.01}, ["exo_pair"], None),
+        ("aot_unpaired", {}, ["aot_unpaired"], None),
         # TRL's MPO recipe: loss_type=[sigmoid, bco_pair, sft], loss_weights=[0.8, 0.2, 1.0].
         (
             "dpo+bco_pair+sft",

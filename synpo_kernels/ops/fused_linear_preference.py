@@ -46,7 +46,7 @@ from synpo_kernels._validation import (
     check_nonempty_rows,
     check_pairs,
 )
-from synpo_kernels.loss_registry import REFERENCE_OPTION
+from synpo_kernels.loss_registry import REFERENCE_OPTION, get_loss
 from synpo_kernels.losses import (
     TENSOR_OPTIONS,
     LossContext,
@@ -100,7 +100,9 @@ class _Plan:
     the chunk's pairs, then their rejected rows). ``groups``: ``(p0, p1, t0, t1)`` per chunk.
     """
 
-    def __init__(self, labels, ignore_index, shift, max_rows, growth=None, empty_reason=None):
+    def __init__(
+        self, labels, ignore_index, shift, max_rows, growth=None, empty_reason=None, whole_batch=False
+    ):
         rows, seq = labels.shape
         self.num_pairs = pairs = rows // 2
         aligned, idx = compact_tokens(labels, ignore_index, shift)
@@ -118,11 +120,12 @@ class _Plan:
         largest_pair = max(c[i] + c[pairs + i] for i in range(pairs))
         self.max_rows = max_rows = max(max_rows, min(largest_pair, growth * max_rows))
         # Greedy grouping of consecutive pairs under max_rows tokens; an oversized pair stands alone.
+        # A loss that couples the pairs (``LossDef.whole_batch``: AOT's sort) needs them in one group.
         groups = []
         p0, tokens = 0, 0
         for i in range(pairs):
             size = c[i] + c[pairs + i]
-            if i > p0 and tokens + size > max_rows:
+            if i > p0 and tokens + size > max_rows and not whole_batch:
                 groups.append((p0, i))
                 p0, tokens = i, 0
             tokens += size
@@ -223,7 +226,10 @@ def _fused_linear_preference_op(hidden, weight, bias, labels, ref_logps, params)
     check_label_range("labels", labels, weight.shape[0], p.ignore_index)
     backend, w_acc, max_rows = p.execution(weight)
     empty_reason = empty_row_reason(spec, hidden.shape[0] // 2)
-    plan = _Plan(labels, p.ignore_index, p.shift, max_rows, empty_reason=empty_reason)
+    whole_batch = get_loss(spec.name).whole_batch
+    plan = _Plan(
+        labels, p.ignore_index, p.shift, max_rows, empty_reason=empty_reason, whole_batch=whole_batch
+    )
     need_b = p.grad_bias and bias is not None
     grads = GradBuffers(
         plan.tok_idx.shape[0], hidden, weight, bias, p.grad_hidden, p.grad_weight, need_b, w_acc, full=True

@@ -43,6 +43,8 @@ LOSS_OPTIONS = {
         "f_alpha_divergence_coef": 1.5,
     },
     "sft": {},
+    "aot": {"ref": True, "beta": 0.3, "label_smoothing": 0.1},
+    "aot_unpaired": {"ref": True, "beta": 0.2},
     # A weighted sum (TRL's loss_weights; the MPO recipe), one pass like any loss.
     "dpo+bco_pair+sft": {"ref": True, "beta": 0.3, "dpo_weight": 0.8, "bco_pair_weight": 0.2},
 }
@@ -181,6 +183,16 @@ def test_chunking_invariance_and_oversized_pairs(loss, backend, monkeypatch):
         torch.testing.assert_close(out, results[0][0], rtol=1e-12, atol=1e-13)
         for g, g0 in zip(grads, results[0][1]):
             torch.testing.assert_close(g, g0, rtol=1e-10, atol=1e-13)
+
+
+def test_plan_of_a_whole_batch_loss_is_one_group():
+    """AOT sorts across the batch: one group of all pairs, in sub-chunks past the buffer."""
+    _, _, _, labels = make_batch(5, 13, 8, 31, torch.float64, seed=4)
+    assert len(_Plan(labels, -100, True, 12).groups) > 1
+    plan = _Plan(labels, -100, True, 12, whole_batch=True)
+    assert plan.groups == [(0, 5, 0, plan.tok_idx.shape[0])] and plan.max_rows < plan.tok_idx.shape[0]
+    assert sk.loss_registry.get_loss("aot").whole_batch and sk.loss_registry.get_loss("dpo+aot").whole_batch
+    assert not sk.loss_registry.get_loss("dpo").whole_batch
 
 
 def test_plan_groups_whole_pairs():

@@ -524,6 +524,28 @@ def test_trl_dpo_loss_types_and_weighted_sums_match_trl(
         assert ours._metrics["train"][key][-1] == pytest.approx(theirs._metrics["train"][key][-1], rel=1e-4)
 
 
+def test_loss_weights_are_trls(tmp_path):
+    """``loss_weights`` (TRL's list) sets the ``<name>_weight`` options of a sum, or is a clear error."""
+    common = dict(output_dir=str(tmp_path), report_to=[])
+    args = SynPOConfig(loss_type="dpo+bco_pair+sft", loss_weights=[0.8, 0.2, 1.5], beta=0.3, **common)
+    options = args.resolved_loss_options()
+    assert (options["dpo_weight"], options["bco_pair_weight"], options["sft_weight"], options["beta"]) == (
+        0.8, 0.2, 1.5, 0.3,
+    )  # fmt: skip
+    for kwargs, message in [
+        ({"loss_type": "dpo+sft", "loss_weights": [1.0]}, "loss_weights: 1 weight"),
+        ({"loss_type": "dpo", "loss_weights": [1.0]}, "one per loss of a sum of two or more"),
+        ({"loss_type": "dpo+sft", "loss_weights": [1.0, -1.0]}, "sft_weight: must be >= 0"),
+        (
+            {"loss_type": "dpo+sft", "loss_weights": [0.5, 1.0], "loss_options": {"dpo_weight": 0.7}},
+            r"loss_weights: 'dpo' given both as 0.5 and loss_options\['dpo_weight'\]=0.7",
+        ),
+        ({"loss_type": "dpo+ipo"}, "option 'average' of 'dpo'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SynPOConfig(**kwargs, **common)
+
+
 def test_dpo_precomputed_reference_matches_trl(tmp_path):
     tokenizer = word_tokenizer()
     data = plain_pairs(4)

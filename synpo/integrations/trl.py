@@ -105,7 +105,7 @@ from synpo.data.batching import SharedPair, shared_prefix_batch
 from synpo.models import drop_gguf_quantization_marks
 from synpo.objective import PreferenceObjective, unwrap_hf_model
 from synpo.prefix_sharing import SEGMENTS_KEY, decide_prefix_sharing
-from synpo_kernels.loss_registry import Peer, get_loss
+from synpo_kernels.loss_registry import COMBINE, Peer, get_loss, weight_option
 
 __all__ = ["SynPOConfig", "SynPOTrainer", "row_rewards"]
 
@@ -135,7 +135,9 @@ class SynPOConfig(TrainingArguments):
         loss_type: a loss of :data:`synpo_kernels.LOSSES`: ``"synpo"`` (default), ``"dpo"``, ``"ipo"``,
             ``"simpo"``, ``"cpo"``, ``"orpo"``, TRL's other DPO loss types (``"hinge"``, ``"bco_pair"``,
             ``"sft"`` ...), or a weighted sum of them (``"dpo+bco_pair+sft"``, the weights
-            ``<name>_weight`` in ``loss_options``: TRL's ``loss_weights``; docs/losses.md).
+            ``<name>_weight`` in ``loss_options``, or ``loss_weights``; docs/losses.md).
+        loss_weights: TRL's ``loss_weights``, one per loss of a sum, in order (``loss_type="dpo+sft",
+            loss_weights=[0.8, 1.0]`` sets ``dpo_weight`` and ``sft_weight``).
         alpha: SynPO's scale of the geometric-mean probability gap (default 30.0; synpo only).
         beta: the loss's ``beta`` (SynPO: weight of ``P(y_w)``, default 0.2; DPO/SimPO/CPO: inverse
             temperature, default 0.1); as in TRL, ``beta`` is IPO's ``tau`` and ORPO's ``lam``.
@@ -176,6 +178,9 @@ class SynPOConfig(TrainingArguments):
     beta: float | None = field(default=None, metadata={"help": "The loss's beta (None: its default)."})
     loss_options: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Other loss options (a JSON object on the command line)."}
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "TRL's loss_weights: one per loss of a sum loss_type='a+b+...'."}
     )
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "dpo/ipo: precompute refs."})
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Precompute batch."})
@@ -238,6 +243,21 @@ class SynPOConfig(TrainingArguments):
                     f"{key}: given both as {key}={value} and loss_options[{name!r}]={options[name]}"
                 )
             options[name] = value
+        if self.loss_weights is not None:
+            parts = self.loss_type.split(COMBINE)
+            if len(parts) < 2 or len(self.loss_weights) != len(parts):
+                raise ValueError(
+                    f"loss_weights: {len(self.loss_weights)} weight(s) for loss_type={self.loss_type!r}; "
+                    f"one per loss of a sum of two or more ('{COMBINE}'-separated)"
+                )
+            for part, value in zip(parts, self.loss_weights):
+                name = weight_option(part)
+                if name in options and options[name] != value:
+                    raise ValueError(
+                        f"loss_weights: {part!r} given both as {value} and "
+                        f"loss_options[{name!r}]={options[name]}"
+                    )
+                options[name] = value
         return loss.resolve(options)
 
 

@@ -44,12 +44,14 @@ import torch.nn.functional as F
 
 __all__ = [
     "LOSSES",
+    "TRL_LOSS_TYPES",
     "CombinedLoss",
     "LossContext",
     "LossDef",
     "Param",
     "Peer",
     "combine_losses",
+    "from_trl_loss_type",
     "get_loss",
     "loss_tables",
     "register_loss",
@@ -361,6 +363,30 @@ _SAME_MEANING = ("default", "low", "high", "low_open", "high_open", "choices")
 def weight_option(name: str) -> str:
     """The option holding loss ``name``'s weight in a sum of losses (``dpo`` -> ``dpo_weight``)."""
     return f"{name}{WEIGHT_SUFFIX}"
+
+
+# TRL DPOConfig ``loss_type`` names that are a registry entry with an option set: (entry, options).
+TRL_LOSS_TYPES: Mapping[str, tuple[str, Mapping[str, Any]]] = types.MappingProxyType(
+    {"sigmoid": ("dpo", {}), "sigmoid_norm": ("dpo", {"average": True})}
+)
+
+
+def from_trl_loss_type(loss_type: str | list[str] | tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """TRL's ``loss_type`` (a name, TRL's list of names, or ``"a+b"``) in the registry's spelling, and
+    the options its TRL names imply: ``"sigmoid_norm"`` -> ``("dpo", {"average": True})``,
+    ``["sigmoid", "sft"]`` -> ``("dpo+sft", {})``. Other names pass through (checked by :func:`get_loss`)."""
+    parts = list(loss_type) if isinstance(loss_type, (list, tuple)) else str(loss_type).split(COMBINE)
+    if not parts or not all(isinstance(p, str) and p for p in parts):
+        raise ValueError(f"loss_type: expected a loss name or a list of them, got {loss_type!r}")
+    names, implied = [], {}
+    for part in parts:
+        name, options = TRL_LOSS_TYPES.get(part, (part, {}))
+        for key, value in options.items():
+            if implied.get(key, value) != value:
+                raise ValueError(f"loss_type: {loss_type!r} implies two values of {key!r}")
+            implied[key] = value
+        names.append(name)
+    return COMBINE.join(names), implied
 
 
 def combine_losses(names: list[str] | tuple[str, ...], key: str = "loss") -> LossDef:

@@ -548,6 +548,28 @@ def test_loss_weights_are_trls(tmp_path):
             SynPOConfig(**kwargs, **common)
 
 
+def test_trl_loss_type_spellings_are_accepted(tmp_path):
+    """TRL's own loss_type names and list form become the registry entries they are
+    (test_loss_conventions checks dpo / dpo average=True against TRL's sigmoid / sigmoid_norm)."""
+    common = dict(output_dir=str(tmp_path), report_to=[])
+    for loss_type, name, average in [
+        ("sigmoid", "dpo", False),
+        ("sigmoid_norm", "dpo", True),
+        (["sigmoid", "sft"], "dpo+sft", False),
+        ("sigmoid_norm+bco_pair", "dpo+bco_pair", True),
+    ]:
+        args = SynPOConfig(loss_type=loss_type, **common)
+        assert args.loss_type == name and args.resolved_loss_options()["average"] is average
+    args = SynPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[0.8, 1.0], **common)
+    assert args.resolved_loss_options()["dpo_weight"] == 0.8
+    with pytest.raises(ValueError, match=r"loss_options\['average'\]=False: the TRL loss_type implies True"):
+        SynPOConfig(loss_type="sigmoid_norm", loss_options={"average": False}, **common)
+    with pytest.raises(ValueError, match="loss_type: expected a loss name"):
+        SynPOConfig(loss_type=[], **common)
+    with pytest.raises(ValueError, match="unknown preference loss 'sigmoidd'"):
+        SynPOConfig(loss_type="sigmoidd", **common)
+
+
 def test_dpo_precomputed_reference_matches_trl(tmp_path):
     tokenizer = word_tokenizer()
     data = plain_pairs(4)

@@ -105,7 +105,7 @@ from synpo.data.batching import SharedPair, shared_prefix_batch
 from synpo.models import drop_gguf_quantization_marks
 from synpo.objective import PreferenceObjective, unwrap_hf_model
 from synpo.prefix_sharing import SEGMENTS_KEY, decide_prefix_sharing
-from synpo_kernels.loss_registry import COMBINE, Peer, get_loss, weight_option
+from synpo_kernels.loss_registry import COMBINE, Peer, from_trl_loss_type, get_loss, weight_option
 
 __all__ = ["SynPOConfig", "SynPOTrainer", "row_rewards"]
 
@@ -135,7 +135,10 @@ class SynPOConfig(TrainingArguments):
         loss_type: a loss of :data:`synpo_kernels.LOSSES`: ``"synpo"`` (default), ``"dpo"``, ``"ipo"``,
             ``"simpo"``, ``"cpo"``, ``"orpo"``, TRL's other DPO loss types (``"hinge"``, ``"bco_pair"``,
             ``"sft"`` ...), or a weighted sum of them (``"dpo+bco_pair+sft"``, the weights
-            ``<name>_weight`` in ``loss_options``, or ``loss_weights``; docs/losses.md).
+            ``<name>_weight`` in ``loss_options``, or ``loss_weights``; docs/losses.md). TRL's own
+            spellings are accepted and rewritten into the registry's: ``"sigmoid"`` (``"dpo"``),
+            ``"sigmoid_norm"`` (``"dpo"`` with ``average=True``) and the list form
+            (``["sigmoid", "sft"]`` is ``"dpo+sft"``).
         loss_weights: TRL's ``loss_weights``, one per loss of a sum, in order (``loss_type="dpo+sft",
             loss_weights=[0.8, 1.0]`` sets ``dpo_weight`` and ``sft_weight``).
         alpha: SynPO's scale of the geometric-mean probability gap (default 30.0; synpo only).
@@ -222,6 +225,16 @@ class SynPOConfig(TrainingArguments):
             sharing = self.prefix_sharing = sharing.lower() == "true"
         if sharing != "auto" and not isinstance(sharing, bool):
             raise ValueError(f"prefix_sharing: must be 'auto', True or False, got {sharing!r}")
+        # TRL's names (sigmoid, sigmoid_norm) and list form, in the registry's spelling.
+        self.loss_type, implied = from_trl_loss_type(self.loss_type)
+        if implied:
+            options = dict(self.loss_options or {})
+            for key, value in implied.items():
+                if options.setdefault(key, value) != value:
+                    raise ValueError(
+                        f"loss_options[{key!r}]={options[key]!r}: the TRL loss_type implies {value!r}"
+                    )
+            self.loss_options = options
         self.resolved_loss_options()  # fail at construction on a bad loss or option
         super().__post_init__()
 

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_training import generic_sample_lines, tiny_training_config, write_lines
+from tiny_training import generic_sample_lines, tiny_sliding_window_qwen2, tiny_training_config, write_lines
 
 from synpo.config import ConfigError, load_config
 from synpo.prefix_sharing import SEGMENTS_KEY
@@ -146,27 +146,13 @@ def test_dpo_with_precomputed_reference_log_probs(tmp_path):
 @pytest.fixture(scope="module")
 def sliding_window_model(tmp_path_factory):
     """A tiny Qwen2 whose layers use sliding-window attention: the segment layout cannot express it."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     from synpo.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=64,
-        max_window_layers=0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = tiny_sliding_window_qwen2(len(tokenizer), ids)
     path = tmp_path_factory.mktemp("qwen2_sliding")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -26,22 +26,11 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 from _tiny import tiny_llama  # noqa: E402
-from tiny_training import tiny_softcapped_lm  # noqa: E402
+from tiny_training import TRL_TEST_ARGS, tiny_softcapped_lm  # noqa: E402
 
 import synpo_kernels as sk  # noqa: E402
 
-COMMON = dict(
-    per_device_train_batch_size=2,
-    per_device_eval_batch_size=2,
-    learning_rate=5e-3,
-    lr_scheduler_type="constant",
-    logging_steps=1,
-    save_strategy="no",
-    report_to=[],
-    use_cpu=True,
-    disable_tqdm=True,
-    seed=0,
-)
+COMMON = TRL_TEST_ARGS
 TRL_METRICS = {
     "loss",
     "rewards/chosen",

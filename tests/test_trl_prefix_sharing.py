@@ -31,22 +31,12 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 from _tiny import tiny_llama  # noqa: E402
+from tiny_training import TRL_TEST_ARGS, tiny_sliding_window_qwen2  # noqa: E402
 from trl_dpo_trainer import caption_pairs, tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-COMMON = dict(
-    per_device_train_batch_size=2,
-    per_device_eval_batch_size=2,
-    learning_rate=5e-3,
-    lr_scheduler_type="constant",
-    logging_steps=1,
-    save_strategy="no",
-    report_to=[],
-    use_cpu=True,
-    disable_tqdm=True,
-    seed=0,
-)
+COMMON = TRL_TEST_ARGS
 LOGGER = "synpo.integrations.trl"
 
 
@@ -326,34 +316,13 @@ def test_auto_decides_from_the_data_and_says_why(tmp_path, caplog):
     assert SynPOConfig(output_dir="x").prefix_sharing == "auto"
 
 
-def sliding_window_qwen2(vocab_size):
-    """A tiny Qwen2 with sliding-window attention in every layer (``max_window_layers=0``)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=16,
-        max_window_layers=0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
-
-
 def test_true_on_a_model_that_cannot_share_is_refused_and_auto_turns_it_off(tmp_path, caplog):
     tokenizer = tiny_tokenizer()
     with pytest.raises(ValueError, match=r"prefix_sharing: true, but .*sliding_attention") as raised:
-        build(tmp_path, True, model=sliding_window_qwen2(len(tokenizer)))
+        build(tmp_path, True, model=tiny_sliding_window_qwen2(len(tokenizer)))
     assert isinstance(raised.value, PrefixSharingUnsupported)
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        trainer = build(tmp_path, "auto", model=sliding_window_qwen2(len(tokenizer)), max_steps=1)
+        trainer = build(tmp_path, "auto", model=tiny_sliding_window_qwen2(len(tokenizer)), max_steps=1)
     assert not trainer.objective.prefix_sharing
     assert any(
         "prefix sharing off: qwen2: layers of type ['sliding_attention']" in r.getMessage()

@@ -163,3 +163,42 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_sliding_window_qwen2(vocab_size: int, special_token_ids: tuple[int, int, int] = (1, 2, 0)):
+    """A tiny Qwen2 whose every layer uses sliding-window attention (``max_window_layers=0``): a model
+    prefix sharing refuses (the segment layout cannot express the window). ``special_token_ids``:
+    (bos, eos, pad)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    bos, eos, pad = special_token_ids
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=0,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+
+
+# transformers.TrainingArguments of the TRL trainer tests: tiny, CPU, deterministic, no output.
+TRL_TEST_ARGS = dict(
+    per_device_train_batch_size=2,
+    per_device_eval_batch_size=2,
+    learning_rate=5e-3,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+)

@@ -16,8 +16,8 @@
 #   3 tune     python benchmarks/tune_kernels.py --quick --write (bf16 row passes; rewrites this tree's
 #              synpo_kernels/ops/kernel_configs.json, so the benchmarks run the tuned configurations;
 #              skipped when less than TUNE_TIMEOUT_S + 200 s are left, the table's defaults then stay)
-#   4 kernels  synpo bench kernels --preset gpu   (only if the tests passed)
-#   5 trainer  synpo bench trainer --preset gpu   (only if the tests passed)
+#   4 kernels  synpo bench kernels --preset gpu   (also after failed tests: the summary says so)
+#   5 trainer  synpo bench trainer --preset gpu
 #
 # $OUT (a fresh /tmp/gpu_suite.* without it) receives at most 8 files, the device tool's limit:
 # gpu_suite.log (everything), 1_setup.log ... 5_trainer.log, and after each benchmark stage
@@ -34,7 +34,8 @@
 # without them they are reported as missing in the results.
 #
 # Environment: PYTHON (default python3); SKIP_BUILD=1 (use the carried synpo_kernels/_C*.so);
-# SUITE_BUDGET_S (default 420); TESTS_TIMEOUT_S (default 150); TUNE_TIMEOUT_S (default 90);
+# SUITE_BUDGET_S (default 420); TESTS_TIMEOUT_S (default 150); TEST_WORKERS (default 8, pytest-xdist);
+# TUNE_TIMEOUT_S (default 90);
 # KERNELS_SHARE (percent of the time left
 # after the tests for the kernel sweep, default 55); SYNPO_CUDA_ARCH_LIST (default 9.0a) and MAX_JOBS
 # for the build. Exit status: 0 all passed, 3 the gate stopped the suite, 1 another stage failed.
@@ -46,6 +47,7 @@ PYTHON=${PYTHON:-python3}
 BUDGET=${SUITE_BUDGET_S:-420}
 TESTS_TIMEOUT=${TESTS_TIMEOUT_S:-150}
 TUNE_TIMEOUT=${TUNE_TIMEOUT_S:-90}
+TEST_WORKERS=${TEST_WORKERS:-8}  # pytest-xdist workers for stage 2 (1: one process)
 TUNED=""      # set once stage 3 rewrote the kernel-config table
 KERNELS_SHARE=${KERNELS_SHARE:-55}
 END_RESERVE=10     # seconds kept for the summary at the end
@@ -231,13 +233,19 @@ if [ "$tests_limit" -lt 30 ]; then
   finish 1
 fi
 [ "$tests_limit" -gt "$TESTS_TIMEOUT" ] && tests_limit=$TESTS_TIMEOUT
-note "TRITON_INTERPRET=${TRITON_INTERPRET:-unset} (Triton compiles for the GPU); timeout ${tests_limit} s"
-if step "$tests_limit" "$PYTHON" -m pytest tests/kernels tests/test_prefix_sharing.py -q -rfEs -p no:cacheprovider --durations=5; then
+# Compiling the Triton kernels for each tested specialization dominates this stage: with pytest-xdist
+# (in the GPU image) TEST_WORKERS processes compile side by side on the host's cores, one GPU shared.
+XDIST=()
+if [ "$TEST_WORKERS" -gt 1 ] && "$PYTHON" -c 'import xdist' 2> /dev/null; then XDIST=(-n "$TEST_WORKERS"); fi
+note "TRITON_INTERPRET=${TRITON_INTERPRET:-unset} (Triton compiles for the GPU); ${XDIST[*]:-one process}; timeout ${tests_limit} s"
+if step "$tests_limit" "$PYTHON" -m pytest tests/kernels tests/test_prefix_sharing.py -q -rfEs -p no:cacheprovider \
+    --durations=10 "${XDIST[@]}"; then
   end_stage "passed"
 else
+  # The gate already proved the compiled kernels load and agree with the reference; the benchmarks
+  # still run so one lent call returns timings too, and the summary and exit status say the tests failed.
   FAILED+=("tests")
-  end_stage "FAILED: no benchmarks"
-  finish 1
+  end_stage "FAILED (the benchmarks still run; their results come from a tree with failing GPU tests)"
 fi
 
 # ---------------------------------------------------------------------------------------------------

@@ -72,50 +72,65 @@ __device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
 // exp(x - max) for x <= max, the difference taken before the scaling (exact near the max).
 __device__ __forceinline__ float exp_below(float x, float max) { return fast_exp2((x - max) * kLog2e); }
 
+// A running (max, s = sum exp(x - max)) kept as s = 1 + rest: the max's own term 1 stays out of the
+// float sum, so that rest (~ 1 - p of a confident target) keeps its relative precision; a term
+// below half an ulp of 1 (exp(-17) ~ 4e-8) added to a sum holding the 1 would vanish, and a row's
+// few thousand of them would put ~10x plain fp32 PyTorch's error on 1 - p (seen on an H100).
+// Before any finite logit (max == -inf), rest holds 0, or NaN to propagate.
 struct MaxSum {
-  float max;  // running max of the logits
-  float sum;  // sum of exp(x - max)
+  float max;   // running max of the logits
+  float rest;  // sum exp(x - max) - 1 (the max's term left out)
 };
 
+// The contribution of a partial (max, 1 + rest) to a sum taken relative to m >= its max.
+__device__ __forceinline__ float scaled_sum(MaxSum a, float m) {
+  return a.max == -INFINITY ? a.rest : (1.0f + a.rest) * exp_below(a.max, m);
+}
+
 __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
-  const float m = fmaxf(a.max, b.max);
-  if (m == -INFINITY) return {m, a.sum + b.sum};  // nothing finite yet (0, or NaN to propagate)
-  return {m, a.sum * exp_below(a.max, m) + b.sum * exp_below(b.max, m)};
+  if (a.max < b.max) {
+    const MaxSum t = a;
+    a = b;
+    b = t;
+  }
+  if (a.max == -INFINITY) return {a.max, a.rest + b.rest};  // nothing finite yet
+  // a holds the max: its 1 stays implicit; b's terms (with its own 1, a tie gives exactly 1) join rest.
+  return {a.max, a.rest + scaled_sum(b, a.max)};
 }
 
 __device__ __forceinline__ MaxSum block_reduce(MaxSum v) {
   __shared__ float s_max[kThreads / 32];
-  __shared__ float s_sum[kThreads / 32];
+  __shared__ float s_rest[kThreads / 32];
   for (int offset = 16; offset > 0; offset >>= 1) {
-    MaxSum other{__shfl_xor_sync(0xffffffffu, v.max, offset), __shfl_xor_sync(0xffffffffu, v.sum, offset)};
+    MaxSum other{__shfl_xor_sync(0xffffffffu, v.max, offset), __shfl_xor_sync(0xffffffffu, v.rest, offset)};
     v = combine(v, other);
   }
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (lane == 0) {
     s_max[warp] = v.max;
-    s_sum[warp] = v.sum;
+    s_rest[warp] = v.rest;
   }
   __syncthreads();
   if (warp == 0) {
     const int n_warps = blockDim.x / 32;
-    v = lane < n_warps ? MaxSum{s_max[lane], s_sum[lane]} : MaxSum{-INFINITY, 0.0f};
+    v = lane < n_warps ? MaxSum{s_max[lane], s_rest[lane]} : MaxSum{-INFINITY, 0.0f};
     for (int offset = 16; offset > 0; offset >>= 1) {
-      MaxSum other{__shfl_xor_sync(0xffffffffu, v.max, offset), __shfl_xor_sync(0xffffffffu, v.sum, offset)};
+      MaxSum other{__shfl_xor_sync(0xffffffffu, v.max, offset), __shfl_xor_sync(0xffffffffu, v.rest, offset)};
       v = combine(v, other);
     }
   }
   return v;  // valid in thread 0
 }
 
-// Adds one logit to a thread's running (max, sum). -inf logits (masked vocabulary) contribute 0;
+// Adds one logit to a thread's running (max, rest). -inf logits (masked vocabulary) contribute 0;
 // NaN makes the sum NaN, as in torch.log_softmax (+inf: see the forward kernel's end).
 __device__ __forceinline__ void accumulate(MaxSum& acc, float x) {
   if (x > acc.max) {
-    acc.sum = (acc.max == -INFINITY ? 0.0f : acc.sum * exp_below(acc.max, x)) + 1.0f;
+    acc.rest = scaled_sum(acc, x);  // the old max's 1 joins rest; x's own 1 stays implicit
     acc.max = x;
   } else if (x != -INFINITY) {
-    acc.sum += exp_below(x, acc.max);
+    acc.rest += exp_below(x, acc.max);
   }
 }
 
@@ -133,16 +148,28 @@ __device__ __forceinline__ void accumulate_vector(MaxSum& acc, const uint4& raw)
     vmax = fmaxf(vmax, x[k]);  // fmaxf skips NaN; the NaN then reaches the sum below
   }
   if (vmax > acc.max) {
-    if (acc.max != -INFINITY) acc.sum *= exp_below(acc.max, vmax);
+    // A new max (rare once the first vectors are in): the old partial joins rest, scaled; the
+    // vector's terms below vmax are summed apart from its ties with vmax, each exactly 1, of which
+    // one is the new max's implicit 1.
+    float below = 0.0f;
+    float ties = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) {
+      const bool at_max = x[k] == vmax;
+      below += at_max ? 0.0f : exp_below(x[k], vmax);
+      ties += at_max ? 1.0f : 0.0f;
+    }
+    acc.rest = scaled_sum(acc, vmax) + below + (ties - 1.0f);
     acc.max = vmax;
+    return;
   }
   if (acc.max == -INFINITY) {  // all -inf so far: contributes nothing (a NaN lane still poisons)
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) acc.sum += x[k] != x[k] ? x[k] : 0.0f;
+    for (int k = 0; k < kElems; ++k) acc.rest += x[k] != x[k] ? x[k] : 0.0f;
     return;
   }
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) acc.sum += exp_below(x[k], acc.max);
+  for (int k = 0; k < kElems; ++k) acc.rest += exp_below(x[k], acc.max);
 }
 
 // Elements before the first 16-byte boundary of a row: rows of any stride (V = 32001, say) get a
@@ -194,11 +221,14 @@ __global__ void __launch_bounds__(kThreads)
   }
   const MaxSum total = block_reduce(acc);
   if (threadIdx.x == 0) {
-    // log1pf(s - 1), s - 1 exact: log s of a confident row is ~1 - p, tiny, and must keep its
-    // relative precision; under --use_fast_math logf becomes __logf (absolute error ~1e-7, the size
-    // of 1 - p itself), log1pf stays accurate. A +inf logit gives NaN (as log_softmax: inf - inf),
-    // not a finite sum of exp(-inf) terms; an all -inf row log1pf(-1) = -inf (its logp is NaN).
-    const float log_sum = total.max == INFINITY ? NAN : log1pf(total.sum - 1.0f);
+    // log1pf(rest): log s of a confident row is ~1 - p, tiny, and must keep its relative
+    // precision; under --use_fast_math logf becomes __logf (absolute error ~1e-7, the size of
+    // 1 - p itself), log1pf stays accurate. A +inf logit gives NaN (as log_softmax: inf - inf),
+    // not a finite sum of exp(-inf) terms; an all -inf row has s = rest = 0: log1pf(-1) = -inf
+    // (its logp is NaN), and a NaN rest stays NaN.
+    const float log_sum = total.max == INFINITY    ? NAN
+                          : total.max == -INFINITY ? log1pf(total.rest - 1.0f)
+                                                   : log1pf(total.rest);
     lse[2 * row] = total.max;
     lse[2 * row + 1] = log_sum;
     logp[row] = (to_float(z[label]) - total.max) - log_sum;

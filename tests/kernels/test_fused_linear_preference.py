@@ -313,7 +313,7 @@ def test_modules():
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
     assert module.last_stats is not None and module.last_stats.chosen_logps.shape == (2,)
     assert "alpha" in repr(module)
-    ref_logps = torch.randn(4, dtype=torch.float64) - 5
+    ref_logps = (torch.randn(4, dtype=torch.float64) - 5).to(hidden.device)
     dpo = sk.FusedLinearPreferenceLoss("dpo", beta=0.3, return_stats=True)
     value, stats = dpo(hidden, weight, labels, ref_logps=ref_logps)
     ref = R.preference_loss_ref(

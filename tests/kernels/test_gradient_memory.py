@@ -161,6 +161,9 @@ def test_no_result_depends_on_uninitialised_memory(backend, dtype, monkeypatch):
             # on an H100). Read garbage would be NaN (the poison) or far off, never within a few ulps.
             eps = torch.finfo(a.dtype).eps
             torch.testing.assert_close(
-                a, b, rtol=4 * eps, atol=4 * eps * b.abs().max().item(),
+                a,
+                b,
+                rtol=4 * eps,
+                atol=4 * eps * b.abs().max().item(),
                 msg=lambda m, name=name: f"{name}: {m}",
             )

@@ -644,15 +644,10 @@ class SynPOTrainer(Trainer):
         mode = "train" if self.model.training else "eval"
         loss, _, stats, ref = model(**inputs, return_stats=True)
         self._record(mode, stats, ref)
-        if self.prefix_sharing:
-            self._record_sharing(mode, stats.chosen_logps.device)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
-    def _record_sharing(self, mode: str, device: torch.device) -> None:
-        """Count (all ranks) the pairs of the last forward that ran without a shared prompt; say why once."""
-        pairs, unshared, layout_ok = self.objective.last_sharing
-        counts = torch.tensor([unshared, pairs * (not layout_ok)], dtype=torch.float64, device=device)
-        unshared, outside_layout = (int(x) for x in self.accelerator.gather(counts).reshape(-1, 2).sum(0))
+    def _record_sharing(self, mode: str, unshared: int, outside_layout: int) -> None:
+        """Count the pairs (all ranks) of the last forward that ran without a shared prompt; say why once."""
         self._unshared[mode] += unshared
         self.unshared_pairs[mode] += unshared
         if not self.accelerator.is_main_process:
@@ -698,8 +693,20 @@ class SynPOTrainer(Trainer):
             values["rewards/accuracies"] = (r_w > r_l).double()
         else:
             values["rewards/accuracies"] = (stats.reward_margin > 0).double()
-        for key, value in values.items():
-            self._metrics[mode][key].append(gather(value.detach().double()).mean().item())
+        # One collective and one host copy per micro-batch for all metrics (and the sharing counts),
+        # not one of each per metric: every .item() stalls the host until the GPU drains.
+        columns = torch.stack([value.detach().double() for value in values.values()], dim=1)
+        flat = [columns.reshape(-1)]
+        if self.prefix_sharing:
+            pairs, unshared, layout_ok = self.objective.last_sharing
+            flat.append(columns.new_tensor([unshared, pairs * (not layout_ok)]))
+        per_rank = gather(torch.cat(flat)).reshape(self.accelerator.num_processes, -1).cpu()
+        means = per_rank[:, : columns.numel()].reshape(-1, len(values)).mean(0).tolist()
+        for key, mean in zip(values, means):
+            self._metrics[mode][key].append(mean)
+        if self.prefix_sharing:
+            unshared, outside_layout = (int(x) for x in per_rank[:, columns.numel() :].sum(0))
+            self._record_sharing(mode, unshared, outside_layout)
 
     # ------------------------------------------------------------------------------------------
     # Logging and evaluation (public Trainer hooks)

@@ -239,6 +239,10 @@ def test_the_decision_rule():
     assert quality_report.change(0.9, 0.8, 0.05) == "fell"
     assert quality_report.change(0.9, 0.86, 0.05) == "no change"
     assert quality_report.change(0.9, 1.0, 0.05) == "rose"
+    # Three seeds' 50/53 average to 1 ulp below 50/53 (the SmolLM2 comparison's SynPO accuracy).
+    seeds = [50 / 53] * 3
+    assert quality_report.change(50 / 53, sum(seeds) / 3, 0.0) == "no change"
+    assert quality_report.change(50 / 53, 49 / 53, 0.0) == "fell"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ fit the chunk buffer. Per chunk, in the forward pass:
 
 1. ``logits = h_c @ W^T (+ b)`` into the chunk buffer (input dtype)            ``2 m D V`` FLOPs
 2. row pass: fp32 log-sum-exp and target log-prob per token                   read ``m V``
-3. per-row stats (index_add over ``m`` tokens), ``(a, b)`` by autograd through the reference
+3. per-row stats (segment sums over ``m`` tokens), ``(a, b)`` by autograd through the reference
    per-pair formulas on ``2P`` scalars (float64), ``g_t = a_r + b_r p_t``
 4. row pass: ``dlogits = g_t (onehot - softmax)`` over the buffer, bias-grad sums  read+write ``m V``
 5. ``grad_h_c = dlogits @ W``, ``grad_W += dlogits^T @ h_c``                  ``4 m D V`` FLOPs
@@ -148,9 +148,11 @@ class _Plan:
         pairs = self.num_pairs
         return torch.where(row < pairs, row - g0, (g1 - g0) + row - pairs - g0)
 
-    def group_counts(self, g0, g1, dtype, device):
+    def group_counts(self, g0, g1, device):
+        """Scored tokens of each row of the chunk's ``[chosen; rejected]`` block (int64, on ``device``):
+        the lengths of its rows' consecutive token runs."""
         c = torch.cat([self.counts[g0:g1], self.counts[self.num_pairs + g0 : self.num_pairs + g1]])
-        return c.to(device=device, dtype=dtype, non_blocking=True)
+        return c.to(device=device, non_blocking=True)
 
 
 def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_index):
@@ -168,7 +170,6 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
     largest = max(t1 - t0 for _, _, t0, t1 in plan.groups)
     buf = chunk_buffer(min(largest, max_rows), weight)
     for g0, g1, t0, t1 in plan.groups:
-        n_rows = 2 * (g1 - g0)
         local = plan.local_rows(g0, g1, t0, t1)
         subs = [(s, min(t1, s + max_rows)) for s in range(t0, t1, max_rows)]
         logp = torch.empty(t1 - t0, dtype=acc, device=dev)
@@ -181,9 +182,12 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
             logp[s0 - t0 : s1 - t0] = lp
             lse[s0 - t0 : s1 - t0] = ls
         p = logp.exp()
-        s_logp = torch.zeros(n_rows, dtype=acc, device=dev).index_add_(0, local, logp)
-        s_p = torch.zeros(n_rows, dtype=acc, device=dev).index_add_(0, local, p)
-        count = plan.group_counts(g0, g1, acc, dev)
+        # Per-row sums as segment sums (the chunk's tokens come row by row): no atomics, so a CUDA
+        # run repeats bit for bit; index_add_ on CUDA adds in a varying order.
+        lengths = plan.group_counts(g0, g1, dev)
+        s_logp = torch.segment_reduce(logp, "sum", lengths=lengths)
+        s_p = torch.segment_reduce(p, "sum", lengths=lengths)
+        count = lengths.to(acc)
         chunk_losses, a, b = loss_coefficients(
             s_logp, s_p, count, spec, select_pairs(tensors, pairs, g0, g1), 1.0 / pairs, context
         )

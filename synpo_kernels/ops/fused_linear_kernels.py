@@ -337,9 +337,14 @@ def grad_config(
     block_m, block_v = c["BLOCK_M"], min(c["BLOCK_V"], _next_pow2(vocab))
     n_vblocks = triton.cdiv(vocab, block_v)
     slots = _slots(entry, sm_count) * (GRAD_WAVES if sm_count else 1)
-    splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(slots, n_vblocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
-    splits = triton.cdiv(n_rows, rows_per_split)
+    row_blocks = triton.cdiv(n_rows, block_m)
+    want = max(1, min(row_blocks, triton.cdiv(slots, n_vblocks)))
+    # The most row blocks per split that still give `want` splits: rounding a split up to whole row
+    # blocks must not drop the grid below its target (4000 rows in blocks of 8 over 33 splits would
+    # round to 128 rows, 32 splits).
+    blocks_per_split = row_blocks if want == 1 else triton.cdiv(row_blocks, want - 1) - 1
+    rows_per_split = blocks_per_split * block_m
+    splits = triton.cdiv(row_blocks, blocks_per_split)
     meta = {
         "ACC": _tl_dtype(_acc_dtype(dtype)),
         "HAS_BIAS_GRAD": has_bias_grad,

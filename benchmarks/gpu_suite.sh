@@ -17,7 +17,7 @@
 #              synpo_kernels/ops/kernel_configs.json, so the benchmarks run the tuned configurations;
 #              skipped when less than TUNE_TIMEOUT_S + 200 s are left, the table's defaults then stay)
 #   4 kernels  synpo bench kernels --preset gpu   (also after failed tests: the summary says so)
-#   5 trainer  synpo bench trainer --preset gpu
+#   5 trainer  synpo bench trainer --preset gpu --profile-top 8 (and each method's top kernels and host ops)
 #
 # $OUT (a fresh /tmp/gpu_suite.* without it) receives at most 8 files, the device tool's limit:
 # gpu_suite.log (everything), 1_setup.log ... 5_trainer.log, and after each benchmark stage
@@ -250,8 +250,9 @@ fi
 
 # ---------------------------------------------------------------------------------------------------
 # The two sweeps share what is left; each stops at its --budget-s and records the rest as skipped.
-bench_stage() {  # bench_stage <n> <benchmark> <timeout s>: `synpo bench <benchmark> --preset gpu`
+bench_stage() {  # bench_stage <n> <benchmark> <timeout s> [args]: `synpo bench <benchmark> --preset gpu [args]`
   local n=$1 bench=$2 limit=$3 verdict="done"
+  shift 3
   local budget=$((limit - BENCH_OVERHEAD))
   begin_stage "$n" "$bench" "synpo bench $bench --preset gpu (budget ${budget} s, timeout ${limit} s)"
   if [ "$budget" -lt 30 ]; then
@@ -260,7 +261,7 @@ bench_stage() {  # bench_stage <n> <benchmark> <timeout s>: `synpo bench <benchm
     end_stage "not run"
     return
   fi
-  step "$limit" "$PYTHON" -m synpo bench "$bench" --preset gpu --budget-s "$budget" --output-dir "$RESULTS" \
+  step "$limit" "$PYTHON" -m synpo bench "$bench" --preset gpu --budget-s "$budget" --output-dir "$RESULTS" "$@" \
     || { FAILED+=("bench $bench"); verdict=FAILED; }
   local extra=()
   [ "$bench" = kernels ] && [ -n "$TUNED" ] && extra+=("$TUNED")
@@ -281,7 +282,8 @@ else
 fi
 
 bench_stage 4 kernels $((($(left) - END_RESERVE) * KERNELS_SHARE / 100))
-bench_stage 5 trainer $(($(left) - END_RESERVE))
+# One profiled step per method after the timed ones: where a step's time goes (kernels and host).
+bench_stage 5 trainer $(($(left) - END_RESERVE)) --profile-top 8
 
 [ ${#FAILED[@]} -eq 0 ] && finish 0
 finish 1

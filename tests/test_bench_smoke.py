@@ -226,6 +226,30 @@ def test_interleaved_trainer_steps_time_every_method_in_one_process():
     assert "timed in turn" in report.trainer_markdown(records, {"interleaved": True})
 
 
+def test_profiled_step_names_where_the_time_goes():
+    """``--profile-top``: one more step per method under torch.profiler, after the timed ones; its top
+    host operators by self time go into the record and the report, the timing stays as measured."""
+    spec, batch = trainer.PRESETS["smoke"].models[0]
+    task = {"group": spec.name, "model": kernels.asdict(spec), "batch": kernels.asdict(batch)}
+    task["methods"] = [trainer.OURS]
+    settings = {"device": "cpu", "warmup_steps": 1, "steps": 2, "autocast_bf16": False, "threads": None}
+    result = trainer.run_task(task, {**settings, "profile_top": 4}, {})
+    tasks, results = trainer.per_method([task], [result])
+    (record,) = trainer.build_records(trainer.PRESETS["smoke"], tasks, results, "rss")
+    assert record["status"] == "ok" and len(record["times_s"]) == 2
+    host = record["profile"]["host"]
+    assert "device" not in record["profile"] and 1 <= len(host) <= 4
+    assert all(e["self_ms"] > 0 and e["calls"] >= 1 and 0 < e["share"] <= 1 for e in host)
+    assert [e["self_ms"] for e in host] == sorted((e["self_ms"] for e in host), reverse=True)
+    assert sum(e["share"] for e in host) <= 1 + 1e-9
+    assert any(e["name"] == "aten::mm" for e in host)  # the step's GEMMs are among the top four
+    text = report.trainer_markdown([record], {})
+    assert "| method | GPU kernels | host operators |" in text and f"`{host[0]['name']}`" in text
+    # Without the option: no profile, no table.
+    plain = trainer.run_task(task, settings, {})["methods"][trainer.OURS]
+    assert "profile" not in plain
+
+
 def test_prefix_sharing_sweep_builds_each_size_once_and_charts_the_speedups(tmp_path):
     """A sweep's cases share one model in one process; each case gets its own batches (shared and
     not), and the report and chart read the speed-up against the token-count bound."""

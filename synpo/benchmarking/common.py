@@ -180,6 +180,37 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def profile_top_ops(fn, device: str, top: int) -> dict:
+    """Run ``fn`` once under ``torch.profiler``: ``{"host": [...], "device": [...]}`` (``device`` on
+    CUDA only), each the ``top`` entries with the most self time as ``{name, calls, self_ms, share}``
+    (``share``: of that side's summed self time). Host: operators' own CPU time (where a launch-bound
+    step goes); device: kernels' GPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.key_averages()
+
+    def ranked(kind: DeviceType, attr: str) -> list[dict]:
+        timed = [(e, float(getattr(e, attr, 0.0) or 0.0)) for e in events if e.device_type == kind]
+        timed = [(e, us) for e, us in timed if us > 0]
+        total = sum(us for _, us in timed) or 1.0
+        timed.sort(key=lambda item: item[1], reverse=True)
+        return [
+            {"name": e.key[:120], "calls": e.count, "self_ms": us / 1000, "share": us / total}
+            for e, us in timed[:top]
+        ]
+
+    out = {"host": ranked(DeviceType.CPU, "self_cpu_time_total")}
+    if cuda:
+        out["device"] = ranked(DeviceType.CUDA, "self_device_time_total")
+    return out
+
+
 def measure(
     fn: Callable[[], object],
     device: str,

@@ -209,8 +209,38 @@ def trainer_markdown(records: list[dict], meta: dict, heading_level: int = 3) ->
                 f"(token-count bound {s['token_bound']:.2f}x: {100 * s['fraction_of_bound']:.0f}% of it), "
                 f"peak memory {s['memory_ratio']:.2f}x.",
             ]
+        out += profile_markdown(recs)
     out += prefix_sharing_markdown(records)
     return "\n".join(out)
+
+
+def _top_ops_cell(entries: list[dict] | None, n: int = 3) -> str:
+    if not entries:
+        return "-"
+    cells = []
+    for e in entries[:n]:
+        name = e["name"] if len(e["name"]) <= 60 else e["name"][:57] + "..."
+        cells.append(f"`{name}` {e['self_ms']:.3g} ms ({100 * e['share']:.0f}%, x{e['calls']})")
+    return "; ".join(cells).replace("|", "\\|")
+
+
+def profile_markdown(records: list[dict]) -> list[str]:
+    """The profiled step of each method that has one (``--profile-top``): its top kernels and host
+    operators by self time (none: [])."""
+    rows = [
+        [r["method"], _top_ops_cell(r["profile"].get("device")), _top_ops_cell(r["profile"].get("host"))]
+        for r in records
+        if r.get("profile")
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "One more step per method under torch.profiler (`--profile-top`; not timed above): the entries with "
+        "the most self time, their share of that side's total and call count; all of them in the JSON.",
+        "",
+        _md_table(["method", "GPU kernels", "host operators"], rows),
+    ]
 
 
 def prefix_sharing_markdown(records: list[dict]) -> list[str]:

@@ -322,10 +322,13 @@ def _oom(exc: BaseException, what: str = "") -> dict:
     return {"status": "oom", "reason": f"{what}{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
 
-def _measure_methods(model, batches, methods, device: str, warmup: int, steps: int, autocast: bool) -> dict:
+def _measure_methods(
+    model, batches, methods, device: str, warmup: int, steps: int, autocast: bool, profile_top: int = 0
+) -> dict:
     """``{method: result}``. Several methods are timed in turn, one step each per round (load on a
-    shared machine hits them alike); then one more step each under :class:`common.PeakMemory`.
-    ``batches``: ``{shared: batch}``."""
+    shared machine hits them alike); then one more step each under :class:`common.PeakMemory`, and
+    with ``profile_top`` one more under ``torch.profiler`` (:func:`common.profile_top_ops`; never
+    timed). ``batches``: ``{shared: batch}``."""
     runs = {method: make_step(model, batches[METHODS[method].shared], method, autocast) for method in methods}
     out: dict[str, dict] = {}
     times: dict[str, list[float]] = {method: [] for method in methods}
@@ -342,19 +345,26 @@ def _measure_methods(model, batches, methods, device: str, warmup: int, steps: i
                 losses[method] = step()
                 common.synchronize(device)
                 times[method].append(time.perf_counter() - t0)
-            else:
+            elif phase == "memory":
                 with common.PeakMemory(device) as mem:
                     step()
                 out[method] = _step_result(
                     times[method], losses[method], mem, batches[METHODS[method].shared]
                 )
+            else:
+                try:
+                    out[method]["profile"] = common.profile_top_ops(step, device, profile_top)
+                except Exception as exc:  # the measured step stands; only its profile is missing
+                    out[method]["profile_error"] = _oom(exc, "profiling: ")["reason"]
+                    common.release_free_memory(device)
         except Exception as exc:
             out[method] = _oom(exc)  # re-raises anything but out of memory
             runs.pop(method)[1].zero_grad(set_to_none=True)
             common.release_free_memory(device)
 
     try:
-        for phase, rounds in (("warmup", warmup), ("timed", steps), ("memory", 1)):
+        phases = (("warmup", warmup), ("timed", steps), ("memory", 1), ("profile", int(profile_top > 0)))
+        for phase, rounds in phases:
             for _ in range(rounds):
                 for method in list(runs):
                     attempt(method, phase)
@@ -432,6 +442,7 @@ def run_task(task: dict, settings: dict, context: dict) -> dict:
         settings["warmup_steps"],
         settings["steps"],
         settings["autocast_bf16"],
+        settings.get("profile_top", 0),
     )
     for result in results.values():
         result["trainable_params"], result["total_params"] = context["params"]
@@ -507,6 +518,7 @@ def build_records(
                 "trainable_params": res.get("trainable_params"),
                 "total_params": res.get("total_params"),
                 "times_s": res.get("times_s"),
+                "profile": res.get("profile"),
             }
         )
     for case in {r["case"] for r in records}:
@@ -576,6 +588,7 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps if args.steps is not None else preset.steps,
         "autocast_bf16": preset.autocast_bf16,
         "threads": preset.threads if args.threads is None else args.threads,
+        "profile_top": getattr(args, "profile_top", 0),
     }
     isolation = args.isolation or preset.isolation
     if device == "cuda":
@@ -598,6 +611,7 @@ def run(args: argparse.Namespace) -> int:
         "interleaved": interleave,
         "memory_method": memory_method,
         "autocast": "bf16" if preset.autocast_bf16 else None,
+        "profile_top": settings["profile_top"],
         "methods": {k: v.description for k, v in METHODS.items()},
     }
     print(
@@ -645,5 +659,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interleave",
         action="store_true",
         help="the methods of a model in one process, timed in turn step by step (default: the preset's)",
+    )
+    parser.add_argument(
+        "--profile-top",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed steps, one more step per method under torch.profiler; its N ops with the "
+        "most self time (host; and kernels on CUDA) go into the results and the report (default 0: none)",
     )
     common.add_run_arguments(parser)

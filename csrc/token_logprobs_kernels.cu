@@ -8,7 +8,8 @@
 // Memory-bound design: one thread block per row. Forward reads the row once with 16-byte vector
 // loads (a scalar prologue up to the row's first 16-byte boundary, so any vocabulary and row stride
 // vectorizes; two independent loads in flight per thread), keeping a per-thread online (max, sum of
-// exp) in fp32 that is rescaled only when the max grows, then reduces across the block once;
+// exp) in fp32, as s = 1 + rest with the max's own 1 left out (see MaxSum), rescaled only when the
+// max grows, then reduces across the block once;
 // rows whose label is ignore_index exit before reading anything. It writes (m, log s) per row
 // (`lse`, (rows, 2)) and logp = (z[label] - m) - log s. Backward reads the row once and writes
 // grad = g * (onehot - exp((z - m) - log s)) with 16-byte stores, in the logits' dtype. Every

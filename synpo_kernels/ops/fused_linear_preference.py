@@ -142,12 +142,6 @@ class _Plan:
         self.tok_labels = aligned.index_select(0, self.tok_idx)
         self.tok_row = torch.div(self.tok_idx, seq, rounding_mode="floor")
 
-    def local_rows(self, g0, g1, t0, t1):
-        """Row of each token of the chunk within the chunk's ``[chosen; rejected]`` block."""
-        row = self.tok_row[t0:t1]
-        pairs = self.num_pairs
-        return torch.where(row < pairs, row - g0, (g1 - g0) + row - pairs - g0)
-
     def group_counts(self, g0, g1, device):
         """Scored tokens of each row of the chunk's ``[chosen; rejected]`` block (int64, on ``device``):
         the lengths of its rows' consecutive token runs."""
@@ -170,7 +164,6 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
     largest = max(t1 - t0 for _, _, t0, t1 in plan.groups)
     buf = chunk_buffer(min(largest, max_rows), weight)
     for g0, g1, t0, t1 in plan.groups:
-        local = plan.local_rows(g0, g1, t0, t1)
         subs = [(s, min(t1, s + max_rows)) for s in range(t0, t1, max_rows)]
         logp = torch.empty(t1 - t0, dtype=acc, device=dev)
         lse = torch.empty((t1 - t0, 2), dtype=acc, device=dev)  # per row: max, log sum exp(z - max)
@@ -196,7 +189,11 @@ def _run(backend, plan, hidden2d, weight, bias, grads, spec, tensors, ignore_ind
         losses[g0:g1] = chunk_losses
         if not grads.any:
             continue
-        g = a.index_select(0, local) + b.index_select(0, local) * p
+        # Each row's coefficients over its run of tokens (output_size given: no host sync).
+        g = (
+            a.repeat_interleave(lengths, output_size=t1 - t0)
+            + b.repeat_interleave(lengths, output_size=t1 - t0) * p
+        )
         for s0, s1 in subs:  # pass 2: gradients (logits still in the buffer for a single sub-chunk)
             if len(subs) > 1:
                 h_c = hidden2d.index_select(0, plan.tok_idx[s0:s1])
